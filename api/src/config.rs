@@ -1,0 +1,53 @@
+//! The API's settings (`allot-api --help` lists them with their variables).
+
+use allot_shared::CommonConfig;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "allot-api",
+    version,
+    about = "allot's HTTP API: accepts purchase requests and serves their status"
+)]
+pub struct ApiConfig {
+    #[command(flatten)]
+    pub common: CommonConfig,
+
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "ALLOT_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Bearer token the shop's staff present to create and restock products.
+    #[arg(
+        long,
+        env = "ALLOT_ADMIN_TOKEN",
+        default_value = "allot-dev-admin-token",
+        hide_default_value = true
+    )]
+    pub admin_token: String,
+
+    /// Largest quantity one purchase request may ask for.
+    #[arg(long, env = "ALLOT_MAX_QUANTITY", default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
+    pub max_quantity: i64,
+
+    /// How long to wait for RabbitMQ to confirm a publish before answering 503 (milliseconds).
+    #[arg(long, env = "ALLOT_CONFIRM_TIMEOUT_MS", default_value_t = 5000)]
+    pub confirm_timeout_ms: u64,
+
+    /// PostgreSQL connections of the API (product endpoints and status fallback).
+    #[arg(long, env = "ALLOT_DB_MAX_CONNECTIONS", default_value_t = 10)]
+    pub db_max_connections: u32,
+}
+
+impl ApiConfig {
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.confirm_timeout_ms)
+    }
+
+    /// Whether the admin token is the built-in development default (worth a warning).
+    pub fn uses_default_admin_token(&self) -> bool {
+        self.admin_token == "allot-dev-admin-token"
+    }
+}

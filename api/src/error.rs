@@ -1,0 +1,149 @@
+//! The API's one error type. Every failure, from any endpoint or extractor, becomes a response
+//! of this single JSON shape:
+//!
+//! ```json
+//! {"error": {"code": "invalid_body", "message": "quantity must be at most 10"}}
+//! ```
+//!
+//! `code` is stable and machine-readable; `message` is for humans and may change.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400 `malformed_json`: the body is not syntactically valid JSON.
+    #[error("{0}")]
+    MalformedJson(String),
+    /// 422 `invalid_body`: valid JSON, but a field is missing, unknown, of the wrong type or out
+    /// of range.
+    #[error("{0}")]
+    InvalidBody(String),
+    /// 415 `unsupported_media_type`: the body is not declared as `application/json`.
+    #[error("expected a request body with Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// 413 `payload_too_large`: the body exceeds the size limit.
+    #[error("the request body is too large")]
+    PayloadTooLarge,
+    /// 400 `invalid_id`: an id in the path is malformed.
+    #[error("{0}")]
+    InvalidId(String),
+    /// 400 `invalid_query`: the query string has an unknown or malformed parameter.
+    #[error("{0}")]
+    InvalidQuery(String),
+    /// 401 `unauthorized`: the admin token is missing or wrong.
+    #[error("this endpoint needs the header Authorization: Bearer <admin token>")]
+    Unauthorized,
+    /// 404 `not_found`.
+    #[error("{0}")]
+    NotFound(String),
+    /// 405 `method_not_allowed`.
+    #[error("this method is not allowed on this path")]
+    MethodNotAllowed,
+    /// 503 `unavailable`, with `Retry-After`: a dependency (broker, Redis, database) cannot
+    /// take the request right now; nothing was accepted.
+    #[error("{message}")]
+    Unavailable {
+        message: String,
+        retry_after_secs: u32,
+    },
+    /// 500 `internal`: a bug or an unexpected failure. Logged with its cause; the client only
+    /// sees a generic message.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn unavailable(message: impl Into<String>, retry_after_secs: u32) -> Self {
+        ApiError::Unavailable {
+            message: message.into(),
+            retry_after_secs,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MalformedJson(_) | ApiError::InvalidId(_) | ApiError::InvalidQuery(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::InvalidBody(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::InvalidBody(_) => "invalid_body",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::InvalidId(_) => "invalid_id",
+            ApiError::InvalidQuery(_) => "invalid_query",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Unavailable { .. } => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        ApiError::Internal(anyhow::Error::new(err).context("database query failed"))
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(err: anyhow::Error) -> Self {
+        ApiError::Internal(err)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(cause) = &self {
+            tracing::error!(error = ?cause, "internal error");
+        }
+        let status = self.status();
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            ApiError::Unavailable {
+                retry_after_secs, ..
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            ApiError::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
+    }
+}

@@ -1,0 +1,41 @@
+//! `allot-api`: the HTTP front of allot. It validates purchase requests, records them as
+//! pending in Redis, publishes them to their partition queue and answers 202 once RabbitMQ
+//! confirmed; it serves transaction statuses and the product catalogue.
+//!
+//! [`run`] serves a router on a listener until a shutdown future completes, so tests can bind
+//! `127.0.0.1:0` and drive a real server; `main` only reads the configuration and calls it.
+
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod publisher;
+pub mod routes;
+pub mod state;
+pub mod statuses;
+
+pub use config::ApiConfig;
+pub use state::AppState;
+
+use anyhow::Context;
+use std::future::Future;
+use tokio::net::TcpListener;
+
+/// Serves the API on `listener` until `shutdown` completes, then stops accepting connections,
+/// lets requests in flight finish (each is bounded by the request timeout) and closes the
+/// broker connection.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let publisher = state.publisher.clone();
+    let address = listener.local_addr().context("listener has no address")?;
+    tracing::info!(%address, "API listening");
+    axum::serve(listener, routes::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("the HTTP server failed")?;
+    publisher.close().await;
+    tracing::info!("API stopped");
+    Ok(())
+}

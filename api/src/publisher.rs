@@ -1,0 +1,115 @@
+//! Publishing accepted requests to their partition queue, with publisher confirms: a request
+//! counts as accepted only once RabbitMQ confirmed it stored the (persistent) message.
+//!
+//! Many request handlers share one confirm-mode channel; each awaits its own confirm, so
+//! confirms are pipelined rather than serialised.
+
+use allot_shared::PurchaseRequest;
+use allot_shared::amqp::{self, Topology};
+use allot_shared::partition::partition_for;
+use anyhow::Context;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use std::time::Duration;
+
+/// Why a publish did not become an accepted request.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker refused the message: the partition queue is at its length limit.
+    #[error("the order queue is full")]
+    QueueFull,
+    /// The broker did not confirm in time; the message may or may not have been stored.
+    #[error("the broker did not confirm in time")]
+    Timeout,
+    /// No route to the partition queue (it does not exist): a deployment error.
+    #[error("the message could not be routed to queue {0}")]
+    Unroutable(String),
+    /// The connection or channel is down (for example while the broker restarts).
+    #[error("the broker is unreachable: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// The API's connection to RabbitMQ and its confirm-mode channel.
+pub struct Publisher {
+    connection: Connection,
+    channel: Channel,
+    topology: Topology,
+    confirm_timeout: Duration,
+}
+
+impl Publisher {
+    /// Connects, declares every partition queue and enables publisher confirms.
+    pub async fn connect(
+        url: &str,
+        topology: Topology,
+        confirm_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let connection = amqp::connect(url, "allot-api").await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .context("failed to open the publish channel")?;
+        topology.declare_all(&channel).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("failed to enable publisher confirms")?;
+        Ok(Self {
+            connection,
+            channel,
+            topology,
+            confirm_timeout,
+        })
+    }
+
+    /// Publishes `request` as a persistent message to its partition's queue and waits for the
+    /// broker's confirm.
+    pub async fn publish(&self, request: &PurchaseRequest) -> Result<(), PublishError> {
+        let queue = self
+            .topology
+            .queue(partition_for(request.product_id, self.topology.partitions));
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2) // persistent
+            .with_content_type("application/json".into())
+            .with_message_id(request.transaction_id.to_string().into());
+        let payload = request.to_json();
+        let publish = async {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &payload,
+                    properties,
+                )
+                .await?;
+            confirm.await
+        };
+        match tokio::time::timeout(self.confirm_timeout, publish).await {
+            Err(_elapsed) => Err(PublishError::Timeout),
+            Ok(Err(err)) => Err(PublishError::Broker(err)),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_returned)))) => Err(PublishError::Unroutable(queue)),
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::QueueFull),
+            Ok(Ok(Confirmation::NotRequested)) => {
+                unreachable!("the publish channel is in confirm mode")
+            }
+        }
+    }
+
+    /// Whether the connection to the broker is up.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// Closes the connection (after the server drained its requests).
+    pub async fn close(&self) {
+        if let Err(err) = self.connection.close(200, "api shutting down".into()).await {
+            tracing::debug!(error = %err, "closing the RabbitMQ connection");
+        }
+    }
+}

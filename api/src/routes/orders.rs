@@ -1,0 +1,130 @@
+//! Buying: `POST /api/v1/order/addToCart` and `GET /api/v1/transaction/{id}`.
+
+use crate::error::ApiError;
+use crate::extract::{self, AppJson};
+use crate::publisher::PublishError;
+use crate::state::AppState;
+use allot_shared::stored;
+use allot_shared::{
+    ProductId, PurchaseRequest, Quantity, Status, TransactionId, TransactionView, UserId,
+};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+
+/// The body of `addToCart`. The newtypes reject zero, negative and out-of-range values.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddToCart {
+    pub user_id: UserId,
+    pub product_id: ProductId,
+    pub quantity: Quantity,
+}
+
+/// The 202 answer: the id to poll.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Accepted {
+    pub transaction_id: TransactionId,
+    pub status: Status,
+}
+
+/// Validates, records the transaction as pending, publishes it and waits for the broker's
+/// confirm; only then answers 202. If the request cannot be confirmed it is not accepted:
+/// 503 with `Retry-After`, and its pending record is removed.
+#[tracing::instrument(skip_all, fields(product_id = %body.product_id, transaction_id))]
+pub async fn add_to_cart(
+    State(state): State<AppState>,
+    AppJson(body): AppJson<AddToCart>,
+) -> Result<impl IntoResponse, ApiError> {
+    if body.quantity.get() > state.max_quantity {
+        return Err(ApiError::InvalidBody(format!(
+            "quantity must be at most {}, got {}",
+            state.max_quantity, body.quantity
+        )));
+    }
+    let request = PurchaseRequest {
+        transaction_id: TransactionId::new(),
+        user_id: body.user_id,
+        product_id: body.product_id,
+        quantity: body.quantity,
+        created_at: Utc::now(),
+    };
+    tracing::Span::current().record(
+        "transaction_id",
+        tracing::field::display(request.transaction_id),
+    );
+
+    state
+        .statuses
+        .record_pending(&TransactionView::pending(&request))
+        .await
+        .map_err(|err| {
+            tracing::warn!(error = ?err, "refusing a request: Redis is unavailable");
+            ApiError::unavailable(
+                "the status store is unavailable; the request was not accepted, try again",
+                1,
+            )
+        })?;
+    if let Err(err) = state.publisher.publish(&request).await {
+        state.statuses.forget(request.transaction_id).await;
+        return Err(publish_error(err));
+    }
+
+    let location = format!("/api/v1/transaction/{}", request.transaction_id);
+    let accepted = Accepted {
+        transaction_id: request.transaction_id,
+        status: Status::Pending,
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(accepted),
+    ))
+}
+
+fn publish_error(err: PublishError) -> ApiError {
+    tracing::warn!(error = %err, "refusing a request: the broker did not confirm it");
+    match err {
+        PublishError::QueueFull => ApiError::unavailable(
+            "too many pending orders for this product's partition; the request was not accepted, try again",
+            1,
+        ),
+        PublishError::Timeout | PublishError::Broker(_) => ApiError::unavailable(
+            "the order queue is unavailable; the request was not accepted, try again",
+            2,
+        ),
+        PublishError::Unroutable(queue) => {
+            ApiError::Internal(anyhow::anyhow!("queue {queue} does not exist"))
+        }
+    }
+}
+
+/// The status of a transaction: from Redis, or from PostgreSQL when Redis has none (or is
+/// down). 404 only when neither knows it and Redis answered; if Redis is down and the
+/// database has no decided row, the transaction may still be pending, so 503.
+#[tracing::instrument(skip_all, fields(transaction_id = %raw_id))]
+pub async fn get_transaction(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+) -> Result<Json<TransactionView>, ApiError> {
+    let id = extract::transaction_id(&raw_id)?;
+    let redis_answered = match state.statuses.get(id).await {
+        Ok(Some(view)) => return Ok(Json(view)),
+        Ok(None) => true,
+        Err(err) => {
+            tracing::warn!(error = ?err, "Redis unavailable; reading the status from PostgreSQL");
+            false
+        }
+    };
+    match stored::fetch_one(&state.pool, id).await? {
+        Some(row) => Ok(Json(row.to_view()?)),
+        None if redis_answered => Err(ApiError::NotFound(format!("no transaction {id}"))),
+        None => Err(ApiError::unavailable(
+            "the status store is unavailable; try again",
+            1,
+        )),
+    }
+}

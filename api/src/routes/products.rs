@@ -1,0 +1,170 @@
+//! The catalogue: staff create and restock products (bearer token); anyone lists them and
+//! reads their remaining stock.
+
+use crate::error::ApiError;
+use crate::extract::{self, Admin, AppJson, AppQuery};
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+/// The most units a product may hold; keeps every sum of stock far from `bigint` overflow.
+pub const MAX_STOCK: i64 = 1_000_000_000_000;
+/// The longest product name.
+pub const MAX_NAME_CHARS: usize = 200;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Product {
+    pub id: i64,
+    pub name: String,
+    /// Units still for sale.
+    pub stock: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProduct {
+    pub name: String,
+    pub stock: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Restock {
+    pub quantity: i64,
+}
+
+/// `GET /api/v1/products?limit=&after=`: keyset pagination by id.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Page size, 1..=1000 (default 100).
+    pub limit: Option<i64>,
+    /// Only products with a larger id (the previous page's `next_after`).
+    pub after: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProductPage {
+    pub products: Vec<Product>,
+    /// Pass as `after` to get the next page; `null` on the last page.
+    pub next_after: Option<i64>,
+}
+
+pub async fn create(
+    _: Admin,
+    State(state): State<AppState>,
+    AppJson(body): AppJson<NewProduct>,
+) -> Result<(StatusCode, Json<Product>), ApiError> {
+    let name = body.name.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return Err(ApiError::InvalidBody(format!(
+            "name must have 1 to {MAX_NAME_CHARS} characters"
+        )));
+    }
+    if !(0..=MAX_STOCK).contains(&body.stock) {
+        return Err(ApiError::InvalidBody(format!(
+            "stock must be between 0 and {MAX_STOCK}, got {}",
+            body.stock
+        )));
+    }
+    let product: Product = sqlx::query_as(
+        "INSERT INTO products (name, stock) VALUES ($1, $2) RETURNING id, name, stock",
+    )
+    .bind(name)
+    .bind(body.stock)
+    .fetch_one(&state.pool)
+    .await?;
+    tracing::info!(
+        product_id = product.id,
+        stock = product.stock,
+        "product created"
+    );
+    Ok((StatusCode::CREATED, Json(product)))
+}
+
+/// Adds stock. Safe while a sale runs: the update waits for the row lock a deciding batch holds,
+/// so neither overwrites the other.
+pub async fn restock(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    AppJson(body): AppJson<Restock>,
+) -> Result<Json<Product>, ApiError> {
+    let id = extract::product_id(&raw_id)?;
+    if !(1..=MAX_STOCK).contains(&body.quantity) {
+        return Err(ApiError::InvalidBody(format!(
+            "quantity must be between 1 and {MAX_STOCK}, got {}",
+            body.quantity
+        )));
+    }
+    let updated: Option<Product> = sqlx::query_as(
+        "UPDATE products SET stock = stock + $2 WHERE id = $1 AND stock <= $3 - $2 RETURNING id, name, stock",
+    )
+    .bind(id.get())
+    .bind(body.quantity)
+    .bind(MAX_STOCK)
+    .fetch_optional(&state.pool)
+    .await?;
+    match updated {
+        Some(product) => {
+            tracing::info!(
+                product_id = product.id,
+                added = body.quantity,
+                stock = product.stock,
+                "product restocked"
+            );
+            Ok(Json(product))
+        }
+        None if fetch(&state, id.get()).await?.is_some() => Err(ApiError::InvalidBody(format!(
+            "restocking would take the stock above {MAX_STOCK}"
+        ))),
+        None => Err(ApiError::NotFound(format!("no product {id}"))),
+    }
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    AppQuery(query): AppQuery<ListQuery>,
+) -> Result<Json<ProductPage>, ApiError> {
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::InvalidQuery(format!(
+            "limit must be between 1 and 1000, got {limit}"
+        )));
+    }
+    let products: Vec<Product> =
+        sqlx::query_as("SELECT id, name, stock FROM products WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(query.after.unwrap_or(0))
+            .bind(limit)
+            .fetch_all(&state.pool)
+            .await?;
+    let next_after = (products.len() as i64 == limit)
+        .then(|| products.last().map(|p| p.id))
+        .flatten();
+    Ok(Json(ProductPage {
+        products,
+        next_after,
+    }))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+) -> Result<Json<Product>, ApiError> {
+    let id = extract::product_id(&raw_id)?;
+    fetch(&state, id.get())
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no product {id}")))
+}
+
+async fn fetch(state: &AppState, id: i64) -> Result<Option<Product>, ApiError> {
+    Ok(
+        sqlx::query_as("SELECT id, name, stock FROM products WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&state.pool)
+            .await?,
+    )
+}

@@ -1,0 +1,46 @@
+//! What every request handler shares.
+
+use crate::config::ApiConfig;
+use crate::publisher::Publisher;
+use crate::statuses::StatusStore;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct AppState {
+    /// PostgreSQL: products, and decided transactions when Redis has no status.
+    pub pool: PgPool,
+    /// Redis: transaction statuses.
+    pub statuses: StatusStore,
+    /// RabbitMQ: where accepted requests go.
+    pub publisher: Arc<Publisher>,
+    /// The staff's bearer token.
+    pub admin_token: Arc<str>,
+    /// Largest quantity one request may ask for.
+    pub max_quantity: i64,
+}
+
+impl AppState {
+    /// Connects the publisher (declaring the partition queues) and assembles the state around
+    /// an already migrated pool and a Redis connection.
+    pub async fn build(
+        config: &ApiConfig,
+        pool: PgPool,
+        redis: ConnectionManager,
+    ) -> anyhow::Result<Self> {
+        let publisher = Publisher::connect(
+            &config.common.amqp_url,
+            config.common.topology(),
+            config.confirm_timeout(),
+        )
+        .await?;
+        Ok(Self {
+            pool,
+            statuses: StatusStore::new(redis, config.common.redis_prefix.clone()),
+            publisher: Arc::new(publisher),
+            admin_token: config.admin_token.as_str().into(),
+            max_quantity: config.max_quantity,
+        })
+    }
+}

@@ -1,0 +1,124 @@
+//! Newtypes over the bare integers and uuids of the domain, so that a user id can never be
+//! passed where a product id is expected. Their `Deserialize` impls validate, so a value of
+//! one of these types is always in range.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use uuid::Uuid;
+
+/// Identifies one purchase request from acceptance to its final outcome.
+///
+/// Chosen by the API (UUIDv7, so ids sort roughly by acceptance time) and carried by the
+/// message; the database's primary key on it is what makes every decision happen once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TransactionId(pub Uuid);
+
+impl TransactionId {
+    /// A fresh, time-ordered id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for TransactionId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for TransactionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Declares a newtype over a strictly positive `i64` (the range of PostgreSQL's `bigint`).
+macro_rules! positive_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "i64", into = "i64")]
+        pub struct $name(i64);
+
+        impl $name {
+            /// The raw value, for SQL parameters and keys.
+            pub fn get(self) -> i64 {
+                self.0
+            }
+        }
+
+        impl TryFrom<i64> for $name {
+            type Error = String;
+
+            fn try_from(value: i64) -> Result<Self, Self::Error> {
+                if value > 0 {
+                    Ok(Self(value))
+                } else {
+                    Err(format!("{} must be a positive integer, got {value}", $what))
+                }
+            }
+        }
+
+        impl From<$name> for i64 {
+            fn from(id: $name) -> i64 {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+positive_id!(
+    /// A buyer, as the shop identifies them. allot does not manage users; it records the id.
+    UserId,
+    "user_id"
+);
+positive_id!(
+    /// A product row in PostgreSQL (`products.id`).
+    ProductId,
+    "product_id"
+);
+positive_id!(
+    /// How many units one request asks for. At least 1; the API also enforces the configured
+    /// maximum (`ALLOT_MAX_QUANTITY`).
+    Quantity,
+    "quantity"
+);
+
+/// One of the `ALLOT_PARTITIONS` partitions; each has its own queue and is decided serially.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PartitionId(pub u16);
+
+impl fmt::Display for PartitionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positive_ids_reject_zero_and_negatives_with_a_message_naming_the_field() {
+        assert_eq!(UserId::try_from(7).map(UserId::get), Ok(7));
+        assert_eq!(
+            ProductId::try_from(0),
+            Err("product_id must be a positive integer, got 0".to_string())
+        );
+        let err = serde_json::from_str::<Quantity>("-3")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("quantity must be a positive integer"), "{err}");
+        assert!(serde_json::from_str::<Quantity>("1.5").is_err());
+        assert!(serde_json::from_str::<Quantity>("\"2\"").is_err());
+        assert!(serde_json::from_str::<Quantity>("9223372036854775808").is_err());
+    }
+}

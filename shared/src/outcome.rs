@@ -1,0 +1,178 @@
+//! What a purchase request becomes: its status, the reason of a rejection, the order number of a
+//! success, and [`TransactionView`], the one JSON shape in which a transaction is stored in Redis
+//! and shown to clients.
+
+use crate::ids::{ProductId, Quantity, TransactionId, UserId};
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Where a transaction stands. `Pending` until its partition's worker decided it; the two
+/// decided states are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Pending,
+    Succeeded,
+    Rejected,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Succeeded => "succeeded",
+            Status::Rejected => "rejected",
+        }
+    }
+}
+
+/// Why a request was rejected. Stored in PostgreSQL as its snake_case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// The product had fewer units left than the request asked for.
+    OutOfStock,
+    /// No product with that id exists.
+    UnknownProduct,
+    /// The message reached the worker with values the API would never have accepted
+    /// (published by something else, or corrupted).
+    InvalidRequest,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::OutOfStock => "out_of_stock",
+            RejectReason::UnknownProduct => "unknown_product",
+            RejectReason::InvalidRequest => "invalid_request",
+        }
+    }
+}
+
+impl FromStr for RejectReason {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "out_of_stock" => Ok(RejectReason::OutOfStock),
+            "unknown_product" => Ok(RejectReason::UnknownProduct),
+            "invalid_request" => Ok(RejectReason::InvalidRequest),
+            other => Err(format!("unknown reject reason {other:?}")),
+        }
+    }
+}
+
+/// An order number: the day it was decided on (in `ALLOT_TIMEZONE`) and its place in that
+/// day's sequence, which starts at 1 and has no gaps across all partitions.
+///
+/// Displayed as `YYYYMMDD-nnnnn`: at least five digits, zero-padded, growing past 99999.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OrderNumber {
+    pub day: NaiveDate,
+    pub seq: i64,
+}
+
+impl fmt::Display for OrderNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{:05}", self.day.format("%Y%m%d"), self.seq)
+    }
+}
+
+/// A decided transaction's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded(OrderNumber),
+    Rejected(RejectReason),
+}
+
+/// A transaction as clients see it (`GET /api/v1/transaction/{id}`) and as Redis stores it.
+///
+/// Optional fields are left out of the JSON when empty: `order_number` appears only on
+/// succeeded transactions, `reason` only on rejected ones, `decided_at` once decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransactionView {
+    pub transaction_id: TransactionId,
+    pub status: Status,
+    pub user_id: UserId,
+    pub product_id: ProductId,
+    pub quantity: Quantity,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_number: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<RejectReason>,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<DateTime<Utc>>,
+}
+
+impl TransactionView {
+    /// The view of a request that was accepted and not yet decided.
+    pub fn pending(request: &crate::PurchaseRequest) -> Self {
+        Self {
+            transaction_id: request.transaction_id,
+            status: Status::Pending,
+            user_id: request.user_id,
+            product_id: request.product_id,
+            quantity: request.quantity,
+            order_number: None,
+            reason: None,
+            created_at: request.created_at,
+            decided_at: None,
+        }
+    }
+
+    /// The view of a decided request.
+    pub fn decided(
+        request: &crate::PurchaseRequest,
+        outcome: Outcome,
+        decided_at: DateTime<Utc>,
+    ) -> Self {
+        let mut view = Self::pending(request);
+        view.decided_at = Some(decided_at);
+        match outcome {
+            Outcome::Succeeded(number) => {
+                view.status = Status::Succeeded;
+                view.order_number = Some(number.to_string());
+            }
+            Outcome::Rejected(reason) => {
+                view.status = Status::Rejected;
+                view.reason = Some(reason);
+            }
+        }
+        view
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_numbers_are_zero_padded_to_five_digits_and_grow_past_them() {
+        let day = NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
+        assert_eq!(OrderNumber { day, seq: 1 }.to_string(), "20261122-00001");
+        assert_eq!(
+            OrderNumber { day, seq: 99_999 }.to_string(),
+            "20261122-99999"
+        );
+        assert_eq!(
+            OrderNumber { day, seq: 100_000 }.to_string(),
+            "20261122-100000"
+        );
+    }
+
+    #[test]
+    fn reject_reasons_round_trip_through_their_names() {
+        for reason in [
+            RejectReason::OutOfStock,
+            RejectReason::UnknownProduct,
+            RejectReason::InvalidRequest,
+        ] {
+            assert_eq!(reason.as_str().parse::<RejectReason>(), Ok(reason));
+            let json = serde_json::to_string(&reason).unwrap();
+            assert_eq!(json, format!("\"{}\"", reason.as_str()));
+        }
+    }
+}

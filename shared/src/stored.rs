@@ -1,0 +1,108 @@
+//! Decided transactions as PostgreSQL stores them, and their conversion to the client view.
+//! The worker reads them to replay earlier outcomes; the API reads them when Redis has no
+//! status.
+
+use crate::ids::{ProductId, Quantity, TransactionId, UserId};
+use crate::outcome::{OrderNumber, Outcome, Status, TransactionView};
+use anyhow::{Context, anyhow};
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+/// A row of the `transactions` table.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredTransaction {
+    pub id: Uuid,
+    pub user_id: i64,
+    pub product_id: i64,
+    pub quantity: i64,
+    pub status: String,
+    pub reason: Option<String>,
+    pub order_day: Option<NaiveDate>,
+    pub order_seq: Option<i64>,
+    pub created_at: DateTime<Utc>,
+    pub decided_at: DateTime<Utc>,
+}
+
+/// `SELECT`s every column of [`StoredTransaction`], with the given `WHERE` clause.
+macro_rules! select_transactions_where {
+    ($condition:literal) => {
+        concat!(
+            "SELECT id, user_id, product_id, quantity, status, reason, order_day, order_seq, ",
+            "created_at, decided_at FROM transactions WHERE ",
+            $condition
+        )
+    };
+}
+
+impl StoredTransaction {
+    /// The stored outcome. Fails only on a row the schema's constraints should have refused.
+    pub fn outcome(&self) -> anyhow::Result<Outcome> {
+        match (
+            self.status.as_str(),
+            self.order_day,
+            self.order_seq,
+            &self.reason,
+        ) {
+            ("succeeded", Some(day), Some(seq), _) => {
+                Ok(Outcome::Succeeded(OrderNumber { day, seq }))
+            }
+            ("rejected", _, _, Some(reason)) => Ok(Outcome::Rejected(
+                reason.parse().map_err(|e| anyhow!("{e}"))?,
+            )),
+            _ => Err(anyhow!(
+                "transaction {} has an inconsistent stored outcome",
+                self.id
+            )),
+        }
+    }
+
+    /// The view clients see.
+    pub fn to_view(&self) -> anyhow::Result<TransactionView> {
+        let outcome = self.outcome()?;
+        let (status, order_number, reason) = match outcome {
+            Outcome::Succeeded(number) => (Status::Succeeded, Some(number.to_string()), None),
+            Outcome::Rejected(reason) => (Status::Rejected, None, Some(reason)),
+        };
+        let field = |what: &str| format!("transaction {} has an invalid stored {what}", self.id);
+        Ok(TransactionView {
+            transaction_id: TransactionId(self.id),
+            status,
+            user_id: UserId::try_from(self.user_id)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| field("user_id"))?,
+            product_id: ProductId::try_from(self.product_id)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| field("product_id"))?,
+            quantity: Quantity::try_from(self.quantity)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| field("quantity"))?,
+            order_number,
+            reason,
+            created_at: self.created_at,
+            decided_at: Some(self.decided_at),
+        })
+    }
+}
+
+/// Loads the stored rows of those of `ids` that were decided.
+pub async fn fetch_many<'e>(
+    executor: impl PgExecutor<'e>,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<StoredTransaction>> {
+    sqlx::query_as(select_transactions_where!("id = ANY($1)"))
+        .bind(ids)
+        .fetch_all(executor)
+        .await
+}
+
+/// Loads one decided transaction, if it was decided.
+pub async fn fetch_one<'e>(
+    executor: impl PgExecutor<'e>,
+    id: TransactionId,
+) -> sqlx::Result<Option<StoredTransaction>> {
+    sqlx::query_as(select_transactions_where!("id = $1"))
+        .bind(id.0)
+        .fetch_optional(executor)
+        .await
+}

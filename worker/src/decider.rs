@@ -1,0 +1,116 @@
+//! [`Decider::process_batch`]: the one step the consumer loop repeats, and that tests drive
+//! directly. Parse, commit, publish statuses; the caller acks only after it returned `Ok`.
+//!
+//! Every step is idempotent, so a batch that failed anywhere (database down, Redis down, a
+//! crash) is simply processed again: what was committed is found and replayed.
+
+use crate::persist::{self, BatchOutcome, DeadLetter};
+use allot_shared::status_store::transaction_key;
+use allot_shared::{Clock, PartitionId, PurchaseRequest, TransactionView};
+use anyhow::Context;
+use chrono_tz::Tz;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use std::sync::Arc;
+
+/// One message as received: its body and AMQP `message_id`.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub body: &'a [u8],
+    pub message_id: Option<&'a str>,
+}
+
+/// Everything needed to decide batches; shared by all partition consumers of a process.
+pub struct Decider {
+    pool: PgPool,
+    redis: ConnectionManager,
+    redis_prefix: String,
+    clock: Arc<dyn Clock>,
+    timezone: Tz,
+}
+
+impl Decider {
+    pub fn new(
+        pool: PgPool,
+        redis: ConnectionManager,
+        redis_prefix: String,
+        clock: Arc<dyn Clock>,
+        timezone: Tz,
+    ) -> Self {
+        Self {
+            pool,
+            redis,
+            redis_prefix,
+            clock,
+            timezone,
+        }
+    }
+
+    /// Decides one batch of a partition's messages, in order: commits every outcome in one
+    /// database transaction, then publishes the statuses to Redis.
+    #[tracing::instrument(skip_all, fields(partition = %partition, size = messages.len()), err(Debug))]
+    pub async fn process_batch(
+        &self,
+        partition: PartitionId,
+        messages: &[Message<'_>],
+    ) -> anyhow::Result<BatchOutcome> {
+        let (requests, dead_letters) = parse(messages);
+        for letter in &dead_letters {
+            tracing::warn!(message_id = ?letter.message_id, error = %letter.error, "dead-lettering an unparseable message");
+        }
+        let decided_at = self.clock.now();
+        let day = decided_at.with_timezone(&self.timezone).date_naive();
+        let committed = persist::commit_batch(
+            &self.pool,
+            partition,
+            &requests,
+            &dead_letters,
+            decided_at,
+            day,
+        )
+        .await
+        .with_context(|| format!("failed to commit batch for partition {partition}"))?;
+        self.publish_statuses(&committed.views)
+            .await
+            .with_context(|| {
+                format!("failed to publish statuses of partition {partition} to Redis")
+            })?;
+        tracing::debug!(outcome = ?committed.outcome, "batch decided");
+        Ok(committed.outcome)
+    }
+
+    /// Overwrites each transaction's status in Redis with its final one, in one pipeline.
+    async fn publish_statuses(&self, views: &[TransactionView]) -> anyhow::Result<()> {
+        if views.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for view in views {
+            let json = serde_json::to_string(view).context("failed to serialise a status")?;
+            pipe.set(
+                transaction_key(&self.redis_prefix, view.transaction_id),
+                json,
+            )
+            .ignore();
+        }
+        pipe.query_async::<()>(&mut self.redis.clone()).await?;
+        Ok(())
+    }
+}
+
+/// Splits messages into requests and the unparseable rest.
+fn parse(messages: &[Message<'_>]) -> (Vec<PurchaseRequest>, Vec<DeadLetter>) {
+    let mut requests = Vec::with_capacity(messages.len());
+    let mut dead_letters = Vec::new();
+    for message in messages {
+        match PurchaseRequest::from_json(message.body) {
+            Ok(request) => requests.push(request),
+            Err(err) => dead_letters.push(DeadLetter {
+                message_id: message.message_id.map(str::to_owned),
+                body: message.body.to_vec(),
+                error: err.to_string(),
+            }),
+        }
+    }
+    (requests, dead_letters)
+}
