@@ -5,6 +5,7 @@
 //! crash) is simply processed again: what was committed is found and replayed.
 
 use crate::persist::{self, BatchOutcome, DeadLetter};
+use allot_shared::clock::to_stored_precision;
 use allot_shared::status_store::transaction_key;
 use allot_shared::{Clock, PartitionId, PurchaseRequest, TransactionView};
 use anyhow::Context;
@@ -104,7 +105,11 @@ fn parse(messages: &[Message<'_>]) -> (Vec<PurchaseRequest>, Vec<DeadLetter>) {
     let mut dead_letters = Vec::new();
     for message in messages {
         match PurchaseRequest::from_json(message.body) {
-            Ok(request) => requests.push(request),
+            Ok(mut request) => {
+                // Stored to the microsecond: keep the published status identical to the row.
+                request.created_at = to_stored_precision(request.created_at);
+                requests.push(request);
+            }
             Err(err) => dead_letters.push(DeadLetter {
                 message_id: message.message_id.map(str::to_owned),
                 body: message.body.to_vec(),

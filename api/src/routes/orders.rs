@@ -4,7 +4,7 @@ use crate::error::ApiError;
 use crate::extract::{self, AppJson};
 use crate::publisher::PublishError;
 use crate::state::AppState;
-use allot_shared::stored;
+use allot_shared::{Clock, SystemClock, stored};
 use allot_shared::{
     ProductId, PurchaseRequest, Quantity, Status, TransactionId, TransactionView, UserId,
 };
@@ -12,7 +12,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 /// The body of `addToCart`. The newtypes reject zero, negative and out-of-range values.
@@ -50,7 +49,7 @@ pub async fn add_to_cart(
         user_id: body.user_id,
         product_id: body.product_id,
         quantity: body.quantity,
-        created_at: Utc::now(),
+        created_at: SystemClock.now(),
     };
     tracing::Span::current().record(
         "transaction_id",
