@@ -1,0 +1,766 @@
+#!/usr/bin/env bash
+# deploy/local.sh: run allot and its services on this machine, without systemd or docker.
+#
+#   deploy/local.sh services   install (if missing) and start private PostgreSQL, Redis, RabbitMQ
+#   deploy/local.sh up         services + release build + start allot-api and allot-worker
+#   deploy/local.sh test       services + fmt + clippy + tests + functional test on a fresh system
+#   deploy/local.sh status     show what runs
+#   deploy/local.sh down       stop everything this script started
+#
+# Everything lives under $ROOT/.allot/ (ignored by git): data, logs, pid files. The services are
+# private instances on loopback ports of their own, so they never touch a system-wide server.
+# Processes are found through our own pid files only; nothing is ever killed by name.
+# Must run as root (it starts the servers as the postgres, redis and rabbitmq users).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE=$ROOT/.allot
+RUN_DIR=$STATE/run   # pid files of the processes this script starts itself
+LOG_DIR=$STATE/logs  # logs of allot's processes and of the start commands
+
+PG_BIN=/usr/lib/postgresql/15/bin
+PG_PORT=55432
+PG_DIR=$STATE/pg     # owned by postgres: data/, postgres.log and the unix socket
+PG_DATA=$PG_DIR/data
+PG_LOG=$PG_DIR/postgres.log
+
+REDIS_PORT=56379
+REDIS_DIR=$STATE/redis  # owned by redis: append-only files, redis.pid, redis.log
+REDIS_PID_FILE=$REDIS_DIR/redis.pid
+
+RMQ_NODE=allot@localhost
+RMQ_PORT=55672       # AMQP
+RMQ_DIST_PORT=55673  # Erlang distribution (the default, AMQP port + 20000, is not a valid port)
+RMQ_EPMD_PORT=55674  # our own epmd, so that `down` can stop it without touching anybody else's
+RMQ_DIR=$STATE/rabbitmq  # owned by rabbitmq: mnesia/, log/, config files, rabbitmq.pid
+RMQ_PID_FILE=$RMQ_DIR/rabbitmq.pid
+EPMD_PID_FILE=$RUN_DIR/epmd.pid
+
+API_ADDR=127.0.0.1:8080
+FUNCTIONAL_ADDR=127.0.0.1:18080
+ADMIN_TOKEN_FILE=$STATE/admin-token
+
+# The environment every RabbitMQ command (server and CLI) gets, so that they all talk to the
+# private node. rabbitmq-server and rabbitmqctl switch to the rabbitmq user through `su`, which
+# keeps these variables.
+RMQ_ENV=(
+  "RABBITMQ_NODENAME=$RMQ_NODE"
+  "RABBITMQ_MNESIA_BASE=$RMQ_DIR/mnesia"
+  "RABBITMQ_LOG_BASE=$RMQ_DIR/log"
+  "RABBITMQ_CONFIG_FILE=$RMQ_DIR/rabbitmq.conf"
+  "RABBITMQ_ADVANCED_CONFIG_FILE=$RMQ_DIR/advanced.config"
+  "RABBITMQ_CONF_ENV_FILE=$RMQ_DIR/rabbitmq-env.conf"
+  "RABBITMQ_ENABLED_PLUGINS_FILE=$RMQ_DIR/enabled_plugins"
+  "RABBITMQ_PID_FILE=$RMQ_PID_FILE"
+  "RABBITMQ_DIST_PORT=$RMQ_DIST_PORT"
+  "ERL_EPMD_PORT=$RMQ_EPMD_PORT"
+  "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=-kernel inet_dist_use_interface {127,0,0,1}"
+)
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+log() { printf '==> %s\n' "$*"; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+require_root() {
+  [[ $EUID -eq 0 ]] || die "run me as root (I start the servers as the postgres, redis and rabbitmq users)"
+}
+
+# The functional test opens thousands of sockets. Some sandboxes cap the hard limit below
+# 65536 and refuse to raise it even for root: then take the hard limit (see fd_limit_note).
+raise_fd_limit() {
+  ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+}
+
+fd_limit_note() {
+  local limit
+  limit=$(ulimit -n)
+  [[ $limit == unlimited ]] || ((limit >= 65536)) ||
+    warn "open-files limit is $limit (the hard limit here), not 65536"
+}
+
+# Poll "$@" every half second until it succeeds; fail after $1 seconds.
+wait_until() {
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.5
+  done
+}
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_open() {
+  timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+}
+
+# Refuse to start a service on a port that something else (not ours) already holds.
+require_free_port() {
+  local port=$1 what=$2
+  ! port_open "$port" || die "127.0.0.1:$port is taken by a process that is not ours; cannot start $what"
+}
+
+# Print the pid stored in file $1 (first line), or fail if there is none.
+read_pid() {
+  local pid
+  [[ -r $1 ]] || return 1
+  read -r pid <"$1" || [[ -n ${pid:-} ]] || return 1
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  printf '%s\n' "$pid"
+}
+
+# True when process $1 exists, is not a zombie, and its command name is $2.
+pid_alive() {
+  local pid=$1 comm=$2 name stat
+  read -r name 2>/dev/null <"/proc/$pid/comm" && [[ $name == "$comm" ]] || return 1
+  read -r stat 2>/dev/null <"/proc/$pid/stat" || return 1
+  stat=${stat##*) }  # the fields after "pid (comm) "; the first is the state
+  [[ ${stat%% *} != Z ]]
+}
+
+pid_gone() { ! pid_alive "$1" "$2"; }
+
+# Print the pid from pid file $1 if that process is alive and named $2.
+live_pid() {
+  local pid
+  pid=$(read_pid "$1") && pid_alive "$pid" "$2" && printf '%s\n' "$pid"
+}
+
+# TERM process $1 (named $2), wait up to $3 seconds, then KILL it.
+stop_pid() {
+  local pid=$1 comm=$2 grace=$3
+  kill -TERM "$pid" 2>/dev/null || return 0
+  wait_until "$grace" pid_gone "$pid" "$comm" && return 0
+  warn "$comm (pid $pid) still runs after ${grace}s; sending KILL"
+  kill -KILL "$pid" 2>/dev/null || true
+  wait_until 5 pid_gone "$pid" "$comm"
+}
+
+# Let user $1 reach directory $2: every folder from $2 up to / needs search (x) permission for
+# that user. The repository may sit under a root-owned folder; add o+x where it is missing.
+ensure_traversable() {
+  local user=$1 target=$2 dir=$2 chain=() i
+  while [[ $dir != / ]]; do
+    chain=("$dir" "${chain[@]}")
+    dir=$(dirname "$dir")
+  done
+  for i in "${chain[@]}"; do  # from the top down, so each test sees its parents fixed
+    runuser -u "$user" -- test -x "$i" && continue
+    log "chmod o+x $i (so that $user can reach $target)"
+    chmod o+x "$i"
+  done
+}
+
+# Create directories "${@:2}" owned by user $1 (the owner only, not recursively).
+make_owned_dirs() {
+  local user=$1
+  shift
+  mkdir -p "$@"
+  chown "$user:$user" "$@"
+}
+
+make_state_dirs() {
+  mkdir -p "$STATE" "$RUN_DIR" "$LOG_DIR"
+}
+
+# Print the last lines of each log file given, for a failure report.
+show_logs() {
+  local file
+  for file in "$@"; do
+    [[ -f $file ]] || continue
+    printf '\n----- last lines of %s -----\n' "$file" >&2
+    tail -n 40 "$file" >&2
+  done
+}
+
+random_token() {
+  printf '%s\n' "$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Packages
+# ---------------------------------------------------------------------------------------------
+
+APT_UPDATED=false
+
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  # Another apt run may hold the lock (e.g. a background install): wait for it.
+  local apt=(apt-get -o DPkg::Lock::Timeout=600 -y -q)
+  if [[ $APT_UPDATED == false ]]; then
+    "${apt[@]}" update </dev/null
+    APT_UPDATED=true
+  fi
+  "${apt[@]}" install --no-install-recommends "$@" </dev/null
+}
+
+# True when Debian package $1 is installed and its program $2 is there.
+have_package() {
+  [[ -x $2 ]] && [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) == installed ]]
+}
+
+ensure_packages() {
+  local missing=()
+  have_package curl /usr/bin/curl || missing+=(curl)
+  have_package redis-server /usr/bin/redis-server || missing+=(redis-server)
+  have_package postgresql-15 "$PG_BIN/postgres" || missing+=(postgresql)
+  have_package rabbitmq-server /usr/sbin/rabbitmq-server || missing+=(rabbitmq-server)
+  ((${#missing[@]} == 0)) && return 0
+  log "installing ${missing[*]}"
+  apt_install "${missing[@]}"
+  [[ -x $PG_BIN/postgres ]] || die "PostgreSQL 15 is not at $PG_BIN after installing postgresql"
+}
+
+ensure_cargo() {
+  command -v cargo >/dev/null && return 0
+  [[ -x $HOME/.cargo/bin/cargo ]] && PATH=$HOME/.cargo/bin:$PATH && return 0
+  die "cargo not found (install Rust with rustup)"
+}
+
+# Where cargo puts binaries: honours CARGO_TARGET_DIR (relative to the repository root).
+target_dir() {
+  local dir=${CARGO_TARGET_DIR:-target}
+  [[ $dir == /* ]] || dir=$ROOT/$dir
+  printf '%s\n' "$dir"
+}
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL 15 on 127.0.0.1:55432, data in .allot/pg/data, trust authentication
+# ---------------------------------------------------------------------------------------------
+
+as_postgres() { runuser -u postgres -- "$@"; }
+
+pg_pid() { live_pid "$PG_DATA/postmaster.pid" postgres; }
+
+pg_answers() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; }
+
+# psql as the postgres superuser over TCP, stopping at the first error.
+pg_sql() {
+  PGOPTIONS="-c client_min_messages=warning" "$PG_BIN/psql" -X -q -t -A -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres "$@" </dev/null
+}
+
+# The unix socket goes into .allot/pg unless that path is too long for a socket (107 bytes);
+# allot only uses TCP, so then the socket is simply left out.
+pg_socket_dir() {
+  local socket=$PG_DIR/.s.PGSQL.$PG_PORT
+  if ((${#socket} > 107)); then
+    warn "$PG_DIR is too long a path for a unix socket; PostgreSQL listens on TCP only"
+    return 0
+  fi
+  printf '%s\n' "$PG_DIR"
+}
+
+pg_init() {
+  [[ -s $PG_DATA/PG_VERSION ]] && return 0
+  log "initialising PostgreSQL data in $PG_DATA"
+  as_postgres "$PG_BIN/initdb" -D "$PG_DATA" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 \
+    >"$LOG_DIR/postgres-initdb.log" 2>&1 || {
+    show_logs "$LOG_DIR/postgres-initdb.log"
+    die "initdb failed"
+  }
+}
+
+pg_launch() {
+  local options
+  options="-p $PG_PORT -c listen_addresses=127.0.0.1 -c max_connections=400"
+  options+=" -c unix_socket_directories='$(pg_socket_dir)'"
+  as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -o "$options" -w -t 60 start >/dev/null || {
+    show_logs "$PG_LOG"
+    die "PostgreSQL did not start"
+  }
+}
+
+start_postgres() {
+  local pid
+  if pid=$(pg_pid); then
+    log "PostgreSQL already running (pid $pid) on 127.0.0.1:$PG_PORT"
+  else
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    require_free_port "$PG_PORT" PostgreSQL
+    ensure_traversable postgres "$STATE"
+    make_owned_dirs postgres "$PG_DIR"
+    pg_init
+    pg_launch
+  fi
+  wait_until 60 pg_answers || die "PostgreSQL does not answer on 127.0.0.1:$PG_PORT (see $PG_LOG)"
+}
+
+stop_postgres() {
+  pg_pid >/dev/null || return 0
+  log "stopping PostgreSQL"
+  as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null
+}
+
+# Create database $1 unless it exists.
+ensure_database() {
+  [[ $(pg_sql -c "select 1 from pg_database where datname = '$1'") == 1 ]] && return 0
+  log "creating database $1"
+  pg_sql -c "create database \"$1\""
+}
+
+# Drop database $1 (disconnecting its sessions) and create it empty.
+recreate_database() {
+  log "recreating database $1"
+  pg_sql -c "drop database if exists \"$1\" with (force)" -c "create database \"$1\""
+}
+
+# ---------------------------------------------------------------------------------------------
+# Redis on 127.0.0.1:56379, append-only file in .allot/redis
+# ---------------------------------------------------------------------------------------------
+
+redis_cli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@" </dev/null; }
+
+redis_pid() { live_pid "$REDIS_PID_FILE" redis-server; }
+
+redis_answers() { [[ $(redis_cli ping 2>/dev/null) == PONG ]]; }
+
+# --save '': no RDB snapshots on top of the append-only file (they would only add forks).
+redis_launch() {
+  runuser -u redis -- redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" \
+    --dir "$REDIS_DIR" --pidfile "$REDIS_PID_FILE" --logfile "$REDIS_DIR/redis.log" \
+    --appendonly yes --appendfsync everysec --save '' </dev/null
+}
+
+start_redis() {
+  local pid
+  if pid=$(redis_pid); then
+    log "Redis already running (pid $pid) on 127.0.0.1:$REDIS_PORT"
+  else
+    log "starting Redis on 127.0.0.1:$REDIS_PORT"
+    require_free_port "$REDIS_PORT" Redis
+    ensure_traversable redis "$STATE"
+    make_owned_dirs redis "$REDIS_DIR"
+    redis_launch
+  fi
+  wait_until 30 redis_answers || {
+    show_logs "$REDIS_DIR/redis.log"
+    die "Redis does not answer PING on 127.0.0.1:$REDIS_PORT"
+  }
+}
+
+stop_redis() {
+  local pid
+  pid=$(redis_pid) || return 0
+  log "stopping Redis (pid $pid)"
+  stop_pid "$pid" redis-server 30
+}
+
+# ---------------------------------------------------------------------------------------------
+# RabbitMQ: a private node allot@localhost, AMQP on 127.0.0.1:55672, its own epmd on 55674
+# ---------------------------------------------------------------------------------------------
+
+# rabbitmqctl against our node, with the same environment as the server. Never call the bare
+# rabbitmqctl for this node: without ERL_EPMD_PORT it looks for the node in (and starts) the
+# system-wide epmd on port 4369. Call it only while the node runs, or it starts an epmd itself.
+rmqctl() {
+  env "${RMQ_ENV[@]}" timeout 120 /usr/sbin/rabbitmqctl -n "$RMQ_NODE" "$@" </dev/null
+}
+
+rmq_pid() { live_pid "$RMQ_PID_FILE" beam.smp; }
+
+
+rmq_answers() { port_open "$RMQ_PORT" && rmqctl -q status >/dev/null 2>&1; }
+
+rmq_write_config() {
+  printf '%s\n' \
+    "# generated by deploy/local.sh" \
+    "listeners.tcp.local = 127.0.0.1:$RMQ_PORT" >"$RMQ_DIR/rabbitmq.conf"
+  printf '[].\n' >"$RMQ_DIR/enabled_plugins"
+  : >"$RMQ_DIR/rabbitmq-env.conf"  # keeps /etc/rabbitmq/rabbitmq-env.conf out
+}
+
+# epmd, the Erlang name server, on a port of its own. If none answers there, the node (or
+# rabbitmqctl) starts one by itself, daemonised, without a pid file. So whatever epmd answers on
+# our private port is the one our node uses: reuse it, and stop it through epmd's own -kill.
+epmd_answers() { epmd -port "$RMQ_EPMD_PORT" -names >/dev/null 2>&1; }
+
+start_epmd() {
+  epmd_answers && return 0
+  require_free_port "$RMQ_EPMD_PORT" epmd
+  nohup setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
+    epmd -address 127.0.0.1 -port "$RMQ_EPMD_PORT" >>"$LOG_DIR/epmd.log" 2>&1 </dev/null &
+  echo "$!" >"$EPMD_PID_FILE"
+  wait_until 10 epmd_answers || die "epmd did not start on 127.0.0.1:$RMQ_EPMD_PORT"
+}
+
+rmq_launch() {
+  ensure_traversable rabbitmq "$STATE"
+  make_owned_dirs rabbitmq "$RMQ_DIR" "$RMQ_DIR/mnesia" "$RMQ_DIR/log"
+  rmq_write_config
+  start_epmd
+  # Not through /usr/sbin/rabbitmq-server: that wrapper switches user with `su`, which resets
+  # the open-files limit to 1024. RabbitMQ sizes its file-handle budget from that limit, and with
+  # a few hundred quorum queues it then stops serving new connections. setpriv keeps our limit.
+  env "${RMQ_ENV[@]}" HOME=/var/lib/rabbitmq \
+    setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
+    /usr/lib/rabbitmq/bin/rabbitmq-server -detached >>"$LOG_DIR/rabbitmq-start.log" 2>&1 </dev/null
+}
+
+start_rabbitmq() {
+  local pid
+  if pid=$(rmq_pid); then
+    log "RabbitMQ already running (pid $pid) on 127.0.0.1:$RMQ_PORT"
+  else
+    log "starting RabbitMQ node $RMQ_NODE on 127.0.0.1:$RMQ_PORT"
+    require_free_port "$RMQ_PORT" RabbitMQ
+    rmq_launch
+  fi
+  wait_until 90 rmq_answers || {
+    show_logs "$LOG_DIR/rabbitmq-start.log" "$RMQ_DIR/log/$RMQ_NODE.log"
+    die "RabbitMQ did not come up on 127.0.0.1:$RMQ_PORT within 90 s"
+  }
+}
+
+stop_rabbitmq() {
+  local pid
+  if pid=$(rmq_pid); then
+    log "stopping RabbitMQ (pid $pid)"
+    # `stop <pid file>` returns once the node's process has exited.
+    rmqctl -q stop "$RMQ_PID_FILE" >/dev/null 2>&1 || true
+    stop_pid "$pid" beam.smp 30
+  fi
+  stop_epmd
+}
+
+# Stops the epmd on our private port once no node is registered with it any more.
+stop_epmd() {
+  rm -f "$EPMD_PID_FILE"
+  epmd_answers || return 0
+  if epmd -port "$RMQ_EPMD_PORT" -names 2>/dev/null | grep -q '^name '; then
+    warn "epmd on 127.0.0.1:$RMQ_EPMD_PORT still has nodes registered; leaving it running"
+    return 0
+  fi
+  log "stopping epmd on 127.0.0.1:$RMQ_EPMD_PORT"
+  epmd -port "$RMQ_EPMD_PORT" -kill >/dev/null 2>&1 || true
+  wait_until 10 epmd_gone || warn "epmd on 127.0.0.1:$RMQ_EPMD_PORT did not stop"
+}
+
+epmd_gone() { ! epmd_answers; }
+
+# Delete virtual host $1 if it exists, create it, and give guest every permission on it.
+recreate_vhost() {
+  local vhost=$1 vhosts
+  log "recreating RabbitMQ vhost $vhost"
+  vhosts=$(rmqctl -q list_vhosts name)
+  if grep -qxF "$vhost" <<<"$vhosts"; then
+    rmqctl -q delete_vhost "$vhost" >/dev/null
+  fi
+  rmqctl -q add_vhost "$vhost" >/dev/null
+  rmqctl -q set_permissions -p "$vhost" guest '.*' '.*' '.*' >/dev/null
+}
+
+# ---------------------------------------------------------------------------------------------
+# allot's own processes (allot-api, allot-worker), one pid file each in .allot/run
+# ---------------------------------------------------------------------------------------------
+
+APPS=(api worker functional-api functional-worker)
+
+app_pid_file() { printf '%s\n' "$RUN_DIR/$1.pid"; }
+
+app_log() { printf '%s\n' "$LOG_DIR/$1.log"; }
+
+# The process name: allot-api for api and functional-api, allot-worker for the workers.
+app_comm() { printf 'allot-%s\n' "${1##*-}"; }
+
+app_pid() { live_pid "$(app_pid_file "$1")" "$(app_comm "$1")"; }
+
+# Start app $1 from binary $2 in the background, with "${@:3}" (NAME=value) added to its
+# environment; its output goes to .allot/logs/$1.log. A running instance is stopped first.
+start_app() {
+  local name=$1 binary=$2
+  shift 2
+  [[ -x $binary ]] || die "$binary is missing (did the build fail?)"
+  stop_app "$name"
+  printf -- '----- %s: starting %s\n' "$(date -Is)" "$binary" >>"$(app_log "$name")"
+  nohup env "$@" "$binary" >>"$(app_log "$name")" 2>&1 </dev/null &
+  echo "$!" >"$(app_pid_file "$name")"
+  log "started $name (pid $!), log $(app_log "$name")"
+}
+
+stop_app() {
+  local pid
+  if pid=$(app_pid "$1"); then
+    log "stopping $1 (pid $pid)"
+    stop_pid "$pid" "$(app_comm "$1")" 10
+  fi
+  rm -f "$(app_pid_file "$1")"
+}
+
+stop_apps() {
+  local app
+  for app in "${APPS[@]}"; do stop_app "$app"; done
+}
+
+# True when every app named in "$@" is still alive; says which one died otherwise.
+apps_alive() {
+  local app
+  for app in "$@"; do
+    app_pid "$app" >/dev/null || {
+      warn "$app exited; see $(app_log "$app")"
+      return 1
+    }
+  done
+}
+
+http_ok() { curl -fsS --noproxy '*' -o /dev/null --max-time 2 "$1" 2>/dev/null; }
+
+# Wait up to 60 s for URL $1 to answer 2xx while the apps "${@:2}" run. On failure (timeout,
+# or an app exited) print their logs, stop them and fail.
+wait_apps_ready() {
+  local url=$1 deadline=$((SECONDS + 60)) app
+  shift
+  log "waiting for $url"
+  until http_ok "$url"; do
+    if ! apps_alive "$@" || ((SECONDS >= deadline)); then
+      for app in "$@"; do show_logs "$(app_log "$app")"; done
+      for app in "$@"; do stop_app "$app"; done
+      die "$url did not answer 200 (an app exited, or 60 s passed)"
+    fi
+    sleep 0.5
+  done
+}
+
+# ALLOT_ADMIN_TOKEN from the environment, else the one kept in .allot/admin-token.
+admin_token() {
+  if [[ -n ${ALLOT_ADMIN_TOKEN:-} ]]; then
+    printf '%s\n' "$ALLOT_ADMIN_TOKEN"
+    return 0
+  fi
+  if [[ ! -s $ADMIN_TOKEN_FILE ]]; then
+    (umask 077 && random_token >"$ADMIN_TOKEN_FILE")
+  fi
+  chmod 600 "$ADMIN_TOKEN_FILE"
+  cat "$ADMIN_TOKEN_FILE"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------------------------
+
+cmd_services() {
+  require_root
+  fd_limit_note
+  ensure_packages
+  make_state_dirs
+  start_postgres
+  start_redis
+  start_rabbitmq
+  log "services ready: PostgreSQL 127.0.0.1:$PG_PORT, Redis 127.0.0.1:$REDIS_PORT, RabbitMQ 127.0.0.1:$RMQ_PORT"
+}
+
+cmd_down() {
+  require_root
+  stop_apps
+  stop_rabbitmq
+  stop_redis
+  stop_postgres
+  log "everything this script started is stopped"
+}
+
+print_up_summary() {
+  local token_source=$ADMIN_TOKEN_FILE
+  [[ -n ${ALLOT_ADMIN_TOKEN:-} ]] && token_source='ALLOT_ADMIN_TOKEN (from your environment)'
+  cat <<EOF
+
+allot is running at http://$API_ADDR
+  admin token:  $token_source
+  logs:         $(app_log api)
+                $(app_log worker)
+  try:          curl -fsS http://$API_ADDR/readyz
+  stop:         deploy/local.sh down
+EOF
+}
+
+cmd_up() {
+  cmd_services
+  ensure_cargo
+  log "building release binaries"
+  (cd "$ROOT" && cargo build --release --bins -p allot-api -p allot-worker)
+  ensure_database allot
+  local bin env
+  bin=$(target_dir)/release
+  env=(
+    "ALLOT_HTTP_ADDR=$API_ADDR"
+    "ALLOT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/allot"
+    "ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/%2f"
+    "ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0"
+    "ALLOT_ADMIN_TOKEN=$(admin_token)"
+  )
+  stop_app api
+  require_free_port "${API_ADDR##*:}" allot-api
+  start_app worker "$bin/allot-worker" "${env[@]}"
+  start_app api "$bin/allot-api" "${env[@]}"
+  wait_apps_ready "http://$API_ADDR/readyz" api worker
+  print_up_summary
+}
+
+# Run one numbered test step. No `||` here: that would switch off `set -e` inside the step.
+# A failing step ends the run through `set -e`; the EXIT trap names the step.
+CURRENT_STEP=""
+run_step() {
+  CURRENT_STEP=$1
+  shift
+  log "$CURRENT_STEP"
+  "$@"
+  CURRENT_STEP=""
+}
+
+# Cargo's tests: nextest when installed, else cargo test. Environment for the integration tests:
+# #[sqlx::test] creates a fresh database per test through DATABASE_URL.
+run_cargo_tests() {
+  local env=(
+    "DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+    "ALLOT_TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-test"
+    "ALLOT_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/2"
+  )
+  if cargo nextest --version >/dev/null 2>&1; then
+    env "${env[@]}" cargo nextest run --workspace --no-fail-fast
+  else
+    warn "cargo-nextest is not installed; using cargo test"
+    env "${env[@]}" cargo test --workspace --no-fail-fast
+  fi
+}
+
+# A fresh allot (debug build, its own database, vhost, Redis db 3 and port 18080) driven by
+# the functional-test binary. The EXIT trap of cmd_test stops the two processes on any path.
+run_functional_test() {
+  local bin token env status=0
+  bin=$(target_dir)/debug
+  cargo build --bins
+  recreate_database allot_functional
+  recreate_vhost allot-functional
+  redis_cli -n 3 flushdb >/dev/null
+  token=$(random_token)
+  env=(
+    "ALLOT_HTTP_ADDR=$FUNCTIONAL_ADDR"
+    "ALLOT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/allot_functional"
+    "ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-functional"
+    "ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/3"
+    "ALLOT_ADMIN_TOKEN=$token"
+  )
+  stop_app functional-api
+  require_free_port "${FUNCTIONAL_ADDR##*:}" "the functional allot-api"
+  rm -f "$(app_log functional-api)" "$(app_log functional-worker)"
+  start_app functional-worker "$bin/allot-worker" "${env[@]}"
+  start_app functional-api "$bin/allot-api" "${env[@]}"
+  wait_apps_ready "http://$FUNCTIONAL_ADDR/readyz" functional-api functional-worker
+  "$bin/functional-test" --base-url "http://$FUNCTIONAL_ADDR" --admin-token "$token" || status=$?
+  if ((status != 0)); then
+    show_logs "$(app_log functional-api)" "$(app_log functional-worker)"
+  fi
+  stop_app functional-api
+  stop_app functional-worker
+  return "$status"
+}
+
+# EXIT trap of `test`: the functional system never outlives the run; with CI=true nothing does.
+on_test_exit() {
+  local status=$?
+  set +e
+  [[ $status -ne 0 && -n $CURRENT_STEP ]] && printf '\nerror: step failed: %s\n' "$CURRENT_STEP" >&2
+  stop_app functional-api
+  stop_app functional-worker
+  if [[ ${CI:-} == true ]]; then
+    log "CI=true: stopping the services"
+    cmd_down
+  fi
+  exit "$status"
+}
+
+cmd_test() {
+  trap on_test_exit EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  cmd_services
+  ensure_cargo
+  cd "$ROOT"
+  run_step "[1/5] cargo fmt --all --check" cargo fmt --all --check
+  run_step "[2/5] cargo clippy --workspace --all-targets -- -D warnings" \
+    cargo clippy --workspace --all-targets -- -D warnings
+  run_step "[3/5] preparing test resources" recreate_vhost allot-test
+  run_step "[4/5] cargo tests" run_cargo_tests
+  run_step "[5/5] functional test against a fresh allot on $FUNCTIONAL_ADDR" run_functional_test
+  log "all test steps passed"
+  [[ ${CI:-} == true ]] || log "the services stay up for the next run; deploy/local.sh down stops them"
+}
+
+# One status line: name, pid (or "stopped"), address.
+status_line() {
+  local name=$1 pid=$2 where=$3
+  if [[ -n $pid ]]; then
+    printf '  %-18s running  pid %-8s %s\n' "$name" "$pid" "$where"
+  else
+    printf '  %-18s stopped\n' "$name"
+  fi
+}
+
+cmd_status() {
+  echo "allot in $ROOT (state in $STATE)"
+  status_line PostgreSQL "$(pg_pid || true)" "127.0.0.1:$PG_PORT  log $PG_LOG"
+  status_line Redis "$(redis_pid || true)" "127.0.0.1:$REDIS_PORT  log $REDIS_DIR/redis.log"
+  status_line RabbitMQ "$(rmq_pid || true)" "127.0.0.1:$RMQ_PORT  node $RMQ_NODE  log $RMQ_DIR/log/"
+  local epmd_state=""
+  if epmd_answers; then epmd_state="-"; fi
+  status_line epmd "$epmd_state" "127.0.0.1:$RMQ_EPMD_PORT"
+  status_line allot-api "$(app_pid api || true)" "http://$API_ADDR  log $(app_log api)"
+  status_line allot-worker "$(app_pid worker || true)" "log $(app_log worker)"
+  status_line functional-api "$(app_pid functional-api || true)" "http://$FUNCTIONAL_ADDR"
+  status_line functional-worker "$(app_pid functional-worker || true)" ""
+}
+
+# `deploy/local.sh rabbitmqctl ARGS...`: rabbitmqctl against the private node.
+cmd_rabbitmqctl() {
+  require_root
+  rmq_pid >/dev/null || die "RabbitMQ is not running (start it with deploy/local.sh services)"
+  rmqctl "$@"
+}
+
+usage() {
+  cat <<EOF
+usage: deploy/local.sh COMMAND
+
+  services  install (when missing) and start private services on loopback:
+              PostgreSQL 15  127.0.0.1:$PG_PORT  (user postgres, trust auth)
+              Redis          127.0.0.1:$REDIS_PORT
+              RabbitMQ       127.0.0.1:$RMQ_PORT  (node $RMQ_NODE, guest/guest)
+  up        services, release build, then allot-api on http://$API_ADDR and allot-worker
+            (restarted when already running; admin token in .allot/admin-token unless
+            ALLOT_ADMIN_TOKEN is set)
+  test      services, cargo fmt --check, clippy, cargo tests, and the functional test against a
+            fresh allot on http://$FUNCTIONAL_ADDR; the services stay up afterwards, except
+            with CI=true
+  status    show what runs
+  rabbitmqctl ARGS...
+            rabbitmqctl against the private node (e.g. list_queues -p allot-test name type)
+  down      stop everything this script started (apps, then services)
+
+All state (data, logs, pid files) is under $STATE.
+EOF
+}
+
+main() {
+  raise_fd_limit
+  local command=${1:-help}
+  shift || true
+  case $command in
+    services) cmd_services ;;
+    up) cmd_up ;;
+    test) cmd_test ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    rabbitmqctl) cmd_rabbitmqctl "$@" ;;
+    help | -h | --help) usage ;;
+    *)
+      usage >&2
+      exit 2
+      ;;
+  esac
+}
+
+main "$@"
