@@ -1,0 +1,417 @@
+//! The test harness: [`spawn_app`] starts an API server (and, unless told otherwise, a worker)
+//! against the test's own database, queues and Redis keys, and [`TestApp`] offers typed helpers
+//! to drive it and inspect the services behind it.
+
+use allot_api::{ApiConfig, AppState};
+use allot_shared::{Clock, ManualClock, PartitionId, SystemClock, TransactionId, status_store};
+use allot_worker::WorkerConfig;
+use allot_worker::decider::Decider;
+use clap::Parser;
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use redis::aio::ConnectionManager;
+use reqwest::{Response, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use std::future::Future;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long a test waits for something that should happen within milliseconds.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+fn init_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter("info,allot_worker=debug")
+                .with_test_writer()
+                .init();
+        }
+    });
+}
+
+/// What to start besides the API.
+pub struct Options {
+    /// Start a worker (`false` leaves requests in their queues).
+    pub worker: bool,
+    /// The worker's clock (the system clock if `None`).
+    pub clock: Option<ManualClock>,
+    /// Partition queue length limit.
+    pub queue_max_length: i64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            worker: true,
+            clock: None,
+            queue_max_length: 100_000,
+        }
+    }
+}
+
+/// A running task and the sender that stops it.
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        match tokio::time::timeout(DEADLINE, self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(err))) => panic!("task failed: {err:?}"),
+            Ok(Err(join)) => panic!("task panicked: {join}"),
+            Err(_) => panic!("task did not stop within {DEADLINE:?}"),
+        }
+    }
+}
+
+pub struct TestApp {
+    /// `http://127.0.0.1:<port>`
+    pub address: String,
+    pub client: reqwest::Client,
+    pub pool: PgPool,
+    pub redis: ConnectionManager,
+    pub api_config: ApiConfig,
+    pub worker_config: WorkerConfig,
+    api: Option<Running>,
+    worker: Option<Running>,
+}
+
+/// Starts the API (and a worker, see [`Options`]) on the test's fresh database.
+pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
+    init_logging();
+    let unique = format!("it-{}", uuid::Uuid::new_v4().simple());
+    let amqp_url = std::env::var("ALLOT_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:55672/allot-test".into());
+    let redis_url = std::env::var("ALLOT_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:56379/2".into());
+
+    let mut api_config = ApiConfig::parse_from(["allot-api"]);
+    api_config.common.amqp_url = amqp_url;
+    api_config.common.redis_url = redis_url;
+    api_config.common.partitions = 4;
+    api_config.common.queue_prefix = unique.clone();
+    api_config.common.redis_prefix = unique;
+    api_config.common.queue_max_length = options.queue_max_length;
+    api_config.admin_token = ADMIN_TOKEN.into();
+    api_config.confirm_timeout_ms = 3000;
+    let mut worker_config = WorkerConfig::parse_from(["allot-worker"]);
+    worker_config.common = api_config.common.clone();
+
+    let redis = status_store::connect(
+        &api_config.common.redis_url,
+        api_config.common.redis_timeout(),
+    )
+    .await
+    .expect("Redis is reachable");
+    let state = AppState::build(&api_config, pool.clone(), redis.clone())
+        .await
+        .expect("API state builds");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a free port");
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel();
+    let task = tokio::spawn(allot_api::run(listener, state, async move {
+        let _ = stopped.await;
+    }));
+
+    let mut app = TestApp {
+        address,
+        client: reqwest::Client::new(),
+        pool,
+        redis,
+        api_config,
+        worker_config,
+        api: Some(Running { stop, task }),
+        worker: None,
+    };
+    if options.worker {
+        let clock: Arc<dyn Clock> = match options.clock {
+            Some(clock) => Arc::new(clock),
+            None => Arc::new(SystemClock),
+        };
+        app.start_worker(clock);
+    }
+    app
+}
+
+impl TestApp {
+    /// Starts a worker (another replica if one runs already).
+    pub fn start_worker(&mut self, clock: Arc<dyn Clock>) {
+        assert!(
+            self.worker.is_none(),
+            "this harness runs one worker at a time"
+        );
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(allot_worker::run(
+            self.worker_config.clone(),
+            self.pool.clone(),
+            self.redis.clone(),
+            clock,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        self.worker = Some(Running { stop, task });
+    }
+
+    /// Stops the worker gracefully.
+    pub async fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop().await;
+        }
+    }
+
+    /// Stops everything, asserting each part shut down cleanly, then deletes the test's queues
+    /// and Redis keys (each quorum queue holds broker resources; a long test session would
+    /// otherwise pile up hundreds).
+    pub async fn shutdown(mut self) {
+        self.stop_worker().await;
+        if let Some(api) = self.api.take() {
+            api.stop().await;
+        }
+        let connection =
+            allot_shared::amqp::connect(&self.api_config.common.amqp_url, "allot-tests-cleanup")
+                .await
+                .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        for partition in self.api_config.common.topology().partitions() {
+            let queue = self.api_config.common.topology().queue(partition);
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .unwrap();
+        }
+        let _ = connection.close(200, "done".into()).await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.api_config.common.redis_prefix))
+            .query_async(&mut self.redis.clone())
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut self.redis.clone())
+                .await
+                .unwrap();
+        }
+    }
+
+    /// A decider on this test's database and Redis keys, to drive batches directly.
+    pub fn decider(&self, clock: Arc<dyn Clock>, timezone: chrono_tz::Tz) -> Decider {
+        Decider::new(
+            self.pool.clone(),
+            self.redis.clone(),
+            self.api_config.common.redis_prefix.clone(),
+            clock,
+            timezone,
+        )
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET is answered")
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("POST is answered")
+    }
+
+    pub async fn post_admin(&self, path: &str, body: &Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(body)
+            .send()
+            .await
+            .expect("POST is answered")
+    }
+
+    pub async fn add_to_cart(&self, user_id: i64, product_id: i64, quantity: i64) -> Response {
+        self.post_json(
+            "/api/v1/order/addToCart",
+            &json!({"user_id": user_id, "product_id": product_id, "quantity": quantity}),
+        )
+        .await
+    }
+
+    /// Places an order and asserts the exact 202 answer; returns the transaction id.
+    pub async fn buy(&self, user_id: i64, product_id: i64, quantity: i64) -> TransactionId {
+        let response = self.add_to_cart(user_id, product_id, quantity).await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let location = response
+            .headers()
+            .get("location")
+            .expect("a Location header")
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body: Value = response.json().await.unwrap();
+        let id: uuid::Uuid = body["transaction_id"]
+            .as_str()
+            .expect("a transaction_id")
+            .parse()
+            .expect("a UUID");
+        assert_eq!(
+            body,
+            json!({"transaction_id": id.to_string(), "status": "pending"})
+        );
+        assert_eq!(location, format!("/api/v1/transaction/{id}"));
+        TransactionId(id)
+    }
+
+    /// Creates a product and returns its id.
+    pub async fn create_product(&self, name: &str, stock: i64) -> i64 {
+        let response = self
+            .post_admin("/api/v1/products", &json!({"name": name, "stock": stock}))
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Value = response.json().await.unwrap();
+        body["id"].as_i64().expect("a product id")
+    }
+
+    pub async fn product_stock(&self, product_id: i64) -> i64 {
+        let response = self.get(&format!("/api/v1/products/{product_id}")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json::<Value>().await.unwrap()["stock"]
+            .as_i64()
+            .unwrap()
+    }
+
+    /// The transaction as `GET /api/v1/transaction/{id}` shows it (asserting 200).
+    pub async fn transaction(&self, id: TransactionId) -> Value {
+        let response = self.get(&format!("/api/v1/transaction/{id}")).await;
+        assert_eq!(response.status(), StatusCode::OK, "GET transaction {id}");
+        response.json().await.unwrap()
+    }
+
+    /// Polls a transaction until it is final.
+    pub async fn wait_final(&self, id: TransactionId) -> Value {
+        wait_for(&format!("transaction {id} to be decided"), || async {
+            let view = self.transaction(id).await;
+            (view["status"] != "pending").then_some(view)
+        })
+        .await
+    }
+
+    /// Messages waiting in a partition queue (not counting unacked ones).
+    pub async fn queue_depth(&self, partition: PartitionId) -> u32 {
+        let connection =
+            allot_shared::amqp::connect(&self.api_config.common.amqp_url, "allot-tests")
+                .await
+                .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let queue = self.api_config.common.topology().queue(partition);
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = connection.close(200, "done".into()).await;
+        declared.message_count()
+    }
+
+    /// Messages waiting in all partition queues.
+    pub async fn total_queue_depth(&self) -> u32 {
+        let mut total = 0;
+        for partition in self.api_config.common.topology().partitions() {
+            total += self.queue_depth(partition).await;
+        }
+        total
+    }
+
+    /// How many Redis keys this test's prefix has.
+    pub async fn redis_key_count(&self) -> usize {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.api_config.common.redis_prefix))
+            .query_async(&mut self.redis.clone())
+            .await
+            .unwrap();
+        keys.len()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics naming `what` after [`DEADLINE`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts an error response: exact status, JSON content type, and exactly
+/// `{"error": {"code": <code>, "message": <non-empty>}}`. Returns the message.
+pub async fn assert_error(response: Response, status: StatusCode, code: &str) -> String {
+    assert_eq!(
+        response.status(),
+        status,
+        "status of an error that should be {code}"
+    );
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    let body: Value = response.json().await.expect("an error body is JSON");
+    let message = body["error"]["message"]
+        .as_str()
+        .expect("error.message is a string")
+        .to_owned();
+    assert!(!message.is_empty());
+    assert_eq!(
+        body,
+        json!({"error": {"code": code, "message": message}}),
+        "error body shape"
+    );
+    message
+}
+
+/// A manual clock at the given UTC time (`2026-11-22T23:59:59Z` style).
+pub fn clock_at(rfc3339: &str) -> ManualClock {
+    ManualClock::new(rfc3339.parse().expect("an RFC 3339 time"))
+}
