@@ -18,13 +18,6 @@ const MAX_STOCK: i64 = 1_000_000_000_000;
 /// The API's default `ALLOT_MAX_QUANTITY`.
 const MAX_QUANTITY: i64 = 10;
 
-fn no_worker() -> Options {
-    Options {
-        worker: false,
-        ..Options::default()
-    }
-}
-
 /// Sends `body` as is, with the given Content-Type (or none).
 async fn send_raw(
     app: &TestApp,
@@ -136,7 +129,7 @@ fn timestamp(value: &Value, field: &str) -> DateTime<Utc> {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn add_to_cart_accepts_a_valid_order_and_shows_it_pending(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let product_id = app.create_product("Widget", 5).await;
 
     let before = Utc::now();
@@ -202,7 +195,7 @@ async fn add_to_cart_accepts_a_valid_order_and_shows_it_pending(pool: sqlx::PgPo
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn add_to_cart_accepts_the_maximum_quantity(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     assert_eq!(
         app.api_config.max_quantity, MAX_QUANTITY,
         "the tests assume the default maximum"
@@ -222,7 +215,7 @@ async fn add_to_cart_accepts_the_maximum_quantity(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn add_to_cart_refuses_malformed_json_with_400(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     for body in [
         "",
@@ -240,7 +233,7 @@ async fn add_to_cart_refuses_malformed_json_with_400(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn add_to_cart_refuses_wrong_types_with_422(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     for field in ["user_id", "product_id", "quantity"] {
         for wrong in [
@@ -268,7 +261,7 @@ async fn add_to_cart_refuses_wrong_types_with_422(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn add_to_cart_refuses_missing_and_unknown_fields_with_422(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     for missing in ["user_id", "product_id", "quantity"] {
         let mut body = json!({"user_id": 1, "product_id": 1, "quantity": 1});
@@ -303,7 +296,7 @@ async fn add_to_cart_refuses_missing_and_unknown_fields_with_422(pool: sqlx::PgP
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn add_to_cart_refuses_zero_negative_and_huge_numbers_with_422(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     for field in ["user_id", "product_id", "quantity"] {
         for bad in [
@@ -343,7 +336,7 @@ async fn add_to_cart_refuses_zero_negative_and_huge_numbers_with_422(pool: sqlx:
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn add_to_cart_refuses_a_quantity_above_the_maximum_with_422(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     assert_eq!(
         app.api_config.max_quantity, MAX_QUANTITY,
         "the tests assume the default maximum"
@@ -369,7 +362,7 @@ async fn add_to_cart_refuses_a_quantity_above_the_maximum_with_422(pool: sqlx::P
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn add_to_cart_refuses_a_body_that_is_not_an_object_with_422(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     for body in [
         r#"[{"user_id": 1, "product_id": 1, "quantity": 1}]"#,
@@ -386,7 +379,7 @@ async fn add_to_cart_refuses_a_body_that_is_not_an_object_with_422(pool: sqlx::P
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn add_to_cart_refuses_a_body_not_declared_as_json_with_415(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let valid = r#"{"user_id": 1, "product_id": 1, "quantity": 1}"#;
 
     for content_type in [
@@ -423,7 +416,7 @@ async fn add_to_cart_refuses_a_body_not_declared_as_json_with_415(pool: sqlx::Pg
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn add_to_cart_refuses_an_oversized_body_with_413_and_keeps_serving(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     let body = json!({"user_id": 1, "product_id": 1, "quantity": 1, "name": "x".repeat(20 * 1024)})
         .to_string();
@@ -451,7 +444,7 @@ async fn add_to_cart_refuses_an_oversized_body_with_413_and_keeps_serving(pool: 
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn get_transaction_refuses_malformed_ids_with_400(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     for id in ["not-a-uuid", "123", "0191b3c4-8f2e-7000-8000-00000000000g"] {
         let response = app.get(&format!("/api/v1/transaction/{id}")).await;
@@ -469,7 +462,7 @@ async fn get_transaction_refuses_malformed_ids_with_400(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn get_transaction_answers_404_for_an_unknown_id(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     let unknown = TransactionId::new();
     let response = app.get(&format!("/api/v1/transaction/{unknown}")).await;
@@ -545,7 +538,7 @@ async fn get_transaction_answers_from_postgres_when_redis_lost_the_status(pool: 
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn create_product_requires_the_bearer_token(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let body = json!({"name": "Widget", "stock": 5});
 
     let wrong_token = format!("{ADMIN_TOKEN}x");
@@ -600,7 +593,7 @@ async fn create_product_requires_the_bearer_token(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn create_product_answers_201_with_the_product(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     let response = app
         .post_admin(PRODUCTS, &json!({"name": "Widget", "stock": 5}))
@@ -642,7 +635,7 @@ async fn create_product_answers_201_with_the_product(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn create_product_refuses_invalid_bodies_with_422(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     let bodies = [
         json!({"name": "", "stock": 5}),
@@ -691,7 +684,7 @@ async fn create_product_refuses_invalid_bodies_with_422(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn get_product_answers_200_404_or_400(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let id = app.create_product("Widget", 5).await;
 
     let response = app.get(&format!("{PRODUCTS}/{id}")).await;
@@ -721,7 +714,7 @@ async fn get_product_answers_200_404_or_400(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn list_products_is_empty_without_products(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     let response = app.get(PRODUCTS).await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -733,7 +726,7 @@ async fn list_products_is_empty_without_products(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn list_products_pages_through_every_product_once_in_id_order(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let mut expected = Vec::new();
     for n in 1..=5 {
         let name = format!("Product {n}");
@@ -783,7 +776,7 @@ async fn list_products_pages_through_every_product_once_in_id_order(pool: sqlx::
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn list_products_refuses_bad_query_parameters_with_400(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     app.create_product("Widget", 5).await;
 
     for query in [
@@ -819,7 +812,7 @@ async fn list_products_refuses_bad_query_parameters_with_400(pool: sqlx::PgPool)
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn restock_adds_to_the_stock(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let id = app.create_product("Widget", 5).await;
 
     let response = app
@@ -835,7 +828,7 @@ async fn restock_adds_to_the_stock(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn restock_requires_the_bearer_token(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let id = app.create_product("Widget", 5).await;
     let path = format!("{PRODUCTS}/{id}/restock");
 
@@ -864,7 +857,7 @@ async fn restock_requires_the_bearer_token(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn restock_of_an_unknown_or_malformed_product_is_refused(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let id = app.create_product("Widget", 5).await;
 
     let response = app
@@ -896,7 +889,7 @@ async fn restock_of_an_unknown_or_malformed_product_is_refused(pool: sqlx::PgPoo
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn restock_refuses_invalid_quantities_with_422(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let id = app.create_product("Widget", 5).await;
     let path = format!("{PRODUCTS}/{id}/restock");
 
@@ -931,7 +924,7 @@ async fn restock_refuses_invalid_quantities_with_422(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn restock_refuses_to_exceed_the_maximum_stock(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let id = app.create_product("Widget", MAX_STOCK - 5).await;
     let path = format!("{PRODUCTS}/{id}/restock");
 
@@ -980,7 +973,7 @@ async fn restock_refuses_to_exceed_the_maximum_stock(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn unknown_paths_answer_404_in_the_error_shape(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     for path in [
         "/",
@@ -1007,7 +1000,7 @@ async fn unknown_paths_answer_404_in_the_error_shape(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn wrong_methods_answer_405_in_the_error_shape(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let id = app.create_product("Widget", 5).await;
 
     let product = format!("{PRODUCTS}/{id}");
@@ -1051,7 +1044,7 @@ async fn wrong_methods_answer_405_in_the_error_shape(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn healthz_answers_ok(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     let response = app.get("/healthz").await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -1063,7 +1056,7 @@ async fn healthz_answers_ok(pool: sqlx::PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn readyz_answers_ready_with_every_check_ok(pool: sqlx::PgPool) {
-    let app = spawn_app(pool, no_worker()).await;
+    let app = spawn_app(pool, Options::without_worker()).await;
 
     let response = app.get("/readyz").await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -1095,9 +1088,8 @@ async fn a_full_partition_queue_refuses_orders_with_503_and_leaves_nothing_behin
     let app = spawn_app(
         pool,
         Options {
-            worker: false,
             queue_max_length: 2,
-            ..Options::default()
+            ..Options::without_worker()
         },
     )
     .await;

@@ -55,6 +55,16 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The API alone: accepted requests stay in their queues, countable.
+    pub fn without_worker() -> Self {
+        Self {
+            worker: false,
+            ..Self::default()
+        }
+    }
+}
+
 /// A running task and the sender that stops it.
 struct Running {
     stop: oneshot::Sender<()>,

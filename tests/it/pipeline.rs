@@ -177,14 +177,7 @@ async fn requests_for_an_unknown_product_are_rejected_and_recorded(pool: PgPool)
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn requests_accepted_while_no_worker_runs_are_decided_once_one_starts(pool: PgPool) {
-    let mut app = spawn_app(
-        pool,
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-    )
-    .await;
+    let mut app = spawn_app(pool, Options::without_worker()).await;
     let product = app.create_product("queued", 3).await;
     let ids = join_all((1..=6).map(|user| app.buy(user, product, 1))).await;
     assert_eq!(app.queue_depth(partition_of(product)).await, 6);
@@ -208,14 +201,7 @@ async fn requests_accepted_while_no_worker_runs_are_decided_once_one_starts(pool
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn a_batch_is_committed_all_or_nothing(pool: PgPool) {
-    let app = spawn_app(
-        pool,
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-    )
-    .await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let decider = app.decider(Arc::new(SystemClock), chrono_tz::UTC);
     let product = insert_product(&app.pool, 10).await;
     let partition = partition_of(product);
@@ -271,14 +257,7 @@ async fn a_batch_is_committed_all_or_nothing(pool: PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn a_redelivered_batch_is_replayed_not_decided_again(pool: PgPool) {
-    let app = spawn_app(
-        pool,
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-    )
-    .await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let decider = app.decider(Arc::new(SystemClock), chrono_tz::UTC);
     let product = insert_product(&app.pool, 2).await;
     let batch: Vec<PurchaseRequest> = (1..=3).map(|user| request(user, product, 1)).collect();
@@ -333,14 +312,7 @@ async fn a_message_published_twice_is_decided_once(pool: PgPool) {
 async fn two_deciders_on_one_partition_never_oversell_or_decide_twice(pool: PgPool) {
     // A split brain: several workers believe they own the partition and receive batches of
     // it at once. PostgreSQL, not RabbitMQ, must keep the promises.
-    let app = spawn_app(
-        pool,
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-    )
-    .await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     let product = insert_product(&app.pool, 10).await;
     let requests: Vec<PurchaseRequest> = (1..=45).map(|user| request(user, product, 1)).collect();
     let decider = || app.decider(Arc::new(SystemClock), chrono_tz::UTC);
@@ -457,14 +429,7 @@ async fn order_numbers_start_again_at_one_on_a_new_day(pool: PgPool) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn the_day_of_an_order_number_is_taken_in_the_configured_time_zone(pool: PgPool) {
-    let app = spawn_app(
-        pool,
-        Options {
-            worker: false,
-            ..Options::default()
-        },
-    )
-    .await;
+    let app = spawn_app(pool, Options::without_worker()).await;
     // 15:30 UTC on the 14th is already 00:30 on the 15th in Tokyo (UTC+9).
     let clock: Arc<dyn Clock> = Arc::new(clock_at("2026-03-14T15:30:00Z"));
     let tokyo = app.decider(clock.clone(), chrono_tz::Asia::Tokyo);
