@@ -36,9 +36,10 @@ pub enum RejectReason {
     OutOfStock,
     /// No product with that id exists.
     UnknownProduct,
-    /// The message reached the worker with values the API would never have accepted
-    /// (published by something else, or corrupted).
-    InvalidRequest,
+    /// The API answered 503 (the broker's confirm did not come) and withdrew the request before
+    /// any worker decided it. Nobody was told this transaction id; the record exists so that a
+    /// message the broker stored after all can never take stock.
+    NotAccepted,
 }
 
 impl RejectReason {
@@ -46,7 +47,7 @@ impl RejectReason {
         match self {
             RejectReason::OutOfStock => "out_of_stock",
             RejectReason::UnknownProduct => "unknown_product",
-            RejectReason::InvalidRequest => "invalid_request",
+            RejectReason::NotAccepted => "not_accepted",
         }
     }
 }
@@ -58,7 +59,7 @@ impl FromStr for RejectReason {
         match s {
             "out_of_stock" => Ok(RejectReason::OutOfStock),
             "unknown_product" => Ok(RejectReason::UnknownProduct),
-            "invalid_request" => Ok(RejectReason::InvalidRequest),
+            "not_accepted" => Ok(RejectReason::NotAccepted),
             other => Err(format!("unknown reject reason {other:?}")),
         }
     }
@@ -168,7 +169,7 @@ mod tests {
         for reason in [
             RejectReason::OutOfStock,
             RejectReason::UnknownProduct,
-            RejectReason::InvalidRequest,
+            RejectReason::NotAccepted,
         ] {
             assert_eq!(reason.as_str().parse::<RejectReason>(), Ok(reason));
             let json = serde_json::to_string(&reason).unwrap();

@@ -106,3 +106,49 @@ pub async fn fetch_one<'e>(
         .fetch_optional(executor)
         .await
 }
+
+/// Records `request` as rejected (`not_accepted`) unless it was decided already, and says which.
+///
+/// The API calls this when it answers 503 for a request whose publish may have reached the
+/// broker anyway (the confirm timed out or the connection dropped after sending). The primary
+/// key on the transaction id arbitrates between this and a worker deciding the same request:
+/// whichever row is committed first stands. If this one does, a worker that later receives the
+/// message finds a stored outcome and replays it, so the refused request can never take stock.
+/// If a worker was first, the request was taken after all.
+pub async fn withdraw<'e>(
+    executor: impl PgExecutor<'e>,
+    request: &crate::PurchaseRequest,
+    partition: crate::PartitionId,
+    at: DateTime<Utc>,
+) -> sqlx::Result<Withdrawal> {
+    let inserted = sqlx::query(
+        "INSERT INTO transactions (id, user_id, product_id, quantity, status, reason, partition, \
+                                   created_at, decided_at) \
+         VALUES ($1, $2, $3, $4, 'rejected', $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(request.transaction_id.0)
+    .bind(request.user_id.get())
+    .bind(request.product_id.get())
+    .bind(request.quantity.get())
+    .bind(crate::RejectReason::NotAccepted.as_str())
+    .bind(i32::from(partition.0))
+    .bind(request.created_at)
+    .bind(at)
+    .execute(executor)
+    .await?
+    .rows_affected();
+    Ok(if inserted == 1 {
+        Withdrawal::Withdrawn
+    } else {
+        Withdrawal::AlreadyDecided
+    })
+}
+
+/// What [`withdraw`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withdrawal {
+    /// The request is now recorded as not accepted; no worker will ever sell it.
+    Withdrawn,
+    /// A worker decided it first: the broker had stored it, so it was accepted after all.
+    AlreadyDecided,
+}

@@ -3,9 +3,15 @@
 //! to drive it and inspect the services behind it.
 
 use allot_api::{ApiConfig, AppState};
-use allot_shared::{Clock, ManualClock, PartitionId, SystemClock, TransactionId, status_store};
+use allot_shared::partition::partition_for;
+use allot_shared::{
+    Clock, ManualClock, PartitionId, ProductId, PurchaseRequest, Quantity, SystemClock,
+    TransactionId, UserId, status_store,
+};
 use allot_worker::WorkerConfig;
 use allot_worker::decider::Decider;
+use allot_worker::decider::Message;
+use chrono::Utc;
 use clap::Parser;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
@@ -43,6 +49,8 @@ pub struct Options {
     pub clock: Option<ManualClock>,
     /// Partition queue length limit.
     pub queue_max_length: i64,
+    /// How long the API waits for a publish confirm (milliseconds).
+    pub confirm_timeout_ms: u64,
 }
 
 impl Default for Options {
@@ -51,6 +59,7 @@ impl Default for Options {
             worker: true,
             clock: None,
             queue_max_length: 100_000,
+            confirm_timeout_ms: 3000,
         }
     }
 }
@@ -107,12 +116,12 @@ pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
     let mut api_config = ApiConfig::parse_from(["allot-api"]);
     api_config.common.amqp_url = amqp_url;
     api_config.common.redis_url = redis_url;
-    api_config.common.partitions = 4;
+    api_config.common.partitions = PARTITIONS;
     api_config.common.queue_prefix = unique.clone();
     api_config.common.redis_prefix = unique;
     api_config.common.queue_max_length = options.queue_max_length;
     api_config.admin_token = ADMIN_TOKEN.into();
-    api_config.confirm_timeout_ms = 3000;
+    api_config.confirm_timeout_ms = options.confirm_timeout_ms;
     let mut worker_config = WorkerConfig::parse_from(["allot-worker"]);
     worker_config.common = api_config.common.clone();
 
@@ -424,4 +433,69 @@ pub async fn assert_error(response: Response, status: StatusCode, code: &str) ->
 /// A manual clock at the given UTC time (`2026-11-22T23:59:59Z` style).
 pub fn clock_at(rfc3339: &str) -> ManualClock {
     ManualClock::new(rfc3339.parse().expect("an RFC 3339 time"))
+}
+
+// --- Requests and rows, for tests that drive the decider directly ------------------------------
+
+/// Partitions of every test deployment.
+pub const PARTITIONS: u16 = 4;
+
+pub fn today() -> String {
+    Utc::now().format("%Y%m%d").to_string()
+}
+
+pub fn partition_of(product_id: i64) -> PartitionId {
+    partition_for(ProductId::try_from(product_id).unwrap(), PARTITIONS)
+}
+
+pub fn request(user_id: i64, product_id: i64, quantity: i64) -> PurchaseRequest {
+    PurchaseRequest {
+        transaction_id: TransactionId::new(),
+        user_id: UserId::try_from(user_id).unwrap(),
+        product_id: ProductId::try_from(product_id).unwrap(),
+        quantity: Quantity::try_from(quantity).unwrap(),
+        created_at: SystemClock.now(),
+    }
+}
+
+/// Drives a batch through a decider directly, as the consumer loop would.
+pub async fn process(
+    decider: &Decider,
+    partition: PartitionId,
+    requests: &[PurchaseRequest],
+) -> anyhow::Result<allot_worker::persist::BatchOutcome> {
+    let bodies: Vec<Vec<u8>> = requests.iter().map(PurchaseRequest::to_json).collect();
+    let messages: Vec<Message<'_>> = bodies
+        .iter()
+        .map(|body| Message {
+            body,
+            message_id: None,
+        })
+        .collect();
+    decider.process_batch(partition, &messages).await
+}
+
+pub async fn insert_product(pool: &PgPool, stock: i64) -> i64 {
+    sqlx::query_scalar("INSERT INTO products (name, stock) VALUES ('direct', $1) RETURNING id")
+        .bind(stock)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+pub async fn stock_of(pool: &PgPool, product_id: i64) -> i64 {
+    sqlx::query_scalar("SELECT stock FROM products WHERE id = $1")
+        .bind(product_id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Today's order numbers (as `seq` values) of the given day, sorted.
+pub async fn order_seqs(pool: &PgPool, day: &str) -> Vec<i64> {
+    sqlx::query_scalar("SELECT order_seq FROM transactions WHERE to_char(order_day, 'YYYYMMDD') = $1 ORDER BY order_seq")
+        .bind(day)
+        .fetch_all(pool)
+        .await
+        .unwrap()
 }

@@ -10,3 +10,4 @@ mod helpers;
 
 mod api_contract;
 mod pipeline;
+mod unconfirmed;

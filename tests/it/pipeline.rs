@@ -4,13 +4,12 @@
 //!
 //! Promises are checked against PostgreSQL, not only through the HTTP answers.
 
-use crate::helpers::{Options, TestApp, clock_at, spawn_app, wait_for};
-use allot_shared::partition::partition_for;
-use allot_shared::{
-    Clock, ManualClock, PartitionId, ProductId, PurchaseRequest, Quantity, SystemClock,
-    TransactionId, UserId,
+use crate::helpers::{
+    Options, TestApp, clock_at, insert_product, order_seqs, partition_of, process, request,
+    spawn_app, stock_of, today, wait_for,
 };
-use allot_worker::decider::{Decider, Message};
+use allot_shared::{Clock, ManualClock, PartitionId, PurchaseRequest, SystemClock};
+use allot_worker::decider::Decider;
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use lapin::BasicProperties;
@@ -19,68 +18,6 @@ use serde_json::Value;
 use sqlx::PgPool;
 use std::collections::BTreeSet;
 use std::sync::Arc;
-
-const PARTITIONS: u16 = 4;
-
-fn today() -> String {
-    Utc::now().format("%Y%m%d").to_string()
-}
-
-fn partition_of(product_id: i64) -> PartitionId {
-    partition_for(ProductId::try_from(product_id).unwrap(), PARTITIONS)
-}
-
-fn request(user_id: i64, product_id: i64, quantity: i64) -> PurchaseRequest {
-    PurchaseRequest {
-        transaction_id: TransactionId::new(),
-        user_id: UserId::try_from(user_id).unwrap(),
-        product_id: ProductId::try_from(product_id).unwrap(),
-        quantity: Quantity::try_from(quantity).unwrap(),
-        created_at: Utc::now(),
-    }
-}
-
-/// Drives a batch through a decider directly, as the consumer loop would.
-async fn process(
-    decider: &Decider,
-    partition: PartitionId,
-    requests: &[PurchaseRequest],
-) -> anyhow::Result<allot_worker::persist::BatchOutcome> {
-    let bodies: Vec<Vec<u8>> = requests.iter().map(PurchaseRequest::to_json).collect();
-    let messages: Vec<Message<'_>> = bodies
-        .iter()
-        .map(|body| Message {
-            body,
-            message_id: None,
-        })
-        .collect();
-    decider.process_batch(partition, &messages).await
-}
-
-async fn insert_product(pool: &PgPool, stock: i64) -> i64 {
-    sqlx::query_scalar("INSERT INTO products (name, stock) VALUES ('direct', $1) RETURNING id")
-        .bind(stock)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
-async fn stock_of(pool: &PgPool, product_id: i64) -> i64 {
-    sqlx::query_scalar("SELECT stock FROM products WHERE id = $1")
-        .bind(product_id)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
-/// Today's order numbers (as `seq` values) of the given day, sorted.
-async fn order_seqs(pool: &PgPool, day: &str) -> Vec<i64> {
-    sqlx::query_scalar("SELECT order_seq FROM transactions WHERE to_char(order_day, 'YYYYMMDD') = $1 ORDER BY order_seq")
-        .bind(day)
-        .fetch_all(pool)
-        .await
-        .unwrap()
-}
 
 /// Publishes a raw message to a partition queue, confirmed, as a misbehaving publisher would.
 async fn publish_raw(app: &TestApp, partition: PartitionId, body: &[u8]) {

@@ -4,7 +4,8 @@ use crate::error::ApiError;
 use crate::extract::{self, AppJson};
 use crate::publisher::PublishError;
 use crate::state::AppState;
-use allot_shared::{Clock, SystemClock, stored};
+use allot_shared::stored::{self, Withdrawal};
+use allot_shared::{Clock, SystemClock};
 use allot_shared::{
     ProductId, PurchaseRequest, Quantity, Status, TransactionId, TransactionView, UserId,
 };
@@ -32,7 +33,10 @@ pub struct Accepted {
 
 /// Validates, records the transaction as pending, publishes it and waits for the broker's
 /// confirm; only then answers 202. If the request cannot be confirmed it is not accepted:
-/// 503 with `Retry-After`, and its pending record is removed.
+/// 503 with `Retry-After`, and its pending record is removed. If the broker may have stored it
+/// anyway (no confirm in time, or the connection dropped after sending), the request is also
+/// withdrawn in PostgreSQL so that no worker can sell it, unless a worker already did, in which
+/// case it was accepted after all and is answered 202.
 #[tracing::instrument(skip_all, fields(product_id = %body.product_id, transaction_id))]
 pub async fn add_to_cart(
     State(state): State<AppState>,
@@ -68,8 +72,14 @@ pub async fn add_to_cart(
             )
         })?;
     if let Err(err) = state.publisher.publish(&request).await {
-        state.statuses.forget(request.transaction_id).await;
-        return Err(publish_error(err));
+        if err.is_ambiguous()
+            && withdraw(&state, &request).await == Some(Withdrawal::AlreadyDecided)
+        {
+            tracing::info!("unconfirmed publish was stored and decided after all: accepted");
+        } else {
+            state.statuses.forget(request.transaction_id).await;
+            return Err(publish_error(err));
+        }
     }
 
     let location = format!("/api/v1/transaction/{}", request.transaction_id);
@@ -84,6 +94,20 @@ pub async fn add_to_cart(
     ))
 }
 
+/// Withdraws a request whose publish may have reached the broker unconfirmed (see
+/// [`stored::withdraw`]). `None` if the database could not be asked: the 503 then stays
+/// ambiguous, the one case where a refused request may still be decided.
+async fn withdraw(state: &AppState, request: &PurchaseRequest) -> Option<Withdrawal> {
+    let partition = state.publisher.partition_of(request.product_id);
+    match stored::withdraw(&state.pool, request, partition, SystemClock.now()).await {
+        Ok(withdrawal) => Some(withdrawal),
+        Err(err) => {
+            tracing::error!(error = %err, "could not withdraw an unconfirmed request; it may still be decided");
+            None
+        }
+    }
+}
+
 fn publish_error(err: PublishError) -> ApiError {
     tracing::warn!(error = %err, "refusing a request: the broker did not confirm it");
     match err {
@@ -91,10 +115,12 @@ fn publish_error(err: PublishError) -> ApiError {
             "too many pending orders for this product's partition; the request was not accepted, try again",
             1,
         ),
-        PublishError::Timeout | PublishError::Broker(_) => ApiError::unavailable(
-            "the order queue is unavailable; the request was not accepted, try again",
-            2,
-        ),
+        PublishError::Timeout | PublishError::Unreachable(_) | PublishError::ConfirmLost(_) => {
+            ApiError::unavailable(
+                "the order queue is unavailable; the request was not accepted, try again",
+                2,
+            )
+        }
         PublishError::Unroutable(queue) => {
             ApiError::Internal(anyhow::anyhow!("queue {queue} does not exist"))
         }
