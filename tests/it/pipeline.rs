@@ -47,6 +47,26 @@ async fn publish_raw(app: &TestApp, partition: PartitionId, body: &[u8]) {
     let _ = connection.close(200, "done".into()).await;
 }
 
+/// Makes the database refuse to store any outcome of user 666, as a failing disk or a broken
+/// constraint would: every batch containing one fails and rolls back.
+async fn refuse_outcomes_of_user_666(pool: &PgPool) {
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_666() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.user_id = 666 THEN RAISE EXCEPTION 'refused for the test'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_666 BEFORE INSERT ON transactions FOR EACH ROW EXECUTE FUNCTION refuse_666();",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn accept_outcomes_of_user_666(pool: &PgPool) {
+    sqlx::raw_sql("DROP TRIGGER refuse_666 ON transactions")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 fn order_number_of(view: &Value) -> String {
     view["order_number"]
         .as_str()
@@ -148,14 +168,7 @@ async fn a_batch_is_committed_all_or_nothing(pool: PgPool) {
         .collect();
 
     // Make the database refuse the batch's third row, as a crash or a constraint would.
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_666() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN IF NEW.user_id = 666 THEN RAISE EXCEPTION 'refused for the test'; END IF; RETURN NEW; END $$; \
-         CREATE TRIGGER refuse_666 BEFORE INSERT ON transactions FOR EACH ROW EXECUTE FUNCTION refuse_666();",
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    refuse_outcomes_of_user_666(&app.pool).await;
     let err = process(&decider, partition, &batch)
         .await
         .expect_err("the batch fails");
@@ -177,10 +190,7 @@ async fn a_batch_is_committed_all_or_nothing(pool: PgPool) {
     assert_eq!(app.redis_key_count().await, 0, "no status published");
 
     // Once the cause is gone the same batch goes through, exactly once.
-    sqlx::raw_sql("DROP TRIGGER refuse_666 ON transactions")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    accept_outcomes_of_user_666(&app.pool).await;
     let outcome = process(&decider, partition, &batch).await.unwrap();
     assert_eq!(
         (outcome.succeeded, outcome.rejected, outcome.replayed),
@@ -189,6 +199,36 @@ async fn a_batch_is_committed_all_or_nothing(pool: PgPool) {
     assert_eq!(stock_of(&app.pool, product).await, 5);
     assert_eq!(order_seqs(&app.pool, &today()).await, vec![1, 2, 3, 4, 5]);
     assert_eq!(app.redis_key_count().await, 5);
+    app.shutdown().await;
+}
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn a_batch_that_cannot_commit_stays_unacked_and_is_redelivered(pool: PgPool) {
+    let mut app = spawn_app(pool, Options::default()).await;
+    let product = app.create_product("redelivered", 3).await;
+    refuse_outcomes_of_user_666(&app.pool).await;
+    let id = app.buy(666, product, 1).await;
+    // The worker keeps retrying the batch; it must not ack it. Wait until it has tried.
+    wait_for("the worker to receive the message", || async {
+        (app.queue_depth(partition_of(product)).await == 0).then_some(())
+    })
+    .await;
+    app.stop_worker().await;
+    // With the worker's channel closed, RabbitMQ puts the unacked message back.
+    wait_for("the unacked message to return to its queue", || async {
+        (app.queue_depth(partition_of(product)).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(app.transaction(id).await["status"], "pending");
+    assert_eq!(app.count("SELECT count(*) FROM transactions").await, 0);
+
+    accept_outcomes_of_user_666(&app.pool).await;
+    app.start_worker(Arc::new(SystemClock));
+    let view = app.wait_final(id).await;
+    assert_eq!(view["status"], "succeeded");
+    assert_eq!(order_number_of(&view), format!("{}-00001", today()));
+    assert_eq!(app.product_stock(product).await, 2);
+    assert_eq!(app.count("SELECT count(*) FROM transactions").await, 1);
     app.shutdown().await;
 }
 
