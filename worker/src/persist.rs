@@ -12,7 +12,7 @@
 use crate::core::{self, Decided, PartitionState};
 use allot_shared::stored::{self, StoredTransaction};
 use allot_shared::{
-    Outcome, PartitionId, ProductId, PurchaseRequest, TransactionId, TransactionView,
+    Outcome, PartitionId, ProductId, PurchaseRequest, Status, TransactionId, TransactionView,
 };
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -227,13 +227,13 @@ impl TransactionColumns {
         self.created_at.push(request.created_at);
         match outcome {
             Outcome::Succeeded(number) => {
-                self.statuses.push("succeeded");
+                self.statuses.push(Status::Succeeded.as_str());
                 self.reasons.push(None);
                 self.order_days.push(Some(number.day));
                 self.order_seqs.push(Some(number.seq));
             }
             Outcome::Rejected(reason) => {
-                self.statuses.push("rejected");
+                self.statuses.push(Status::Rejected.as_str());
                 self.reasons.push(Some(reason.as_str()));
                 self.order_days.push(None);
                 self.order_seqs.push(None);
