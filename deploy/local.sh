@@ -9,35 +9,47 @@
 #
 # Everything lives under $ROOT/.allot/ (ignored by git): data, logs, pid files. The services are
 # private instances on loopback ports of their own, so they never touch a system-wide server.
+#
+# Two variables let several independent copies run side by side on one machine (the chaos test
+# uses this to own services it can stop and kill):
+#   ALLOT_LOCAL_STATE        state folder (default $ROOT/.allot)
+#   ALLOT_LOCAL_PORT_OFFSET  added to every port below (default 0); a non-zero offset also gives
+#                            the RabbitMQ node its own name
 # Processes are found through our own pid files only; nothing is ever killed by name.
 # Must run as root (it starts the servers as the postgres, redis and rabbitmq users).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-STATE=$ROOT/.allot
+STATE=${ALLOT_LOCAL_STATE:-$ROOT/.allot}
+OFFSET=${ALLOT_LOCAL_PORT_OFFSET:-0}
+[[ $OFFSET =~ ^[0-9]+$ ]] && ((OFFSET < 9000)) || {
+  echo "error: ALLOT_LOCAL_PORT_OFFSET must be a number below 9000" >&2
+  exit 2
+}
 RUN_DIR=$STATE/run   # pid files of the processes this script starts itself
 LOG_DIR=$STATE/logs  # logs of allot's processes and of the start commands
 
 PG_BIN=/usr/lib/postgresql/15/bin
-PG_PORT=55432
+PG_PORT=$((55432 + OFFSET))
 PG_DIR=$STATE/pg     # owned by postgres: data/, postgres.log and the unix socket
 PG_DATA=$PG_DIR/data
 PG_LOG=$PG_DIR/postgres.log
 
-REDIS_PORT=56379
+REDIS_PORT=$((56379 + OFFSET))
 REDIS_DIR=$STATE/redis  # owned by redis: append-only files, redis.pid, redis.log
 REDIS_PID_FILE=$REDIS_DIR/redis.pid
 
 RMQ_NODE=allot@localhost
-RMQ_PORT=55672       # AMQP
-RMQ_DIST_PORT=55673  # Erlang distribution (the default, AMQP port + 20000, is not a valid port)
-RMQ_EPMD_PORT=55674  # our own epmd, so that `down` can stop it without touching anybody else's
+((OFFSET == 0)) || RMQ_NODE=allot-$OFFSET@localhost
+RMQ_PORT=$((55672 + OFFSET))       # AMQP
+RMQ_DIST_PORT=$((55673 + OFFSET))  # Erlang distribution (the default, AMQP port + 20000, is not a valid port)
+RMQ_EPMD_PORT=$((55674 + OFFSET))  # our own epmd, so that `down` can stop it without touching anybody else's
 RMQ_DIR=$STATE/rabbitmq  # owned by rabbitmq: mnesia/, log/, config files, rabbitmq.pid
 RMQ_PID_FILE=$RMQ_DIR/rabbitmq.pid
 EPMD_PID_FILE=$RUN_DIR/epmd.pid
 
-API_ADDR=127.0.0.1:8080
-FUNCTIONAL_ADDR=127.0.0.1:18080
+API_ADDR=127.0.0.1:$((8080 + OFFSET))
+FUNCTIONAL_ADDR=127.0.0.1:$((18080 + OFFSET))
 ADMIN_TOKEN_FILE=$STATE/admin-token
 
 # The environment every RabbitMQ command (server and CLI) gets, so that they all talk to the
@@ -714,6 +726,20 @@ cmd_status() {
   status_line functional-worker "$(app_pid functional-worker || true)" ""
 }
 
+# `deploy/local.sh env`: the variables that point allot and its tests at this copy's services,
+# as shell assignments (`eval "$(deploy/local.sh env)"`).
+cmd_env() {
+  cat <<EOF
+export ALLOT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/allot
+export ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/%2f
+export ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
+export ALLOT_HTTP_ADDR=$API_ADDR
+export DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
+export ALLOT_TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-test
+export ALLOT_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/2
+EOF
+}
+
 # `deploy/local.sh rabbitmqctl ARGS...`: rabbitmqctl against the private node.
 cmd_rabbitmqctl() {
   require_root
@@ -736,6 +762,7 @@ usage: deploy/local.sh COMMAND
             fresh allot on http://$FUNCTIONAL_ADDR; the services stay up afterwards, except
             with CI=true
   status    show what runs
+  env       print the URLs of these services as shell exports (for cargo test by hand)
   rabbitmqctl ARGS...
             rabbitmqctl against the private node (e.g. list_queues -p allot-test name type)
   down      stop everything this script started (apps, then services)
@@ -754,6 +781,7 @@ main() {
     test) cmd_test ;;
     down) cmd_down ;;
     status) cmd_status ;;
+    env) cmd_env ;;
     rabbitmqctl) cmd_rabbitmqctl "$@" ;;
     help | -h | --help) usage ;;
     *)
