@@ -24,6 +24,10 @@ pub enum PublishError {
     /// No route to the partition queue (it does not exist): a deployment error.
     #[error("the message could not be routed to queue {0}")]
     Unroutable(String),
+    /// The publish channel is not connected (the broker is down, or lapin is still recovering
+    /// the connection): refused at once, nothing was sent.
+    #[error("the broker connection is down")]
+    Disconnected,
     /// The publish could not even be sent: the connection or channel is down (for example
     /// while the broker restarts). Nothing reached the broker.
     #[error("the broker is unreachable: {0}")]
@@ -77,6 +81,11 @@ impl Publisher {
     /// Publishes `request` as a persistent message to its partition's queue and waits for the
     /// broker's confirm.
     pub async fn publish(&self, request: &PurchaseRequest) -> Result<(), PublishError> {
+        if !self.channel.status().connected() {
+            // Without this, a publish during a recovery could wait for the confirm timeout:
+            // a down broker must cost a client milliseconds, not seconds.
+            return Err(PublishError::Disconnected);
+        }
         let queue = self.topology.queue(self.partition_of(request.product_id));
         let properties = BasicProperties::default()
             .with_delivery_mode(2) // persistent

@@ -40,6 +40,10 @@ pub enum RejectReason {
     /// any worker decided it. Nobody was told this transaction id; the record exists so that a
     /// message the broker stored after all can never take stock.
     NotAccepted,
+    /// The worker could not decide the message however often it tried (a deterministic
+    /// failure, such as a row the database refuses to write); it was set aside in
+    /// `dead_letters` with the error, so that its partition keeps moving.
+    Unprocessable,
 }
 
 impl RejectReason {
@@ -48,6 +52,7 @@ impl RejectReason {
             RejectReason::OutOfStock => "out_of_stock",
             RejectReason::UnknownProduct => "unknown_product",
             RejectReason::NotAccepted => "not_accepted",
+            RejectReason::Unprocessable => "unprocessable",
         }
     }
 }
@@ -60,6 +65,7 @@ impl FromStr for RejectReason {
             "out_of_stock" => Ok(RejectReason::OutOfStock),
             "unknown_product" => Ok(RejectReason::UnknownProduct),
             "not_accepted" => Ok(RejectReason::NotAccepted),
+            "unprocessable" => Ok(RejectReason::Unprocessable),
             other => Err(format!("unknown reject reason {other:?}")),
         }
     }
@@ -170,6 +176,7 @@ mod tests {
             RejectReason::OutOfStock,
             RejectReason::UnknownProduct,
             RejectReason::NotAccepted,
+            RejectReason::Unprocessable,
         ] {
             assert_eq!(reason.as_str().parse::<RejectReason>(), Ok(reason));
             let json = serde_json::to_string(&reason).unwrap();

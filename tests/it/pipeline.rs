@@ -47,12 +47,14 @@ async fn publish_raw(app: &TestApp, partition: PartitionId, body: &[u8]) {
     let _ = connection.close(200, "done".into()).await;
 }
 
-/// Makes the database refuse to store any outcome of user 666, as a failing disk or a broken
-/// constraint would: every batch containing one fails and rolls back.
+/// Makes the database fail every batch that stores an outcome of user 666 with a transient
+/// error (a serialization failure, as a busy or restarting server gives): every such batch
+/// rolls back and is retried, never set aside.
 async fn refuse_outcomes_of_user_666(pool: &PgPool) {
     sqlx::raw_sql(
         "CREATE FUNCTION refuse_666() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN IF NEW.user_id = 666 THEN RAISE EXCEPTION 'refused for the test'; END IF; RETURN NEW; END $$; \
+         BEGIN IF NEW.user_id = 666 THEN RAISE EXCEPTION 'refused for the test' \
+         USING ERRCODE = 'serialization_failure'; END IF; RETURN NEW; END $$; \
          CREATE TRIGGER refuse_666 BEFORE INSERT ON transactions FOR EACH ROW EXECUTE FUNCTION refuse_666();",
     )
     .execute(pool)

@@ -5,6 +5,7 @@
 //! crash) is simply processed again: what was committed is found and replayed.
 
 use crate::persist::{self, BatchOutcome, DeadLetter};
+use crate::poison::{self, Failure};
 use allot_shared::clock::to_stored_precision;
 use allot_shared::status_store::transaction_key;
 use allot_shared::{Clock, PartitionId, PurchaseRequest, TransactionView};
@@ -71,13 +72,94 @@ impl Decider {
         )
         .await
         .with_context(|| format!("failed to commit batch for partition {partition}"))?;
-        self.publish_statuses(&committed.views)
-            .await
-            .with_context(|| {
-                format!("failed to publish statuses of partition {partition} to Redis")
-            })?;
+        let mut views = committed.views;
+        views.extend(
+            self.reject_salvaged(partition, &dead_letters, decided_at)
+                .await?,
+        );
+        self.publish_statuses(&views).await.with_context(|| {
+            format!("failed to publish statuses of partition {partition} to Redis")
+        })?;
         tracing::debug!(outcome = ?committed.outcome, "batch decided");
         Ok(committed.outcome)
+    }
+
+    /// Records as rejected (`unprocessable`) the transactions named by unparseable messages
+    /// whose id, user, product and quantity can still be read (see [`poison::salvage`]).
+    async fn reject_salvaged(
+        &self,
+        partition: PartitionId,
+        dead_letters: &[DeadLetter],
+        decided_at: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<Vec<TransactionView>> {
+        let salvaged: Vec<PurchaseRequest> = dead_letters
+            .iter()
+            .filter_map(|letter| {
+                poison::salvage(&letter.body, letter.message_id.as_deref(), decided_at)
+            })
+            .collect();
+        if salvaged.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .context("failed to acquire a connection")?;
+        let mut views = Vec::with_capacity(salvaged.len());
+        for request in &salvaged {
+            let row =
+                poison::reject_unprocessable(&mut conn, partition, request, decided_at).await?;
+            views.push(row.to_view()?);
+        }
+        Ok(views)
+    }
+
+    /// Sets a message that keeps failing aside: a dead letter with `reason`, and its
+    /// transaction, if it names one, rejected as `unprocessable`, its status published. If the
+    /// database refuses even that rejection, the dead letter is recorded alone (and the error
+    /// logged): the partition must move on.
+    #[tracing::instrument(skip_all, fields(partition = %partition, message_id = ?message.message_id), err(Debug))]
+    pub async fn set_aside(
+        &self,
+        partition: PartitionId,
+        message: Message<'_>,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        let decided_at = self.clock.now();
+        let request = PurchaseRequest::from_json(message.body)
+            .ok()
+            .map(|mut request| {
+                request.created_at = to_stored_precision(request.created_at);
+                request
+            })
+            .or_else(|| poison::salvage(message.body, message.message_id, decided_at));
+        let letter = DeadLetter {
+            message_id: message.message_id.map(str::to_owned),
+            body: message.body.to_vec(),
+            error: reason.to_owned(),
+        };
+        tracing::error!(transaction_id = ?request.as_ref().map(|r| r.transaction_id), %reason, "setting aside a message that keeps failing");
+        let stored = match poison::record_set_aside(
+            &self.pool,
+            partition,
+            &letter,
+            request.as_ref(),
+            decided_at,
+        )
+        .await
+        {
+            Ok(stored) => stored,
+            Err(err) if request.is_some() && poison::classify(&err) == Failure::Deterministic => {
+                tracing::error!(error = ?err, "the database refuses even the rejection; recording the dead letter alone, the transaction stays undecided");
+                poison::record_set_aside(&self.pool, partition, &letter, None, decided_at).await?
+            }
+            Err(err) => return Err(err),
+        };
+        if let Some(row) = stored {
+            self.publish_statuses(&[row.to_view()?]).await?;
+        }
+        Ok(())
     }
 
     /// Overwrites each transaction's status in Redis with its final one, in one pipeline.

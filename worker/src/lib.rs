@@ -10,6 +10,7 @@ pub mod consumer;
 pub mod core;
 pub mod decider;
 pub mod persist;
+pub mod poison;
 
 use crate::consumer::{BatchSettings, consume_partition};
 use crate::decider::Decider;

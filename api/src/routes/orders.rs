@@ -115,7 +115,10 @@ fn publish_error(err: PublishError) -> ApiError {
             "too many pending orders for this product's partition; the request was not accepted, try again",
             1,
         ),
-        PublishError::Timeout | PublishError::Unreachable(_) | PublishError::ConfirmLost(_) => {
+        PublishError::Timeout
+        | PublishError::Disconnected
+        | PublishError::Unreachable(_)
+        | PublishError::ConfirmLost(_) => {
             ApiError::unavailable(
                 "the order queue is unavailable; the request was not accepted, try again",
                 2,

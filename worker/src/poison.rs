@@ -1,0 +1,184 @@
+//! Poison messages: telling a failure that passes by itself (PostgreSQL restarting, a dropped
+//! connection, a pool timeout, Redis away) from one that comes back every time (a row the
+//! database refuses to write), and setting aside a message that keeps failing, so that its
+//! partition moves on.
+//!
+//! A transient failure is retried forever: dead-lettering because PostgreSQL is down would turn
+//! an outage into lost sales. Only a failure the database itself reports as being about the
+//! data (SQLSTATE classes 22, 23 and P0) or a stored row that cannot be read counts as
+//! deterministic; everything else is assumed to pass.
+
+use crate::persist::DeadLetter;
+use allot_shared::clock::to_stored_precision;
+use allot_shared::stored::{self, StoredTransaction};
+use allot_shared::{PartitionId, ProductId, PurchaseRequest, Quantity, TransactionId, UserId};
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+/// Whether retrying can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Connection, I/O, pool, server shutdown, serialization or Redis trouble: retry.
+    Transient,
+    /// The same input fails the same way every time.
+    Deterministic,
+}
+
+/// Classifies the error of a failed batch by the first database or Redis error in its chain.
+/// An error with neither (a stored row that does not convert, a value that does not serialise)
+/// comes from the data, so it is deterministic.
+pub fn classify(err: &anyhow::Error) -> Failure {
+    for cause in err.chain() {
+        if let Some(db) = cause.downcast_ref::<sqlx::Error>() {
+            return classify_sqlx(db);
+        }
+        if cause.downcast_ref::<redis::RedisError>().is_some() {
+            return Failure::Transient;
+        }
+    }
+    Failure::Deterministic
+}
+
+fn classify_sqlx(err: &sqlx::Error) -> Failure {
+    match err {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // 22 data exception, 23 integrity constraint violation, P0 raised by PL/pgSQL.
+            if ["22", "23", "P0"]
+                .iter()
+                .any(|class| code.starts_with(class))
+            {
+                Failure::Deterministic
+            } else {
+                Failure::Transient
+            }
+        }
+        sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => Failure::Deterministic,
+        _ => Failure::Transient,
+    }
+}
+
+/// What can be recovered from a message that is not a valid [`PurchaseRequest`]: enough to
+/// record its transaction as rejected (an id, and a user, product and quantity the schema
+/// accepts). `None` if any of them is missing; such a message never came from allot's API,
+/// which publishes only what it validated, so no client holds its id.
+pub fn salvage(
+    body: &[u8],
+    message_id: Option<&str>,
+    now: DateTime<Utc>,
+) -> Option<PurchaseRequest> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let id = value
+        .get("transaction_id")
+        .and_then(|v| v.as_str())
+        .or(message_id)?;
+    let positive = |field: &str| value.get(field).and_then(serde_json::Value::as_i64);
+    let created_at = value
+        .get("created_at")
+        .and_then(|v| serde_json::from_value::<DateTime<Utc>>(v.clone()).ok())
+        .unwrap_or(now);
+    Some(PurchaseRequest {
+        transaction_id: TransactionId(id.parse().ok()?),
+        user_id: UserId::try_from(positive("user_id")?).ok()?,
+        product_id: ProductId::try_from(positive("product_id")?).ok()?,
+        quantity: Quantity::try_from(positive("quantity")?).ok()?,
+        created_at: to_stored_precision(created_at),
+    })
+}
+
+/// Sets a message aside in one database transaction: its dead letter with the reason, and, if
+/// it names a transaction, that transaction as rejected (`unprocessable`) unless it was decided
+/// already. Returns the transaction's stored row, to publish its status.
+pub async fn record_set_aside(
+    pool: &PgPool,
+    partition: PartitionId,
+    letter: &DeadLetter,
+    request: Option<&PurchaseRequest>,
+    decided_at: DateTime<Utc>,
+) -> anyhow::Result<Option<StoredTransaction>> {
+    let mut tx = pool.begin().await.context("failed to begin")?;
+    sqlx::query(
+        "INSERT INTO dead_letters (partition, message_id, body, error) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(i32::from(partition.0))
+    .bind(&letter.message_id)
+    .bind(&letter.body)
+    .bind(&letter.error)
+    .execute(&mut *tx)
+    .await
+    .context("failed to record a dead letter")?;
+    let stored = match request {
+        Some(request) => Some(reject_unprocessable(&mut tx, partition, request, decided_at).await?),
+        None => None,
+    };
+    tx.commit().await.context("failed to commit")?;
+    Ok(stored)
+}
+
+/// Records `request` as rejected (`unprocessable`) unless it was decided already; returns the
+/// row that stands.
+pub async fn reject_unprocessable(
+    conn: &mut sqlx::PgConnection,
+    partition: PartitionId,
+    request: &PurchaseRequest,
+    decided_at: DateTime<Utc>,
+) -> anyhow::Result<StoredTransaction> {
+    sqlx::query(
+        "INSERT INTO transactions (id, user_id, product_id, quantity, status, reason, partition, \
+                                   created_at, decided_at) \
+         VALUES ($1, $2, $3, $4, 'rejected', $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(request.transaction_id.0)
+    .bind(request.user_id.get())
+    .bind(request.product_id.get())
+    .bind(request.quantity.get())
+    .bind(allot_shared::RejectReason::Unprocessable.as_str())
+    .bind(i32::from(partition.0))
+    .bind(request.created_at)
+    .bind(decided_at)
+    .execute(&mut *conn)
+    .await
+    .context("failed to record an unprocessable transaction as rejected")?;
+    stored::fetch_one(&mut *conn, request.transaction_id)
+        .await
+        .context("failed to read back an unprocessable transaction")?
+        .context("an unprocessable transaction vanished")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn salvage_needs_an_id_and_valid_fields() {
+        let now = Utc::now();
+        let id = "01a20115-940a-7103-84d0-01f4c76444b1";
+        let body =
+            format!(r#"{{"transaction_id":"{id}","user_id":1,"product_id":2,"quantity":3}}"#);
+        let request = salvage(body.as_bytes(), None, now).expect("salvageable");
+        assert_eq!(request.transaction_id.to_string(), id);
+        assert_eq!(request.quantity.get(), 3);
+        // The id may come from the AMQP message_id.
+        let body = br#"{"user_id":1,"product_id":2,"quantity":3,"created_at":"yesterday"}"#;
+        assert!(salvage(body, Some(id), now).is_some());
+        assert!(salvage(body, None, now).is_none(), "no id at all");
+        let zero =
+            format!(r#"{{"transaction_id":"{id}","user_id":1,"product_id":2,"quantity":0}}"#);
+        assert!(
+            salvage(zero.as_bytes(), None, now).is_none(),
+            "the schema refuses 0"
+        );
+        assert!(salvage(b"{not json", Some(id), now).is_none());
+    }
+
+    #[test]
+    fn errors_without_a_database_or_redis_cause_are_deterministic() {
+        let err = anyhow::anyhow!("a stored row is inconsistent");
+        assert_eq!(classify(&err), Failure::Deterministic);
+        let err = anyhow::Error::new(sqlx::Error::PoolTimedOut).context("failed to begin");
+        assert_eq!(classify(&err), Failure::Transient);
+        let err = anyhow::Error::new(sqlx::Error::Io(std::io::Error::other("reset")));
+        assert_eq!(classify(&err), Failure::Transient);
+    }
+}
