@@ -6,6 +6,8 @@
 #   deploy/local.sh test       services + fmt + clippy + tests + functional test on a fresh system
 #   deploy/local.sh status     show what runs
 #   deploy/local.sh down       stop everything this script started
+#   deploy/local.sh start-service|stop-service|kill-service postgres|redis|rabbitmq
+#                              one service, for fault injection (the chaos test)
 #
 # Everything lives under $ROOT/.allot/ (ignored by git): data, logs, pid files. The services are
 # private instances on loopback ports of their own, so they never touch a system-wide server.
@@ -471,7 +473,9 @@ recreate_vhost() {
 # allot's own processes (allot-api, allot-worker), one pid file each in .allot/run
 # ---------------------------------------------------------------------------------------------
 
-APPS=(api worker functional-api functional-worker)
+# chaos-*: the processes the chaos test spawns itself (it writes their pid files), so that
+# `down` on the chaos copy stops them even if the chaos test died.
+APPS=(api worker functional-api functional-worker chaos-api chaos-a-worker chaos-b-worker)
 
 app_pid_file() { printf '%s\n' "$RUN_DIR/$1.pid"; }
 
@@ -747,6 +751,72 @@ cmd_rabbitmqctl() {
   rmqctl "$@"
 }
 
+# The pid of service $1 (postgres|redis|rabbitmq), if it runs.
+service_pid() {
+  case $1 in
+    postgres) pg_pid ;;
+    redis) redis_pid ;;
+    rabbitmq) rmq_pid ;;
+    *) die "unknown service $1 (postgres, redis or rabbitmq)" ;;
+  esac
+}
+
+service_comm() {
+  case $1 in
+    postgres) printf 'postgres\n' ;;
+    redis) printf 'redis-server\n' ;;
+    rabbitmq) printf 'beam.smp\n' ;;
+  esac
+}
+
+# `start-service|stop-service|kill-service NAME`: one service of this copy, for fault injection
+# (the chaos test). kill-service sends SIGKILL to the server's main process, by its pid file,
+# and waits until it is gone; for RabbitMQ the private epmd stays up.
+cmd_start_service() {
+  require_root
+  make_state_dirs
+  case ${1:-} in
+    postgres) start_postgres ;;
+    redis) start_redis ;;
+    rabbitmq) start_rabbitmq ;;
+    *) die "usage: deploy/local.sh start-service postgres|redis|rabbitmq" ;;
+  esac
+}
+
+cmd_stop_service() {
+  require_root
+  case ${1:-} in
+    postgres) stop_postgres ;;
+    redis) stop_redis ;;
+    rabbitmq)
+      local pid
+      if pid=$(rmq_pid); then
+        log "stopping RabbitMQ (pid $pid)"
+        rmqctl -q stop "$RMQ_PID_FILE" >/dev/null 2>&1 || true
+        stop_pid "$pid" beam.smp 30
+      fi
+      ;;
+    *) die "usage: deploy/local.sh stop-service postgres|redis|rabbitmq" ;;
+  esac
+}
+
+cmd_kill_service() {
+  require_root
+  local name=${1:-} pid comm
+  [[ -n $name ]] || die "usage: deploy/local.sh kill-service postgres|redis|rabbitmq"
+  pid=$(service_pid "$name") || die "$name is not running"
+  comm=$(service_comm "$name")
+  log "killing $name (pid $pid) with SIGKILL"
+  kill -KILL "$pid"
+  wait_until 30 pid_gone "$pid" "$comm" || die "$name (pid $pid) did not die"
+  if [[ $name == postgres ]]; then
+    # The postmaster's children notice its death and exit by themselves; wait for the port.
+    wait_until 30 pg_gone || die "PostgreSQL still answers after SIGKILL"
+  fi
+}
+
+pg_gone() { ! port_open "$PG_PORT"; }
+
 usage() {
   cat <<EOF
 usage: deploy/local.sh COMMAND
@@ -763,6 +833,8 @@ usage: deploy/local.sh COMMAND
             with CI=true
   status    show what runs
   env       print the URLs of these services as shell exports (for cargo test by hand)
+  start-service|stop-service|kill-service postgres|redis|rabbitmq
+            start, stop (cleanly) or SIGKILL one service of this copy (fault injection)
   rabbitmqctl ARGS...
             rabbitmqctl against the private node (e.g. list_queues -p allot-test name type)
   down      stop everything this script started (apps, then services)
@@ -783,6 +855,9 @@ main() {
     status) cmd_status ;;
     env) cmd_env ;;
     rabbitmqctl) cmd_rabbitmqctl "$@" ;;
+    start-service) cmd_start_service "$@" ;;
+    stop-service) cmd_stop_service "$@" ;;
+    kill-service) cmd_kill_service "$@" ;;
     help | -h | --help) usage ;;
     *)
       usage >&2

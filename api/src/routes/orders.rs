@@ -118,12 +118,10 @@ fn publish_error(err: PublishError) -> ApiError {
         PublishError::Timeout
         | PublishError::Disconnected
         | PublishError::Unreachable(_)
-        | PublishError::ConfirmLost(_) => {
-            ApiError::unavailable(
-                "the order queue is unavailable; the request was not accepted, try again",
-                2,
-            )
-        }
+        | PublishError::ConfirmLost(_) => ApiError::unavailable(
+            "the order queue is unavailable; the request was not accepted, try again",
+            2,
+        ),
         PublishError::Unroutable(queue) => {
             ApiError::Internal(anyhow::anyhow!("queue {queue} does not exist"))
         }

@@ -1,0 +1,226 @@
+//! `chaos-test`: runs a flash sale on a copy of allot it owns whole, injects every fault allot
+//! promises to survive, one after the other, and after each checks the promises against
+//! PostgreSQL (and the statuses in Redis):
+//!
+//! - every id that got a 202 has exactly one final outcome, and none was withdrawn;
+//! - every success is an id that got a 202 (so nothing refused or unanswered was sold);
+//! - no stock below zero; per product, units sold == min(demand, initial stock + restocks) and
+//!   the stock left is the supply minus the units sold;
+//! - each day's order numbers are exactly 1..N, no gap, no duplicate, N the day's counter, and
+//!   only successes are numbered;
+//! - every Redis status is the stored final one;
+//! - bad input (every 25th request) is answered 422 `invalid_body` throughout, and no 202 is
+//!   given while the broker or Redis is down.
+//!
+//! The faults: worker `kill -9` (the other replica takes over, the killed one comes back as a
+//! standby), a rolling SIGTERM restart of the workers, RabbitMQ stopped and started, PostgreSQL
+//! stopped (or killed) and started, Redis stopped and started, a flood against bounded queues,
+//! poison messages, SIGTERM to the API, duplicated messages.
+//!
+//! It starts its own services through `deploy/local.sh` (state folder `--state`, port offset
+//! `--port-offset`, both its own) and spawns `allot-api` and two `allot-worker`s from the folder
+//! of its own binary. Everything it started is stopped on every exit path; `--deadline-secs`
+//! bounds the whole run. It exits 1 on any violation.
+//!
+//! ```text
+//! cargo build --bins && target/debug/chaos-test            # the short form (CI)
+//! target/release/chaos-test --long                          # the long form
+//! ```
+
+mod api;
+mod apps;
+mod broker;
+mod check;
+mod faults;
+mod load;
+mod services;
+mod system;
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use services::Services;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use system::System;
+
+/// Fault injection under load against a private copy of allot; checks the promises in PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(version)]
+pub struct Args {
+    /// The long form: more load, several kills and restarts of each kind.
+    #[arg(long, env = "ALLOT_CHAOS_LONG")]
+    long: bool,
+
+    /// Port offset of the chaos copy's services (deploy/local.sh ALLOT_LOCAL_PORT_OFFSET).
+    #[arg(long, env = "ALLOT_CHAOS_PORT_OFFSET", default_value_t = 2000)]
+    port_offset: u16,
+
+    /// State folder of the chaos copy (wiped at the start); default `<repo>/.allot/chaos`.
+    #[arg(long, env = "ALLOT_CHAOS_STATE")]
+    state: Option<PathBuf>,
+
+    /// Folder of allot-api and allot-worker; default: this binary's folder.
+    #[arg(long, env = "ALLOT_CHAOS_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+
+    /// The whole run must end within this many seconds (then everything is stopped).
+    #[arg(long, env = "ALLOT_CHAOS_DEADLINE_SECS")]
+    deadline_secs: Option<u64>,
+
+    /// Concurrent buyers.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+
+    /// Sale products (one more product is the poison fault's).
+    #[arg(long, default_value_t = 4)]
+    products: usize,
+
+    /// Units restocked per product at the start of each fault; demand always exceeds them.
+    #[arg(long)]
+    restock: Option<i64>,
+
+    /// Partition queue length limit (x-max-length).
+    #[arg(long, default_value_t = 1000)]
+    queue_max_length: i64,
+
+    /// Seconds allowed after a fault's load stops until every accepted request is decided.
+    #[arg(long, default_value_t = 120)]
+    drain_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let mut args = Args::parse();
+    args.restock.get_or_insert(if args.long { 400 } else { 60 });
+    let deadline =
+        Duration::from_secs(
+            args.deadline_secs
+                .unwrap_or(if args.long { 1800 } else { 420 }),
+        );
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let repo = repo.canonicalize().unwrap_or(repo);
+    let state = args
+        .state
+        .clone()
+        .unwrap_or_else(|| repo.join(".allot/chaos"));
+    let services = Services::new(&repo, state, args.port_offset);
+    let started = Instant::now();
+
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(deadline, run(&args, services.clone())) => match outcome {
+            Ok(outcome) => outcome,
+            Err(_) => Err(anyhow::anyhow!("the run did not finish within its deadline of {deadline:?}")),
+        },
+        () = allot_shared::shutdown::signal() => Err(anyhow::anyhow!("interrupted")),
+    };
+    // The allot processes died with `run` (kill on drop); now the services.
+    if let Err(err) = services.down().await {
+        eprintln!("chaos-test: stopping the services failed: {err:#}");
+    }
+    let took = started.elapsed().as_secs_f64();
+    match outcome {
+        Ok(0) => {
+            println!("\nchaos-test: every promise held through every fault ({took:.0} s)");
+            ExitCode::SUCCESS
+        }
+        Ok(violations) => {
+            println!(
+                "\nchaos-test: FAILED, {violations} violations ({took:.0} s); logs in {}",
+                services.logs().display()
+            );
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            println!(
+                "\nchaos-test: FAILED: {err:#} ({took:.0} s); logs in {}",
+                services.logs().display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The faults in order; returns the number of violations.
+async fn run(args: &Args, services: Services) -> Result<usize> {
+    let mut system = System::start(args, services)
+        .await
+        .context("starting the system")?;
+    let (kills, restarts, down) = if args.long {
+        (6, 2, Duration::from_secs(6))
+    } else {
+        (2, 1, Duration::from_secs(3))
+    };
+    let mut violations = 0;
+    macro_rules! phase {
+        ($name:expr, $fault:expr) => {{
+            let name = String::from($name);
+            let phase = system.begin(&name).await?;
+            let mut seen = $fault.with_context(|| format!("injecting: {name}"))?;
+            for violation in &seen {
+                println!("    VIOLATION: {violation}");
+            }
+            let checked = system
+                .end(phase)
+                .await
+                .with_context(|| format!("checking after: {name}"))?;
+            seen.extend(checked);
+            violations += seen.len();
+        }};
+    }
+    phase!(
+        format!(
+            "worker crash: kill -9 a worker replica mid-sale, {kills} times, and bring it back"
+        ),
+        faults::worker_crash(&mut system, kills).await
+    );
+    phase!(
+        "worker rolling restart: SIGTERM each replica in turn",
+        faults::worker_rolling_restart(&mut system).await
+    );
+    for round in 0..restarts {
+        phase!(
+            format!(
+                "RabbitMQ stopped for {down:?} and started ({}/{restarts})",
+                round + 1
+            ),
+            faults::broker_restart(&mut system, down).await
+        );
+    }
+    for round in 0..restarts {
+        let kill = round % 2 == 1;
+        let how = if kill {
+            "killed (SIGKILL)"
+        } else {
+            "stopped (fast shutdown)"
+        };
+        phase!(
+            format!(
+                "PostgreSQL {how} for {down:?} and started ({}/{restarts})",
+                round + 1
+            ),
+            faults::postgres_restart(&mut system, down, kill).await
+        );
+    }
+    phase!(
+        format!("Redis stopped for {down:?} and started"),
+        faults::redis_restart(&mut system, down).await
+    );
+    phase!(
+        "flood: workers stopped, 64 more clients against bounded queues",
+        faults::flood(&mut system, args.queue_max_length).await
+    );
+    phase!(
+        "poison: unparseable, unreadable and undecidable messages",
+        faults::poison(&mut system).await
+    );
+    phase!(
+        "API SIGTERM during the sale, then restarted",
+        faults::api_restart(&mut system).await
+    );
+    phase!(
+        "duplicates: decided messages published again, fresh ones twice",
+        faults::duplicates(&mut system).await
+    );
+    Ok(violations)
+}

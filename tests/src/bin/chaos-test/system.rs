@@ -1,0 +1,325 @@
+//! The system under test, owned whole by the chaos test: its services, its allot processes,
+//! the sale's products and the ledger, and the phase loop (restock, load, fault, drain, check).
+
+use crate::Args;
+use crate::api::Api;
+use crate::apps::{App, AppEnv, Role};
+use crate::broker::Broker;
+use crate::check::{self, Catalogue};
+use crate::load::{Counts, Ledger, Load};
+use crate::services::Services;
+use allot_shared::amqp::Topology;
+use anyhow::{Context as _, Result, bail};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const PARTITIONS: u16 = 4;
+pub const REDIS_PREFIX: &str = "chaos";
+pub const QUEUE_PREFIX: &str = "chaos";
+
+pub struct System {
+    pub services: Services,
+    env: AppEnv,
+    api_app: Option<App>,
+    workers: [Option<App>; 2],
+    pub api: Arc<Api>,
+    pub pool: PgPool,
+    pub redis: redis::aio::MultiplexedConnection,
+    pub ledger: Arc<Mutex<Ledger>>,
+    pub catalogue: Catalogue,
+    pub products: Arc<[i64]>,
+    pub topology: Topology,
+    load: Option<Load>,
+    clients: usize,
+    restock: i64,
+    drain_deadline: Duration,
+    phase: i64,
+}
+
+/// What a phase started from.
+pub struct Phase {
+    counts: Counts,
+    started: Instant,
+}
+
+impl System {
+    /// Fresh services, a fresh database, two workers and the API, and the products.
+    pub async fn start(args: &Args, services: Services) -> Result<System> {
+        println!(
+            "starting fresh services (deploy/local.sh, offset {}, state {})",
+            services.offset,
+            services.state.display()
+        );
+        services.fresh().await?;
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&services.database_admin_url())
+            .await?;
+        sqlx::query("CREATE DATABASE allot")
+            .execute(&admin)
+            .await
+            .context("creating the database")?;
+        admin.close().await;
+
+        let token = format!("chaos-{}", uuid::Uuid::new_v4());
+        let bin_dir = match &args.bin_dir {
+            Some(dir) => dir.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("the binary has a folder")?
+                .to_owned(),
+        };
+        let max_length = args.queue_max_length.to_string();
+        let vars = [
+            ("ALLOT_DATABASE_URL", services.database_url()),
+            ("ALLOT_AMQP_URL", services.amqp_url()),
+            ("ALLOT_REDIS_URL", services.redis_url()),
+            ("ALLOT_HTTP_ADDR", services.http_addr()),
+            ("ALLOT_ADMIN_TOKEN", token.clone()),
+            ("ALLOT_PARTITIONS", PARTITIONS.to_string()),
+            ("ALLOT_QUEUE_PREFIX", QUEUE_PREFIX.to_owned()),
+            ("ALLOT_REDIS_PREFIX", REDIS_PREFIX.to_owned()),
+            ("ALLOT_QUEUE_MAX_LENGTH", max_length),
+            ("ALLOT_CONFIRM_TIMEOUT_MS", "2000".to_owned()),
+            ("ALLOT_DB_MAX_CONNECTIONS", "8".to_owned()),
+            ("ALLOT_BATCH_SIZE", "100".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ];
+        let env = AppEnv {
+            bin_dir,
+            vars: vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        };
+        let api = Arc::new(Api::new(&services.http_addr(), token)?);
+        let topology = Topology {
+            queue_prefix: QUEUE_PREFIX.into(),
+            partitions: PARTITIONS,
+            max_length: args.queue_max_length,
+        };
+        let workers = [
+            Some(App::spawn(Role::WorkerA, &env, &services).await?),
+            Some(App::spawn(Role::WorkerB, &env, &services).await?),
+        ];
+        let api_app = Some(App::spawn(Role::Api, &env, &services).await?);
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(&services.database_url())
+            .await?;
+        let redis = redis::Client::open(services.redis_url())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let mut system = System {
+            services,
+            env,
+            api_app,
+            workers,
+            api,
+            pool,
+            redis,
+            ledger: Arc::default(),
+            catalogue: Catalogue {
+                supply: Default::default(),
+                cursed: 0,
+                cursed_stock: 0,
+            },
+            products: Arc::from(Vec::new()),
+            topology,
+            load: None,
+            clients: args.clients,
+            restock: args.restock.unwrap_or(60),
+            drain_deadline: Duration::from_secs(args.drain_secs),
+            phase: 0,
+        };
+        system.wait_ready(Duration::from_secs(60)).await?;
+        let mut products = Vec::new();
+        for i in 0..args.products {
+            let id = system
+                .api
+                .create_product(&format!("chaos sale {i}"), 0)
+                .await?;
+            system.catalogue.supply.insert(id, 0);
+            products.push(id);
+        }
+        // Shares a partition with the first sale product, so the poison fault proves that a
+        // partition keeps moving past a message that fails every time.
+        let cursed_stock = 1_000;
+        let cursed = loop {
+            let id = system
+                .api
+                .create_product("chaos cursed", cursed_stock)
+                .await?;
+            if (id - products[0]) % i64::from(PARTITIONS) == 0 {
+                break id;
+            } // else an unused product: the next id lands in the right partition
+        };
+        system.catalogue.cursed = cursed;
+        system.catalogue.cursed_stock = cursed_stock;
+        system.products = Arc::from(products);
+        Ok(system)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self, deadline: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        while !self.api.ready().await {
+            self.ensure_alive()?;
+            if started.elapsed() > deadline {
+                bail!("allot-api not ready after {deadline:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Fails if a process that should run has exited.
+    pub fn ensure_alive(&mut self) -> Result<()> {
+        for app in self.workers.iter_mut().chain([&mut self.api_app]).flatten() {
+            app.ensure_alive()?;
+        }
+        Ok(())
+    }
+
+    fn slot(&mut self, role: Role) -> &mut Option<App> {
+        match role {
+            Role::Api => &mut self.api_app,
+            Role::WorkerA => &mut self.workers[0],
+            Role::WorkerB => &mut self.workers[1],
+        }
+    }
+
+    pub async fn spawn(&mut self, role: Role) -> Result<()> {
+        let app = App::spawn(role, &self.env, &self.services).await?;
+        println!("    started {}", app.role().name());
+        *self.slot(role) = Some(app);
+        Ok(())
+    }
+
+    pub async fn kill(&mut self, role: Role) -> Result<()> {
+        let app = self
+            .slot(role)
+            .take()
+            .with_context(|| format!("{} is not running", role.name()))?;
+        app.kill().await?;
+        println!("    kill -9 {}", role.name());
+        Ok(())
+    }
+
+    pub async fn terminate(&mut self, role: Role) -> Result<Duration> {
+        let app = self
+            .slot(role)
+            .take()
+            .with_context(|| format!("{} is not running", role.name()))?;
+        let took = app.terminate(Duration::from_secs(30)).await?;
+        println!(
+            "    SIGTERM {}: exited cleanly after {:.2} s",
+            role.name(),
+            took.as_secs_f64()
+        );
+        Ok(took)
+    }
+
+    pub async fn broker(&self) -> Result<Broker> {
+        Broker::connect(&self.services.amqp_url(), self.topology.clone()).await
+    }
+
+    /// Restocks every sale product and starts the load.
+    pub async fn begin(&mut self, name: &str) -> Result<Phase> {
+        self.phase += 1;
+        for product in self.products.iter() {
+            self.api.restock(*product, self.restock).await?;
+            *self
+                .catalogue
+                .supply
+                .get_mut(product)
+                .expect("a sale product") += self.restock;
+        }
+        let counts = self.ledger.lock().expect("ledger").counts();
+        println!(
+            "\n[{}] {name}: restocked {} units of each of {} products; {} clients buying",
+            self.phase,
+            self.restock,
+            self.products.len(),
+            self.clients
+        );
+        self.load = Some(Load::start(
+            self.api.clone(),
+            self.ledger.clone(),
+            self.products.clone(),
+            self.clients,
+            self.phase * 100_000_000,
+        ));
+        Ok(Phase {
+            counts,
+            started: Instant::now(),
+        })
+    }
+
+    /// Keeps the load on until demand exceeds supply for every product, stops it, waits until
+    /// every accepted request is decided and checks the promises. Returns the violations.
+    pub async fn end(&mut self, phase: Phase) -> Result<Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let short = {
+                let ledger = self.ledger.lock().expect("ledger");
+                self.catalogue.supply.iter().any(|(product, supply)| {
+                    (ledger.demand.get(product).copied().unwrap_or(0) as i64) < supply + 5
+                })
+            };
+            if !short || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Some(load) = self.load.take() {
+            load.stop().await;
+        }
+        self.ensure_alive()?;
+        let ids: Vec<uuid::Uuid> = self
+            .ledger
+            .lock()
+            .expect("ledger")
+            .accepted
+            .keys()
+            .copied()
+            .collect();
+        let drained = check::wait_decided(&self.pool, &ids, self.drain_deadline).await?;
+        let ledger = std::mem::take(&mut *self.ledger.lock().expect("ledger"));
+        let result = check::check_all(
+            &self.pool,
+            &mut self.redis,
+            REDIS_PREFIX,
+            &ledger,
+            &self.catalogue,
+        )
+        .await;
+        let counts = ledger.counts().since(phase.counts);
+        let slowest = ledger.slowest_outage_refusal;
+        let mut ledger = ledger;
+        ledger.violations.clear(); // reported once, in this phase
+        ledger.reset_outage_stats();
+        *self.ledger.lock().expect("ledger") = ledger;
+        let (summary, violations) = result?;
+        println!(
+            "    load: {counts}; phase took {:.1} s; all decided {:.1} s after the load stopped",
+            phase.started.elapsed().as_secs_f64(),
+            drained.as_secs_f64()
+        );
+        if !slowest.is_zero() {
+            println!(
+                "    slowest 503 while a dependency was down: {} ms",
+                slowest.as_millis()
+            );
+        }
+        println!("    checked: {summary}");
+        if violations.is_empty() {
+            println!("    OK");
+        } else {
+            for violation in &violations {
+                println!("    VIOLATION: {violation}");
+            }
+        }
+        Ok(violations)
+    }
+}
