@@ -2,7 +2,8 @@
 //! counts as accepted only once RabbitMQ confirmed it stored the (persistent) message.
 //!
 //! Many request handlers share one confirm-mode channel; each awaits its own confirm, so
-//! confirms are pipelined rather than serialised.
+//! confirms are pipelined rather than serialised. A connection that fails is replaced by a
+//! fresh one in the background; while there is none, publishes are refused at once.
 
 use allot_shared::amqp::{self, Topology};
 use allot_shared::partition::partition_for;
@@ -10,6 +11,7 @@ use allot_shared::{PartitionId, ProductId, PurchaseRequest};
 use anyhow::Context;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Why a publish did not become an accepted request.
@@ -45,21 +47,24 @@ impl PublishError {
     }
 }
 
-/// The API's connection to RabbitMQ and its confirm-mode channel.
+/// The API's connection to RabbitMQ and its confirm-mode channel. When the connection fails
+/// (the broker restarts), a background task opens a fresh one, declares the queues and enables
+/// confirms again, retrying with a capped backoff; meanwhile publishes are refused at once.
 pub struct Publisher {
-    connection: Connection,
-    channel: Channel,
+    link: Arc<RwLock<Arc<Link>>>,
     topology: Topology,
     confirm_timeout: Duration,
+    reconnect: tokio::task::JoinHandle<()>,
 }
 
-impl Publisher {
-    /// Connects, declares every partition queue and enables publisher confirms.
-    pub async fn connect(
-        url: &str,
-        topology: Topology,
-        confirm_timeout: Duration,
-    ) -> anyhow::Result<Self> {
+/// One connection and its confirm channel.
+struct Link {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Link {
+    async fn open(url: &str, topology: &Topology) -> anyhow::Result<Link> {
         let connection = amqp::connect(url, "allot-api").await?;
         let channel = connection
             .create_channel()
@@ -70,22 +75,77 @@ impl Publisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .context("failed to enable publisher confirms")?;
-        Ok(Self {
+        Ok(Link {
             connection,
             channel,
+        })
+    }
+
+    fn is_up(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+}
+
+/// Replaces a link that went down, for as long as the API runs.
+async fn keep_connected(url: String, topology: Topology, link: Arc<RwLock<Arc<Link>>>) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let up = link.read().expect("publisher link lock").is_up();
+        if up {
+            pause = Duration::from_millis(100);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        match Link::open(&url, &topology).await {
+            Ok(fresh) => {
+                let old = std::mem::replace(
+                    &mut *link.write().expect("publisher link lock"),
+                    Arc::new(fresh),
+                );
+                tracing::info!("reconnected to RabbitMQ");
+                drop(old);
+            }
+            Err(err) => {
+                tracing::warn!(error = ?err, retry_in = ?pause, "RabbitMQ unreachable; reconnecting");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+impl Publisher {
+    /// Connects, declares every partition queue and enables publisher confirms.
+    pub async fn connect(
+        url: &str,
+        topology: Topology,
+        confirm_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let link = Arc::new(RwLock::new(Arc::new(Link::open(url, &topology).await?)));
+        let reconnect = tokio::spawn(keep_connected(
+            url.to_owned(),
+            topology.clone(),
+            link.clone(),
+        ));
+        Ok(Self {
+            link,
             topology,
             confirm_timeout,
+            reconnect,
         })
     }
 
     /// Publishes `request` as a persistent message to its partition's queue and waits for the
     /// broker's confirm.
     pub async fn publish(&self, request: &PurchaseRequest) -> Result<(), PublishError> {
-        if !self.channel.status().connected() {
-            // Without this, a publish during a recovery could wait for the confirm timeout:
-            // a down broker must cost a client milliseconds, not seconds.
-            return Err(PublishError::Disconnected);
-        }
+        let channel = {
+            let link = self.link.read().expect("publisher link lock");
+            if !link.is_up() {
+                // A down broker must cost a client milliseconds, not the confirm timeout.
+                return Err(PublishError::Disconnected);
+            }
+            link.channel.clone()
+        };
         let queue = self.topology.queue(self.partition_of(request.product_id));
         let properties = BasicProperties::default()
             .with_delivery_mode(2) // persistent
@@ -93,7 +153,7 @@ impl Publisher {
             .with_message_id(request.transaction_id.to_string().into());
         let payload = request.to_json();
         let deadline = tokio::time::Instant::now() + self.confirm_timeout;
-        let send = self.channel.basic_publish(
+        let send = channel.basic_publish(
             "".into(),
             queue.as_str().into(),
             BasicPublishOptions {
@@ -127,12 +187,14 @@ impl Publisher {
 
     /// Whether the connection to the broker is up.
     pub fn is_connected(&self) -> bool {
-        self.connection.status().connected()
+        self.link.read().expect("publisher link lock").is_up()
     }
 
     /// Closes the connection (after the server drained its requests).
     pub async fn close(&self) {
-        if let Err(err) = self.connection.close(200, "api shutting down".into()).await {
+        self.reconnect.abort();
+        let link = self.link.read().expect("publisher link lock").clone();
+        if let Err(err) = link.connection.close(200, "api shutting down".into()).await {
             tracing::debug!(error = %err, "closing the RabbitMQ connection");
         }
     }

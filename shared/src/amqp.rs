@@ -10,12 +10,17 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 
-/// Opens the process's one connection, with lapin's automatic recovery: after a broker restart
-/// it reconnects and re-declares queues, consumers, QoS and confirm mode by itself.
+/// Opens a connection. When it fails, the owner opens a fresh one and declares its topology
+/// again (the worker's session loop, the API's publisher).
+///
+/// Not lapin's automatic recovery: with lapin 4.12.3, a connection that dropped (broker
+/// stopped) while frames were still queued for it (acks, publishes under load) stays in
+/// `Reconnecting` for ever, its I/O loop "waiting for socket events" on a dead socket, so
+/// consumers never came back (seen by the chaos test; lapin trace logs in the report of
+/// issue 3). A fresh connection is simpler to reason about: deliveries of the dead one are
+/// redelivered by RabbitMQ, and deciding is idempotent.
 pub async fn connect(url: &str, connection_name: &str) -> anyhow::Result<Connection> {
-    let properties = ConnectionProperties::default()
-        .with_connection_name(connection_name.into())
-        .enable_auto_recover();
+    let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
     Connection::connect(url, properties)
         .await
         .with_context(|| format!("failed to connect to RabbitMQ as {connection_name}"))

@@ -31,9 +31,9 @@ pub struct BatchSettings {
     pub prefetch: u16,
 }
 
-/// Consumes `partition` on its own `channel` until `shutdown` is cancelled. A batch being
-/// processed is finished (committed and acked) first; one still failing is left unacked for
-/// redelivery.
+/// Consumes `partition` on its own `channel` until `shutdown` is cancelled (`Ok`) or the
+/// connection fails (`Err`). A batch being processed is finished (committed and acked) first;
+/// one still failing is left unacked for redelivery.
 pub async fn consume_partition(
     channel: Channel,
     topology: Topology,
@@ -52,15 +52,12 @@ pub async fn consume_partition(
         let deliveries = match batch {
             Ok(Some(deliveries)) => deliveries,
             Ok(None) => anyhow::bail!("the consumer of partition {partition} was cancelled"),
+            // The connection dropped: the session ends and a fresh one subscribes again.
+            // Unacked deliveries go back to the queue and are decided (idempotently) again.
             Err(err) => {
-                // The connection dropped. Deliveries from before the recovery cannot be acked:
-                // RabbitMQ redelivers them, and processing them again is idempotent.
-                tracing::warn!(%partition, error = %err, "consumer interrupted, waiting for recovery");
-                channel.wait_for_recovery(err).await.with_context(|| {
-                    format!("the channel of partition {partition} did not recover")
-                })?;
-                tracing::info!(%partition, "consumer recovered");
-                continue;
+                return Err(anyhow::Error::new(err).context(format!(
+                    "the consumer of partition {partition} was interrupted"
+                )));
             }
         };
         if !process_until_done(&decider, partition, &deliveries, &shutdown).await {

@@ -21,12 +21,15 @@ use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Runs the worker until `shutdown` completes: connects to RabbitMQ, declares the partition
-/// queues and consumes every partition. On shutdown each consumer finishes the batch it is
-/// deciding, then the connection is closed; unacked messages go back to their queues.
+/// queues and consumes every partition. When the connection fails (the broker restarts), the
+/// session ends and a fresh connection is opened, with a capped backoff, until it works. On
+/// shutdown each consumer finishes the batch it is deciding, then the connection is closed;
+/// unacked messages go back to their queues.
 pub async fn run(
     config: WorkerConfig,
     pool: PgPool,
@@ -34,8 +37,6 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let connection = amqp::connect(&config.common.amqp_url, "allot-worker").await?;
-    let topology = config.common.topology();
     let decider = Arc::new(Decider::new(
         pool,
         redis,
@@ -43,12 +44,57 @@ pub async fn run(
         clock,
         config.timezone,
     ));
+    let stop = CancellationToken::new();
+    let stop_on_shutdown = stop.clone();
+    let sessions = async {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let started = tokio::time::Instant::now();
+            match session(&config, &decider, &stop).await {
+                Ok(()) => return Ok(()),
+                Err(err) if stop.is_cancelled() => return Err(err),
+                Err(err) => {
+                    if started.elapsed() > Duration::from_secs(30) {
+                        pause = Duration::from_millis(100); // it had worked for a while
+                    }
+                    tracing::warn!(error = ?err, retry_in = ?pause, "RabbitMQ session ended; reconnecting");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    };
+    tokio::pin!(sessions);
+    let result = tokio::select! {
+        () = shutdown => {
+            stop_on_shutdown.cancel();
+            sessions.await
+        }
+        result = &mut sessions => result,
+    };
+    tracing::info!("worker stopped");
+    result
+}
+
+/// One connection's life: open it, consume every partition on a channel of its own, until
+/// shutdown (`Ok`) or until a consumer fails (`Err`; the others are stopped and the
+/// connection closed first).
+async fn session(
+    config: &WorkerConfig,
+    decider: &Arc<Decider>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let connection = amqp::connect(&config.common.amqp_url, "allot-worker").await?;
+    let topology = config.common.topology();
     let settings = BatchSettings {
         max_size: config.batch_size as usize,
         linger: config.batch_linger(),
         prefetch: config.prefetch,
     };
-    let stop = CancellationToken::new();
+    let session_stop = stop.child_token();
     let mut consumers = JoinSet::new();
     for partition in topology.partitions() {
         let channel = connection
@@ -61,28 +107,28 @@ pub async fn run(
             partition,
             decider.clone(),
             settings,
-            stop.clone(),
+            session_stop.clone(),
         ));
     }
     tracing::info!(partitions = topology.partitions, queue_prefix = %topology.queue_prefix, "worker consuming");
 
-    let result = tokio::select! {
-        () = shutdown => Ok(()),
-        Some(ended) = consumers.join_next() => Err(match ended {
+    let mut result = Ok(());
+    while let Some(ended) = consumers.join_next().await {
+        let failure = match ended {
+            Ok(Ok(())) if session_stop.is_cancelled() => continue,
             Ok(Ok(())) => anyhow::anyhow!("a partition consumer stopped unexpectedly"),
             Ok(Err(err)) => err,
             Err(join) => anyhow::Error::new(join).context("a partition consumer panicked"),
-        }),
-    };
-    stop.cancel();
-    while let Some(ended) = consumers.join_next().await {
-        if let Ok(Err(err)) = ended {
-            tracing::warn!(error = ?err, "partition consumer ended with an error during shutdown");
+        };
+        if result.is_ok() {
+            result = Err(failure);
+            session_stop.cancel(); // the others finish their batch and stop
+        } else {
+            tracing::debug!(error = ?failure, "another partition consumer ended");
         }
     }
-    if let Err(err) = connection.close(200, "worker shutting down".into()).await {
+    if let Err(err) = connection.close(200, "worker session ending".into()).await {
         tracing::debug!(error = %err, "closing the RabbitMQ connection");
     }
-    tracing::info!("worker stopped");
     result
 }
