@@ -334,6 +334,39 @@ impl TestApp {
         .await
     }
 
+    /// Publishes a raw message to a partition queue, persistent and confirmed, as a
+    /// misbehaving (or retrying) publisher would.
+    pub async fn publish_raw(&self, partition: PartitionId, body: &[u8], message_id: Option<&str>) {
+        let connection =
+            allot_shared::amqp::connect(&self.api_config.common.amqp_url, "allot-tests-publisher")
+                .await
+                .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let queue = self.api_config.common.topology().queue(partition);
+        let mut properties = lapin::BasicProperties::default().with_delivery_mode(2);
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(id.into());
+        }
+        let confirmation = channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirmation.is_ack(), "the broker took the message");
+        let _ = connection.close(200, "done".into()).await;
+    }
+
     /// Messages waiting in a partition queue (not counting unacked ones).
     pub async fn queue_depth(&self, partition: PartitionId) -> u32 {
         let connection =

@@ -5,47 +5,17 @@
 //! Promises are checked against PostgreSQL, not only through the HTTP answers.
 
 use crate::helpers::{
-    Options, TestApp, clock_at, insert_product, order_seqs, partition_of, process, request,
-    spawn_app, stock_of, today, wait_for,
+    Options, clock_at, insert_product, order_seqs, partition_of, process, request, spawn_app,
+    stock_of, today, wait_for,
 };
-use allot_shared::{Clock, ManualClock, PartitionId, PurchaseRequest, SystemClock};
+use allot_shared::{Clock, ManualClock, PurchaseRequest, SystemClock};
 use allot_worker::decider::Decider;
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
-use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use serde_json::Value;
 use sqlx::PgPool;
 use std::collections::BTreeSet;
 use std::sync::Arc;
-
-/// Publishes a raw message to a partition queue, confirmed, as a misbehaving publisher would.
-async fn publish_raw(app: &TestApp, partition: PartitionId, body: &[u8]) {
-    let connection =
-        allot_shared::amqp::connect(&app.api_config.common.amqp_url, "allot-tests-publisher")
-            .await
-            .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let queue = app.api_config.common.topology().queue(partition);
-    let confirmation = channel
-        .basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(confirmation.is_ack(), "the broker took the message");
-    let _ = connection.close(200, "done".into()).await;
-}
 
 /// Makes the database fail every batch that stores an outcome of user 666 with a transient
 /// error (a serialization failure, as a busy or restarting server gives): every such batch
@@ -269,8 +239,10 @@ async fn a_message_published_twice_is_decided_once(pool: PgPool) {
     let product = app.create_product("twice", 5).await;
     let duplicate = request(9, product, 2);
     // A publisher retrying after a lost confirm sends the same message again.
-    publish_raw(&app, partition_of(product), &duplicate.to_json()).await;
-    publish_raw(&app, partition_of(product), &duplicate.to_json()).await;
+    app.publish_raw(partition_of(product), &duplicate.to_json(), None)
+        .await;
+    app.publish_raw(partition_of(product), &duplicate.to_json(), None)
+        .await;
     let view = app.wait_final(duplicate.transaction_id).await;
     wait_for("the queue to drain", || async {
         (app.total_queue_depth().await == 0).then_some(())
@@ -467,7 +439,8 @@ async fn order_numbers_grow_past_five_digits(pool: PgPool) {
 async fn an_unparseable_message_is_set_aside_and_the_partition_keeps_moving(pool: PgPool) {
     let app = spawn_app(pool, Options::default()).await;
     let product = app.create_product("after poison", 1).await;
-    publish_raw(&app, partition_of(product), b"{not json at all").await;
+    app.publish_raw(partition_of(product), b"{not json at all", None)
+        .await;
     let id = app.buy(1, product, 1).await;
     assert_eq!(app.wait_final(id).await["status"], "succeeded");
     let (body, error): (Vec<u8>, String) = sqlx::query_as("SELECT body, error FROM dead_letters")

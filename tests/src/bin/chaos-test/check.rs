@@ -75,7 +75,7 @@ pub async fn wait_decided(pool: &PgPool, ids: &[Uuid], deadline: Duration) -> Re
 /// Runs every check; returns the counts and the violations found.
 pub async fn check_all(
     pool: &PgPool,
-    redis: &mut redis::aio::MultiplexedConnection,
+    redis: &mut redis::aio::ConnectionManager,
     redis_prefix: &str,
     ledger: &Ledger,
     catalogue: &Catalogue,
@@ -242,7 +242,7 @@ async fn check_order_numbers(pool: &PgPool, violations: &mut Vec<String>) -> Res
 /// Every accepted id's status in Redis is its final one from PostgreSQL.
 async fn check_redis(
     pool: &PgPool,
-    redis: &mut redis::aio::MultiplexedConnection,
+    redis: &mut redis::aio::ConnectionManager,
     prefix: &str,
     ids: &[Uuid],
     violations: &mut Vec<String>,
@@ -279,7 +279,7 @@ async fn check_redis(
 
 /// The ids whose Redis status differs from the stored one, with what Redis has.
 async fn statuses(
-    redis: &mut redis::aio::MultiplexedConnection,
+    redis: &mut redis::aio::ConnectionManager,
     prefix: &str,
     ids: &[Uuid],
     stored: &HashMap<Uuid, (String, Option<String>)>,
@@ -287,7 +287,7 @@ async fn statuses(
     let mut wrong = Vec::new();
     for chunk in ids.chunks(500) {
         let keys: Vec<String> = chunk.iter().map(|id| format!("{prefix}:tx:{id}")).collect();
-        let values: Vec<Option<String>> = redis.mget(&keys).await.context("MGET statuses")?;
+        let values = mget(redis, &keys).await?;
         for (id, value) in chunk.iter().zip(values) {
             let view: Value = value
                 .and_then(|v| serde_json::from_str(&v).ok())
@@ -301,4 +301,23 @@ async fn statuses(
         }
     }
     Ok(wrong)
+}
+
+/// `MGET`, retried a few times: the first command after Redis restarted reports the dropped
+/// connection, and the connection manager reconnects for the next.
+async fn mget(
+    redis: &mut redis::aio::ConnectionManager,
+    keys: &[String],
+) -> Result<Vec<Option<String>>> {
+    let mut attempt = 0;
+    loop {
+        match redis.mget(keys).await {
+            Ok(values) => return Ok(values),
+            Err(_) if attempt < 10 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(err) => return Err(err).context("MGET statuses"),
+        }
+    }
 }

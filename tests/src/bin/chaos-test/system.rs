@@ -26,7 +26,7 @@ pub struct System {
     workers: [Option<App>; 2],
     pub api: Arc<Api>,
     pub pool: PgPool,
-    pub redis: redis::aio::MultiplexedConnection,
+    pub redis: redis::aio::ConnectionManager,
     pub ledger: Arc<Mutex<Ledger>>,
     pub catalogue: Catalogue,
     pub products: Arc<[i64]>,
@@ -107,9 +107,9 @@ impl System {
             .acquire_timeout(Duration::from_secs(3))
             .connect(&services.database_url())
             .await?;
-        let redis = redis::Client::open(services.redis_url())?
-            .get_multiplexed_async_connection()
-            .await?;
+        // Reconnects by itself after the Redis fault.
+        let redis =
+            redis::aio::ConnectionManager::new(redis::Client::open(services.redis_url())?).await?;
         let mut system = System {
             services,
             env,
