@@ -32,7 +32,7 @@ pub struct System {
     pub products: Arc<[i64]>,
     pub topology: Topology,
     load: Option<Load>,
-    clients: usize,
+    pub clients: usize,
     restock: i64,
     drain_deadline: Duration,
     phase: i64,
