@@ -4,6 +4,7 @@
 #   deploy/local.sh services   install (if missing) and start private PostgreSQL, Redis, RabbitMQ
 #   deploy/local.sh up         services + release build + start allot-api and allot-worker
 #   deploy/local.sh test       services + fmt + clippy + tests + functional test on a fresh system
+#                              + chaos test (short form) on services of its own
 #   deploy/local.sh status     show what runs
 #   deploy/local.sh down       stop everything this script started
 #   deploy/local.sh start-service|stop-service|kill-service postgres|redis|rabbitmq
@@ -51,6 +52,10 @@ RMQ_PID_FILE=$RMQ_DIR/rabbitmq.pid
 EPMD_PID_FILE=$RUN_DIR/epmd.pid
 
 API_ADDR=127.0.0.1:$((8080 + OFFSET))
+# The chaos test's own copy of the services (it stops and kills them): a state folder inside
+# ours and ports 2000 above ours, unless set.
+CHAOS_STATE=${ALLOT_CHAOS_STATE:-$STATE/chaos}
+CHAOS_OFFSET=${ALLOT_CHAOS_PORT_OFFSET:-$((OFFSET + 2000))}
 FUNCTIONAL_ADDR=127.0.0.1:$((18080 + OFFSET))
 ADMIN_TOKEN_FILE=$STATE/admin-token
 
@@ -675,13 +680,32 @@ run_functional_test() {
   return "$status"
 }
 
-# EXIT trap of `test`: the functional system never outlives the run; with CI=true nothing does.
+# The chaos test, short form: it starts its own services (deploy/local.sh with CHAOS_STATE and
+# CHAOS_OFFSET) and its own allot processes, injects every fault under load, checks the
+# promises in PostgreSQL, and stops everything it started. It bounds its own run time.
+run_chaos_test() {
+  local bin
+  bin=$(target_dir)/debug
+  cargo build --bins
+  "$bin/chaos-test" --port-offset "$CHAOS_OFFSET" --state "$CHAOS_STATE" --bin-dir "$bin"
+}
+
+# Stops the chaos copy (its apps and services), should the chaos test have died without doing so.
+stop_chaos_copy() {
+  [[ -d $CHAOS_STATE ]] || return 0
+  ALLOT_LOCAL_STATE=$CHAOS_STATE ALLOT_LOCAL_PORT_OFFSET=$CHAOS_OFFSET "$ROOT/deploy/local.sh" down >/dev/null 2>&1 ||
+    warn "could not stop the chaos test's services (state $CHAOS_STATE)"
+}
+
+# EXIT trap of `test`: the functional and chaos systems never outlive the run; with CI=true
+# nothing does.
 on_test_exit() {
   local status=$?
   set +e
   [[ $status -ne 0 && -n $CURRENT_STEP ]] && printf '\nerror: step failed: %s\n' "$CURRENT_STEP" >&2
   stop_app functional-api
   stop_app functional-worker
+  stop_chaos_copy
   if [[ ${CI:-} == true ]]; then
     log "CI=true: stopping the services"
     cmd_down
@@ -696,12 +720,13 @@ cmd_test() {
   cmd_services
   ensure_cargo
   cd "$ROOT"
-  run_step "[1/5] cargo fmt --all --check" cargo fmt --all --check
-  run_step "[2/5] cargo clippy --workspace --all-targets -- -D warnings" \
+  run_step "[1/6] cargo fmt --all --check" cargo fmt --all --check
+  run_step "[2/6] cargo clippy --workspace --all-targets -- -D warnings" \
     cargo clippy --workspace --all-targets -- -D warnings
-  run_step "[3/5] preparing test resources" recreate_vhost allot-test
-  run_step "[4/5] cargo tests" run_cargo_tests
-  run_step "[5/5] functional test against a fresh allot on $FUNCTIONAL_ADDR" run_functional_test
+  run_step "[3/6] preparing test resources" recreate_vhost allot-test
+  run_step "[4/6] cargo tests" run_cargo_tests
+  run_step "[5/6] functional test against a fresh allot on $FUNCTIONAL_ADDR" run_functional_test
+  run_step "[6/6] chaos test (short form) on its own services, ports +$CHAOS_OFFSET" run_chaos_test
   log "all test steps passed"
   [[ ${CI:-} == true ]] || log "the services stay up for the next run; deploy/local.sh down stops them"
 }
@@ -828,9 +853,10 @@ usage: deploy/local.sh COMMAND
   up        services, release build, then allot-api on http://$API_ADDR and allot-worker
             (restarted when already running; admin token in .allot/admin-token unless
             ALLOT_ADMIN_TOKEN is set)
-  test      services, cargo fmt --check, clippy, cargo tests, and the functional test against a
-            fresh allot on http://$FUNCTIONAL_ADDR; the services stay up afterwards, except
-            with CI=true
+  test      services, cargo fmt --check, clippy, cargo tests, the functional test against a
+            fresh allot on http://$FUNCTIONAL_ADDR, and the chaos test (short form) on services
+            of its own (state $CHAOS_STATE, ports +$CHAOS_OFFSET); the services stay up
+            afterwards, except with CI=true
   status    show what runs
   env       print the URLs of these services as shell exports (for cargo test by hand)
   start-service|stop-service|kill-service postgres|redis|rabbitmq

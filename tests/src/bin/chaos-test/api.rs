@@ -21,7 +21,7 @@ pub enum Answer {
     /// 422 `invalid_body`, for the deliberately bad requests.
     Invalid,
     /// No HTTP answer (the API is down or restarting).
-    NoAnswer,
+    Unanswered,
     /// Anything else: a broken promise, described.
     Unexpected(String),
 }
@@ -59,7 +59,7 @@ impl Api {
             .await
         {
             Ok(response) => response,
-            Err(_) => return Answer::NoAnswer,
+            Err(_) => return Answer::Unanswered,
         };
         let status = response.status();
         let location = response
@@ -70,7 +70,7 @@ impl Api {
         let retry_after = response.headers().contains_key(RETRY_AFTER);
         let text = match response.text().await {
             Ok(text) => text,
-            Err(_) => return Answer::NoAnswer,
+            Err(_) => return Answer::Unanswered,
         };
         let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         match status {

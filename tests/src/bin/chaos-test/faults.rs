@@ -22,7 +22,7 @@ async fn under_load(duration: Duration) {
     tokio::time::sleep(duration).await;
 }
 
-/// 1 and 2. Two workers; `kill -9` one mid-sale (alternating), check that the other takes
+/// Fault 1 and 2 of the issue: Two workers; `kill -9` one mid-sale (alternating), check that the other takes
 /// its partitions over within seconds, then bring it back (it joins as a standby).
 pub async fn worker_crash(system: &mut System, rounds: usize) -> Result<Vec<String>> {
     let mut violations = Vec::new();
@@ -73,7 +73,7 @@ async fn every_partition_decides_after(
     Ok(None)
 }
 
-/// 2 and 8. A rolling restart of the workers with SIGTERM: each finishes (or leaves unacked)
+/// Fault 2 and 8 of the issue: A rolling restart of the workers with SIGTERM: each finishes (or leaves unacked)
 /// its batch and exits 0; it comes back as a standby.
 pub async fn worker_rolling_restart(system: &mut System) -> Result<Vec<String>> {
     for role in [Role::WorkerA, Role::WorkerB] {
@@ -85,19 +85,19 @@ pub async fn worker_rolling_restart(system: &mut System) -> Result<Vec<String>> 
     Ok(Vec::new())
 }
 
-/// 3. RabbitMQ stopped during the sale: 503 + Retry-After quickly and never 202 while it is
+/// Fault 3 of the issue: RabbitMQ stopped during the sale: 503 + Retry-After quickly and never 202 while it is
 /// down; API and workers reconnect by themselves once it is back.
 pub async fn broker_restart(system: &mut System, down_for: Duration) -> Result<Vec<String>> {
     outage(system, Service::RabbitMq, down_for, false).await
 }
 
-/// 5. Redis stopped: addToCart fails fast with 503 (the pending status cannot be recorded),
+/// Fault 5 of the issue: Redis stopped: addToCart fails fast with 503 (the pending status cannot be recorded),
 /// GET of a decided transaction falls back to PostgreSQL; statuses right once it is back.
 pub async fn redis_restart(system: &mut System, down_for: Duration) -> Result<Vec<String>> {
     outage(system, Service::Redis, down_for, false).await
 }
 
-/// 4. PostgreSQL restarted (fast shutdown: sessions in the middle of a batch are cut): the
+/// Fault 4 of the issue: PostgreSQL restarted (fast shutdown: sessions in the middle of a batch are cut): the
 /// batch is not acked and is retried; addToCart keeps answering 202, GET falls back to Redis.
 pub async fn postgres_restart(
     system: &mut System,
@@ -217,7 +217,7 @@ async fn some_decided(system: &System) -> Result<Option<Uuid>> {
     )
 }
 
-/// 6. A flood with the workers stopped: the bounded queues fill, the broker refuses publishes
+/// Fault 6 of the issue: A flood with the workers stopped: the bounded queues fill, the broker refuses publishes
 /// and the API answers 503 (queue full) instead of growing a queue; nothing is dropped.
 pub async fn flood(system: &mut System, max_length: i64) -> Result<Vec<String>> {
     let mut violations = Vec::new();
@@ -264,7 +264,7 @@ pub async fn flood(system: &mut System, max_length: i64) -> Result<Vec<String>> 
     Ok(violations)
 }
 
-/// 7. Poison: an unparseable message, one whose id can be read but not its timestamp, and
+/// Fault 7 of the issue: Poison: an unparseable message, one whose id can be read but not its timestamp, and
 /// requests for a product whose row the database refuses to write (every batch holding one
 /// fails the same way). They are set aside with their reason; the partition moves on.
 pub async fn poison(system: &mut System) -> Result<Vec<String>> {
@@ -358,7 +358,7 @@ pub async fn poison(system: &mut System) -> Result<Vec<String>> {
     Ok(violations)
 }
 
-/// 8. SIGTERM to the API during the sale: it stops accepting, finishes what it confirmed and
+/// Fault 8 of the issue: SIGTERM to the API during the sale: it stops accepting, finishes what it confirmed and
 /// exits 0; every 202 it gave is decided. Then it comes back.
 pub async fn api_restart(system: &mut System) -> Result<Vec<String>> {
     under_load(Duration::from_millis(1500)).await;
@@ -370,7 +370,7 @@ pub async fn api_restart(system: &mut System) -> Result<Vec<String>> {
     Ok(Vec::new())
 }
 
-/// 9. Duplicates: already decided messages published again (a publisher retry after a lost
+/// Fault 9 of the issue: Duplicates: already decided messages published again (a publisher retry after a lost
 /// confirm), and fresh ones published twice. Each is decided once.
 pub async fn duplicates(system: &mut System) -> Result<Vec<String>> {
     let ids: Vec<Uuid> = system

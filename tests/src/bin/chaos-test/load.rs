@@ -62,7 +62,7 @@ impl Ledger {
                 }
             }
             Answer::Invalid => self.invalid += 1,
-            Answer::NoAnswer => self.no_answer += 1,
+            Answer::Unanswered => self.no_answer += 1,
             Answer::Unexpected(what) => self.violations.push(format!("unexpected answer: {what}")),
         }
     }
@@ -164,12 +164,12 @@ async fn buyer(
     while !*stopped.borrow() {
         n += 1;
         let product = products[(client + n) % products.len()];
-        let quantity = if n % 25 == 0 { 0 } else { 1 };
+        let quantity = if n.is_multiple_of(25) { 0 } else { 1 };
         let sent = Instant::now();
         let answer = api
             .add_to_cart(user_base + n as i64, product, quantity)
             .await;
-        let pause = matches!(answer, Answer::NoAnswer | Answer::Refused { .. });
+        let pause = matches!(answer, Answer::Unanswered | Answer::Refused { .. });
         ledger
             .lock()
             .expect("ledger lock")
