@@ -1,0 +1,144 @@
+//! Faults of the services: RabbitMQ, PostgreSQL or Redis stopped (or killed) during the sale,
+//! then started again.
+
+use super::under_load;
+use crate::api::Answer;
+use crate::check;
+use crate::services::Service;
+use crate::system::System;
+use anyhow::Result;
+use reqwest::StatusCode;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Fault 3 of the issue: RabbitMQ stopped during the sale: 503 + Retry-After quickly and never 202 while it is
+/// down; API and workers reconnect by themselves once it is back.
+pub async fn broker_restart(system: &mut System, down_for: Duration) -> Result<Vec<String>> {
+    outage(system, Service::RabbitMq, down_for, false).await
+}
+
+/// Fault 5 of the issue: Redis stopped: addToCart fails fast with 503 (the pending status cannot be recorded),
+/// GET of a decided transaction falls back to PostgreSQL; statuses right once it is back.
+pub async fn redis_restart(system: &mut System, down_for: Duration) -> Result<Vec<String>> {
+    outage(system, Service::Redis, down_for, false).await
+}
+
+/// Fault 4 of the issue: PostgreSQL restarted (fast shutdown: sessions in the middle of a batch are cut): the
+/// batch is not acked and is retried; addToCart keeps answering 202, GET falls back to Redis.
+pub async fn postgres_restart(
+    system: &mut System,
+    down_for: Duration,
+    kill: bool,
+) -> Result<Vec<String>> {
+    outage(system, Service::Postgres, down_for, kill).await
+}
+
+async fn outage(
+    system: &mut System,
+    service: Service,
+    down_for: Duration,
+    kill: bool,
+) -> Result<Vec<String>> {
+    let mut violations = Vec::new();
+    under_load(Duration::from_millis(1500)).await;
+    let decided = some_decided(system).await?;
+    if kill {
+        system.services.kill(service).await?;
+    } else {
+        system.services.stop(service).await?;
+    }
+    // No 202 may be given while the broker or Redis is down; PostgreSQL is not on that path.
+    let refuses = service != Service::Postgres;
+    system.ledger.lock().expect("ledger").mark_outage(refuses);
+    let down_since = Instant::now();
+    let (mut probes, mut slowest) = (0, Duration::ZERO);
+    while down_since.elapsed() < down_for {
+        let sent = Instant::now();
+        let answer = system.api.add_to_cart(1, system.products[0], 1).await;
+        let took = sent.elapsed();
+        probes += 1;
+        match (&answer, refuses) {
+            (Answer::Refused { .. }, true) => slowest = slowest.max(took),
+            (Answer::Accepted(_), false) => {}
+            _ => violations.push(format!(
+                "{service:?} down: addToCart answered {answer:?} after {took:?}"
+            )),
+        }
+        if refuses && took > Duration::from_secs(2) {
+            violations.push(format!("{service:?} down: a 503 took {took:?}"));
+        }
+        system
+            .ledger
+            .lock()
+            .expect("ledger")
+            .record(system.products[0], sent, answer);
+        // Reads of decided transactions fall back to whichever store is up.
+        if let Some(id) = decided {
+            match system.api.transaction(id).await {
+                Ok((StatusCode::OK, body)) if body["status"] != "pending" => {}
+                other => violations.push(format!(
+                    "{service:?} down: GET of decided {id} answered {other:?}"
+                )),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    system.ledger.lock().expect("ledger").mark_outage(false);
+    if refuses {
+        println!(
+            "    {probes} probes while down: all 503 with Retry-After, slowest {} ms",
+            slowest.as_millis()
+        );
+    } else {
+        println!("    {probes} probes while down: addToCart answered 202, reads served from Redis");
+    }
+    system.services.start(service).await?;
+    let back = Instant::now();
+    // Recovery: a fresh request is accepted and decided again.
+    let recovered = loop {
+        let sent = Instant::now();
+        let answer = system.api.add_to_cart(2, system.products[0], 1).await;
+        let id = match &answer {
+            Answer::Accepted(id) => Some(*id),
+            _ => None,
+        };
+        system
+            .ledger
+            .lock()
+            .expect("ledger")
+            .record(system.products[0], sent, answer);
+        if let Some(id) = id {
+            check::wait_decided(&system.pool, &[id], Duration::from_secs(60)).await?;
+            break back.elapsed();
+        }
+        anyhow::ensure!(
+            back.elapsed() < Duration::from_secs(90),
+            "allot did not recover within 90 s of {service:?} coming back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "    accepting and deciding again {:.2} s after {service:?} was back",
+        recovered.as_secs_f64()
+    );
+    Ok(violations)
+}
+
+/// An id decided before the fault, to read during it.
+async fn some_decided(system: &System) -> Result<Option<Uuid>> {
+    let ids: Vec<Uuid> = system
+        .ledger
+        .lock()
+        .expect("ledger")
+        .accepted
+        .keys()
+        .take(200)
+        .copied()
+        .collect();
+    Ok(
+        sqlx::query_scalar("SELECT id FROM transactions WHERE id = ANY($1) LIMIT 1")
+            .bind(&ids)
+            .fetch_optional(&system.pool)
+            .await?,
+    )
+}
