@@ -831,16 +831,40 @@ cmd_kill_service() {
   [[ -n $name ]] || die "usage: deploy/local.sh kill-service postgres|redis|rabbitmq"
   pid=$(service_pid "$name") || die "$name is not running"
   comm=$(service_comm "$name")
-  log "killing $name (pid $pid) with SIGKILL"
-  kill -KILL "$pid"
+  local victims=("$pid")
+  # PostgreSQL: the postmaster and its children (backends, background workers) die together,
+  # as in a crash of the machine; a backend left over would keep the shared memory busy and
+  # stop the next start.
+  [[ $name == postgres ]] && mapfile -t -O 1 victims < <(children_of "$pid")
+  log "killing $name (pids ${victims[*]}) with SIGKILL"
+  kill -KILL "${victims[@]}" 2>/dev/null || true
   wait_until 30 pid_gone "$pid" "$comm" || die "$name (pid $pid) did not die"
-  if [[ $name == postgres ]]; then
-    # The postmaster's children notice its death and exit by themselves; wait for the port.
-    wait_until 30 pg_gone || die "PostgreSQL still answers after SIGKILL"
+  local victim
+  for victim in "${victims[@]}"; do
+    wait_until 30 pid_gone "$victim" "$comm" || die "$name (pid $victim) did not die"
+  done
+  # PostgreSQL refuses to start while the pid in postmaster.pid exists, and a zombie (until
+  # its parent reaps it) still does: wait for the reaping; should it never come, the lock file
+  # is stale for sure (the process is dead), so remove it.
+  if [[ $name == postgres ]] && ! wait_until 10 proc_gone "$pid"; then
+    warn "the killed postmaster (pid $pid) is not reaped; removing its stale postmaster.pid"
+    rm -f "$PG_DATA/postmaster.pid"
   fi
 }
 
-pg_gone() { ! port_open "$PG_PORT"; }
+proc_gone() { [[ ! -e /proc/$1 ]]; }
+
+# The pids of the children of process $1 (from /proc, by parent pid; never by name).
+children_of() {
+  local parent=$1 stat line fields
+  for stat in /proc/[0-9]*/stat; do
+    read -r line 2>/dev/null <"$stat" || continue
+    read -r -a fields <<<"${line##*) }"  # after "pid (comm) ": state, ppid, ...
+    [[ ${fields[1]} == "$parent" ]] || continue
+    stat=${stat#/proc/}
+    printf '%s\n' "${stat%/stat}"
+  done
+}
 
 usage() {
   cat <<EOF

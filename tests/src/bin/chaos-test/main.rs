@@ -179,12 +179,14 @@ async fn run(args: &Args, services: Services) -> Result<usize> {
         faults::worker_rolling_restart(&mut system).await
     );
     for round in 0..restarts {
+        let kill = round % 2 == 1;
+        let how = if kill { "killed (SIGKILL)" } else { "stopped" };
         phase!(
             format!(
-                "RabbitMQ stopped for {down:?} and started ({}/{restarts})",
+                "RabbitMQ {how} for {down:?} and started ({}/{restarts})",
                 round + 1
             ),
-            faults::broker_restart(&mut system, down).await
+            faults::broker_restart(&mut system, down, kill).await
         );
     }
     for round in 0..restarts {

@@ -15,6 +15,16 @@ pub enum Service {
     RabbitMq,
 }
 
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Service::Postgres => "PostgreSQL",
+            Service::Redis => "Redis",
+            Service::RabbitMq => "RabbitMQ",
+        })
+    }
+}
+
 impl Service {
     fn name(self) -> &'static str {
         match self {
