@@ -41,6 +41,8 @@ pub struct System {
 /// What a phase started from.
 pub struct Phase {
     counts: Counts,
+    /// Accepted requests per product before the phase.
+    demand: std::collections::HashMap<i64, u64>,
     started: Instant,
 }
 
@@ -235,7 +237,10 @@ impl System {
                 .get_mut(product)
                 .expect("a sale product") += self.restock;
         }
-        let counts = self.ledger.lock().expect("ledger").counts();
+        let (counts, demand) = {
+            let ledger = self.ledger.lock().expect("ledger");
+            (ledger.counts(), ledger.demand.clone())
+        };
         println!(
             "\n[{}] {name}: restocked {} units of each of {} products; {} clients buying",
             self.phase,
@@ -252,19 +257,24 @@ impl System {
         ));
         Ok(Phase {
             counts,
+            demand,
             started: Instant::now(),
         })
     }
 
-    /// Keeps the load on until demand exceeds supply for every product, stops it, waits until
+    /// Keeps the load on until this phase's demand exceeds its restock for every product, stops it, waits until
     /// every accepted request is decided and checks the promises. Returns the violations.
     pub async fn end(&mut self, phase: Phase) -> Result<Vec<String>> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let short = {
                 let ledger = self.ledger.lock().expect("ledger");
-                self.catalogue.supply.iter().any(|(product, supply)| {
-                    (ledger.demand.get(product).copied().unwrap_or(0) as i64) < supply + 5
+                // Every phase sells out: its own demand exceeds its restock, so at its end the
+                // stock is 0 and units sold == min(demand, supply) holds exactly.
+                self.catalogue.supply.keys().any(|product| {
+                    let now = ledger.demand.get(product).copied().unwrap_or(0);
+                    let before = phase.demand.get(product).copied().unwrap_or(0);
+                    now - before < self.restock as u64 + 5
                 })
             };
             if !short || Instant::now() > deadline {
