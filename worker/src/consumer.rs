@@ -243,8 +243,16 @@ async fn ack_all(partition: PartitionId, deliveries: &[Delivery]) {
     let Some(last) = deliveries.last() else {
         return;
     };
-    if let Err(err) = last.acker.ack(BasicAckOptions { multiple: true }).await {
+    // Bounded: on a connection that died unnoticed, an ack may never complete.
+    let ack = last.acker.ack(BasicAckOptions { multiple: true });
+    match tokio::time::timeout(Duration::from_secs(5), ack).await {
+        Ok(Ok(_)) => {}
         // The batch is committed; if the ack is lost it is redelivered and replayed.
-        tracing::warn!(%partition, error = %err, "could not ack a committed batch; it will be replayed");
+        Ok(Err(err)) => {
+            tracing::warn!(%partition, error = %err, "could not ack a committed batch; it will be replayed");
+        }
+        Err(_elapsed) => {
+            tracing::warn!(%partition, "acking a committed batch timed out; it will be replayed");
+        }
     }
 }

@@ -79,6 +79,9 @@ pub async fn run(
     result
 }
 
+/// How long partition consumers may take to finish their batch when a session ends.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// One connection's life: open it, consume every partition on a channel of its own, until
 /// shutdown (`Ok`) or until a consumer fails (`Err`; the others are stopped and the
 /// connection closed first).
@@ -112,20 +115,38 @@ async fn session(
     }
     tracing::info!(partitions = topology.partitions, queue_prefix = %topology.queue_prefix, "worker consuming");
 
-    let mut result = Ok(());
-    while let Some(ended) = consumers.join_next().await {
-        let failure = match ended {
-            Ok(Ok(())) if session_stop.is_cancelled() => continue,
-            Ok(Ok(())) => anyhow::anyhow!("a partition consumer stopped unexpectedly"),
-            Ok(Err(err)) => err,
-            Err(join) => anyhow::Error::new(join).context("a partition consumer panicked"),
-        };
-        if result.is_ok() {
-            result = Err(failure);
-            session_stop.cancel(); // the others finish their batch and stop
-        } else {
-            tracing::debug!(error = ?failure, "another partition consumer ended");
+    // Until shutdown, a consumer's end, or the connection found down. lapin does not always
+    // wake a consumer whose connection died, so the connection is also watched.
+    let mut watchdog = tokio::time::interval(Duration::from_millis(500));
+    let result = loop {
+        tokio::select! {
+            () = session_stop.cancelled() => break Ok(()),
+            Some(ended) = consumers.join_next() => break Err(match ended {
+                Ok(Ok(())) => anyhow::anyhow!("a partition consumer stopped unexpectedly"),
+                Ok(Err(err)) => err,
+                Err(join) => anyhow::Error::new(join).context("a partition consumer panicked"),
+            }),
+            _ = watchdog.tick() => {
+                if !connection.status().connected() {
+                    break Err(anyhow::anyhow!("the RabbitMQ connection is down"));
+                }
+            }
         }
+    };
+    // The others finish the batch they are deciding, within a grace period; after it, they are
+    // aborted (a batch in flight rolls back and stays unacked, to be redelivered).
+    session_stop.cancel();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(ended) = consumers.join_next().await {
+            if let Ok(Err(err)) = ended {
+                tracing::debug!(error = ?err, "partition consumer ended with an error");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "partition consumers did not stop in time; aborting them");
+        consumers.shutdown().await;
     }
     if let Err(err) = connection.close(200, "worker session ending".into()).await {
         tracing::debug!(error = %err, "closing the RabbitMQ connection");
