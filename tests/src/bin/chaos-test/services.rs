@@ -126,7 +126,21 @@ impl Services {
                     .with_context(|| format!("removing {}", path.display()))?;
             }
         }
-        self.local(&["services"]).await
+        // A port of ours can be taken for a moment as the ephemeral port of somebody's outgoing
+        // connection (the ranges overlap): then the start fails, and a retry works.
+        let mut attempt = 1;
+        loop {
+            match self.local(&["services"]).await {
+                Ok(()) => return Ok(()),
+                Err(err) if attempt < 3 => {
+                    println!("    starting the services failed ({err:#}); retrying");
+                    self.down().await?;
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     pub async fn down(&self) -> Result<()> {
