@@ -405,7 +405,8 @@ start_epmd() {
   nohup setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
     epmd -address 127.0.0.1 -port "$RMQ_EPMD_PORT" >>"$LOG_DIR/epmd.log" 2>&1 </dev/null &
   echo "$!" >"$EPMD_PID_FILE"
-  wait_until 10 epmd_answers || die "epmd did not start on 127.0.0.1:$RMQ_EPMD_PORT"
+  # 30 s: on a loaded machine (other builds running) epmd can take a while to answer.
+  wait_until 30 epmd_answers || die "epmd did not start on 127.0.0.1:$RMQ_EPMD_PORT"
 }
 
 rmq_launch() {
