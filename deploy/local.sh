@@ -53,9 +53,12 @@ EPMD_PID_FILE=$RUN_DIR/epmd.pid
 
 API_ADDR=127.0.0.1:$((8080 + OFFSET))
 # The chaos test's own copy of the services (it stops and kills them): a state folder inside
-# ours and ports 2000 above ours, unless set.
+# ours and ports 6000 above ours, unless set. 6000 puts its PostgreSQL, Redis and RabbitMQ
+# ports (61432 and up) above Linux's ephemeral port range (32768-60999): it restarts them
+# often, and a port inside that range is now and then held for a moment by somebody's
+# outgoing connection, which makes the restart fail with "address already in use".
 CHAOS_STATE=${ALLOT_CHAOS_STATE:-$STATE/chaos}
-CHAOS_OFFSET=${ALLOT_CHAOS_PORT_OFFSET:-$((OFFSET + 2000))}
+CHAOS_OFFSET=${ALLOT_CHAOS_PORT_OFFSET:-$((OFFSET + 6000))}
 FUNCTIONAL_ADDR=127.0.0.1:$((18080 + OFFSET))
 ADMIN_TOKEN_FILE=$STATE/admin-token
 

@@ -26,8 +26,8 @@ pub enum PublishError {
     /// No route to the partition queue (it does not exist): a deployment error.
     #[error("the message could not be routed to queue {0}")]
     Unroutable(String),
-    /// The publish channel is not connected (the broker is down, or lapin is still recovering
-    /// the connection): refused at once, nothing was sent.
+    /// The publish channel is not connected (the broker is down, or a fresh connection is
+    /// still being opened): refused at once, nothing was sent.
     #[error("the broker connection is down")]
     Disconnected,
     /// The publish could not even be sent: the connection or channel is down (for example
@@ -111,6 +111,12 @@ async fn keep_connected(url: String, topology: Topology, link: Arc<RwLock<Arc<Li
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.reconnect.abort();
     }
 }
 

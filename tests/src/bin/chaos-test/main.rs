@@ -52,8 +52,10 @@ pub struct Args {
     #[arg(long, env = "ALLOT_CHAOS_LONG")]
     long: bool,
 
-    /// Port offset of the chaos copy's services (deploy/local.sh ALLOT_LOCAL_PORT_OFFSET).
-    #[arg(long, env = "ALLOT_CHAOS_PORT_OFFSET", default_value_t = 2000)]
+    /// Port offset of the chaos copy's services (deploy/local.sh ALLOT_LOCAL_PORT_OFFSET). The
+    /// default puts the service ports above Linux's ephemeral range (32768-60999), where no
+    /// outgoing connection can hold one for a moment while it is being restarted.
+    #[arg(long, env = "ALLOT_CHAOS_PORT_OFFSET", default_value_t = 6000)]
     port_offset: u16,
 
     /// State folder of the chaos copy (wiped at the start); default `<repo>/.allot/chaos`.

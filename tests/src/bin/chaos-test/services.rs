@@ -126,16 +126,16 @@ impl Services {
                     .with_context(|| format!("removing {}", path.display()))?;
             }
         }
-        // A port of ours can be taken for a moment as the ephemeral port of somebody's outgoing
-        // connection (the ranges overlap): then the start fails, and a retry works.
+        // A port of ours inside the ephemeral range can be taken for a moment by somebody's
+        // outgoing connection: then the start fails, and a later retry works.
         let mut attempt = 1;
         loop {
             match self.local(&["services"]).await {
                 Ok(()) => return Ok(()),
-                Err(err) if attempt < 3 => {
+                Err(err) if attempt < 5 => {
                     println!("    starting the services failed ({err:#}); retrying");
                     self.down().await?;
-                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                     attempt += 1;
                 }
                 Err(err) => return Err(err),
