@@ -1,8 +1,10 @@
 //! Publishing accepted requests to their partition queue, with publisher confirms: a request
 //! counts as accepted only once RabbitMQ confirmed it stored the (persistent) message.
 //!
-//! Many request handlers share one confirm-mode channel; each awaits its own confirm, so
-//! confirms are pipelined rather than serialised.
+//! Request handlers share a few confirm-mode channels, taken in turn; each handler awaits its
+//! own confirm, so confirms are pipelined rather than serialised. More than one channel because
+//! a channel is one sequence of frames and confirms on the broker side: under load a single one
+//! became the accept path's bottleneck (see docs/benchmarks.md).
 
 use allot_shared::amqp::{self, Topology};
 use allot_shared::partition::partition_for;
@@ -10,6 +12,7 @@ use allot_shared::{PartitionId, ProductId, PurchaseRequest};
 use anyhow::Context;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Why a publish did not become an accepted request.
@@ -41,34 +44,45 @@ impl PublishError {
     }
 }
 
-/// The API's connection to RabbitMQ and its confirm-mode channel.
+/// The API's connection to RabbitMQ and its confirm-mode channels.
 pub struct Publisher {
     connection: Connection,
-    channel: Channel,
+    /// Confirm-mode channels, used round-robin.
+    channels: Vec<Channel>,
+    /// The next channel to use (modulo their number).
+    next: AtomicUsize,
     topology: Topology,
     confirm_timeout: Duration,
 }
 
 impl Publisher {
-    /// Connects, declares every partition queue and enables publisher confirms.
+    /// Connects, declares every partition queue and opens `channels` confirm-mode channels.
     pub async fn connect(
         url: &str,
         topology: Topology,
         confirm_timeout: Duration,
+        channels: usize,
     ) -> anyhow::Result<Self> {
         let connection = amqp::connect(url, "allot-api").await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .context("failed to open the publish channel")?;
-        topology.declare_all(&channel).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .context("failed to enable publisher confirms")?;
+        let mut opened = Vec::with_capacity(channels.max(1));
+        for _ in 0..channels.max(1) {
+            let channel = connection
+                .create_channel()
+                .await
+                .context("failed to open a publish channel")?;
+            if opened.is_empty() {
+                topology.declare_all(&channel).await?;
+            }
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .context("failed to enable publisher confirms")?;
+            opened.push(channel);
+        }
         Ok(Self {
             connection,
-            channel,
+            channels: opened,
+            next: AtomicUsize::new(0),
             topology,
             confirm_timeout,
         })
@@ -84,7 +98,9 @@ impl Publisher {
             .with_message_id(request.transaction_id.to_string().into());
         let payload = request.to_json();
         let deadline = tokio::time::Instant::now() + self.confirm_timeout;
-        let send = self.channel.basic_publish(
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let channel = &self.channels[turn % self.channels.len()];
+        let send = channel.basic_publish(
             "".into(),
             queue.as_str().into(),
             BasicPublishOptions {

@@ -10,4 +10,5 @@ mod helpers;
 
 mod api_contract;
 mod pipeline;
+mod sold_out;
 mod unconfirmed;

@@ -3,6 +3,7 @@
 use crate::error::ApiError;
 use crate::extract::{self, AppJson};
 use crate::publisher::PublishError;
+use crate::sold_out::SoldOutAnswer;
 use crate::state::AppState;
 use allot_shared::stored::{self, Withdrawal};
 use allot_shared::{Clock, SystemClock};
@@ -12,7 +13,7 @@ use allot_shared::{
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 /// The body of `addToCart`. The newtypes reject zero, negative and out-of-range values.
@@ -31,7 +32,8 @@ pub struct Accepted {
     pub status: Status,
 }
 
-/// Validates, records the transaction as pending, publishes it and waits for the broker's
+/// Validates; answers a request for a sold-out product at once with its final outcome (see
+/// [`crate::sold_out`]); otherwise records the transaction as pending, publishes it and waits for the broker's
 /// confirm; only then answers 202. If the request cannot be confirmed it is not accepted:
 /// 503 with `Retry-After`, and its pending record is removed. If the broker may have stored it
 /// anyway (no confirm in time, or the connection dropped after sending), the request is also
@@ -41,12 +43,16 @@ pub struct Accepted {
 pub async fn add_to_cart(
     State(state): State<AppState>,
     AppJson(body): AppJson<AddToCart>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
     if body.quantity.get() > state.max_quantity {
         return Err(ApiError::InvalidBody(format!(
             "quantity must be at most {}, got {}",
             state.max_quantity, body.quantity
         )));
+    }
+    if state.sold_out.contains(body.product_id) {
+        let answer = SoldOutAnswer::new(body.user_id, body.product_id, body.quantity);
+        return Ok((StatusCode::OK, Json(answer)).into_response());
     }
     let request = PurchaseRequest {
         transaction_id: TransactionId::new(),
@@ -60,25 +66,40 @@ pub async fn add_to_cart(
         tracing::field::display(request.transaction_id),
     );
 
-    state
-        .statuses
-        .record_pending(&TransactionView::pending(&request))
-        .await
-        .map_err(|err| {
+    // The pending record and the publish run at once: the accept path costs one round trip
+    // (the slower of Redis and the confirm) instead of two. Safe because the pending write is a
+    // `SET NX` and the worker's final status a plain `SET`: a pending write that lands after a
+    // fast worker's decision cannot overwrite it. A 202 still needs both to have succeeded.
+    let pending = TransactionView::pending(&request);
+    let (recorded, published) = tokio::join!(
+        state.statuses.record_pending(&pending),
+        state.publisher.publish(&request),
+    );
+    match (recorded, published) {
+        (Ok(()), Ok(())) => {}
+        (recorded, Err(err)) => {
+            if err.is_ambiguous()
+                && withdraw(&state, &request).await == Some(Withdrawal::AlreadyDecided)
+            {
+                tracing::info!("unconfirmed publish was stored and decided after all: accepted");
+            } else {
+                if recorded.is_ok() {
+                    state.statuses.forget(request.transaction_id).await;
+                }
+                return Err(publish_error(err));
+            }
+        }
+        (Err(err), Ok(())) => {
+            // Confirmed, but without a pending record the id would answer 404 until decided:
+            // refuse it, and withdraw the queued message so that no worker sells it.
             tracing::warn!(error = ?err, "refusing a request: Redis is unavailable");
-            ApiError::unavailable(
-                "the status store is unavailable; the request was not accepted, try again",
-                1,
-            )
-        })?;
-    if let Err(err) = state.publisher.publish(&request).await {
-        if err.is_ambiguous()
-            && withdraw(&state, &request).await == Some(Withdrawal::AlreadyDecided)
-        {
-            tracing::info!("unconfirmed publish was stored and decided after all: accepted");
-        } else {
-            state.statuses.forget(request.transaction_id).await;
-            return Err(publish_error(err));
+            if withdraw(&state, &request).await != Some(Withdrawal::AlreadyDecided) {
+                return Err(ApiError::unavailable(
+                    "the status store is unavailable; the request was not accepted, try again",
+                    1,
+                ));
+            }
+            tracing::info!("the request was decided before Redis failed: accepted");
         }
     }
 
@@ -91,7 +112,8 @@ pub async fn add_to_cart(
         StatusCode::ACCEPTED,
         [(header::LOCATION, location)],
         Json(accepted),
-    ))
+    )
+        .into_response())
 }
 
 /// Withdraws a request whose publish may have reached the broker unconfirmed (see
