@@ -4,6 +4,8 @@
 #   deploy/local.sh services   install (if missing) and start private PostgreSQL, Redis, RabbitMQ
 #   deploy/local.sh up         services + release build + start allot-api and allot-worker
 #   deploy/local.sh test       services + fmt + clippy + tests + functional test on a fresh system
+#   deploy/local.sh bench      services + release build + the benchmark on a fresh allot
+#                              (`bench --smoke`: the tiny form that `test` runs)
 #   deploy/local.sh status     show what runs
 #   deploy/local.sh down       stop everything this script started
 #
@@ -50,6 +52,8 @@ EPMD_PID_FILE=$RUN_DIR/epmd.pid
 
 API_ADDR=127.0.0.1:$((8080 + OFFSET))
 FUNCTIONAL_ADDR=127.0.0.1:$((18080 + OFFSET))
+BENCH_ADDR=127.0.0.1:$((28080 + OFFSET))
+BENCH_REFERENCE_ADDR=127.0.0.1:$((29080 + OFFSET))
 ADMIN_TOKEN_FILE=$STATE/admin-token
 
 # The environment every RabbitMQ command (server and CLI) gets, so that they all talk to the
@@ -471,7 +475,7 @@ recreate_vhost() {
 # allot's own processes (allot-api, allot-worker), one pid file each in .allot/run
 # ---------------------------------------------------------------------------------------------
 
-APPS=(api worker functional-api functional-worker)
+APPS=(api worker functional-api functional-worker bench-api bench-worker)
 
 app_pid_file() { printf '%s\n' "$RUN_DIR/$1.pid"; }
 
@@ -671,6 +675,57 @@ run_functional_test() {
   return "$status"
 }
 
+# The benchmark (tests/src/bin/bench) against a fresh allot on its own database, vhost, Redis db
+# 4 and port, with binaries from $1 (release or debug); "${@:2}" go to the bench (--smoke).
+# The reference servers it spawns listen on $BENCH_REFERENCE_ADDR; the naive design gets a
+# database of its own. Everything is stopped when the bench ends.
+run_bench() {
+  local bin=$1 token env status=0
+  shift
+  recreate_database allot_bench
+  recreate_database allot_bench_naive
+  recreate_vhost allot-bench
+  redis_cli -n 4 flushdb >/dev/null
+  token=$(random_token)
+  env=(
+    "ALLOT_HTTP_ADDR=$BENCH_ADDR"
+    "ALLOT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/allot_bench"
+    "ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-bench"
+    "ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/4"
+    "ALLOT_ADMIN_TOKEN=$token"
+    "RUST_LOG=warn"
+  )
+  require_free_port "${BENCH_ADDR##*:}" "the benchmark's allot-api"
+  rm -f "$(app_log bench-api)" "$(app_log bench-worker)"
+  start_app bench-worker "$bin/allot-worker" "${env[@]}"
+  start_app bench-api "$bin/allot-api" "${env[@]}"
+  wait_apps_ready "http://$BENCH_ADDR/readyz" bench-api bench-worker
+  timeout 1200 "$bin/bench" --base-url "http://$BENCH_ADDR" --admin-token "$token" \
+    --database-url "postgres://postgres@127.0.0.1:$PG_PORT/allot_bench" \
+    --amqp-url "amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-bench" \
+    --naive-database-url "postgres://postgres@127.0.0.1:$PG_PORT/allot_bench_naive" \
+    --reference-addr "$BENCH_REFERENCE_ADDR" \
+    --api-pid "$(app_pid bench-api)" --worker-pid "$(app_pid bench-worker)" "$@" || status=$?
+  if ((status != 0)); then
+    show_logs "$(app_log bench-api)" "$(app_log bench-worker)"
+  fi
+  stop_app bench-api
+  stop_app bench-worker
+  return "$status"
+}
+
+# `deploy/local.sh bench [--smoke] [bench flags]`: the benchmark, self-contained: services,
+# release build, a fresh allot, every scenario and reference, then allot is stopped again.
+cmd_bench() {
+  trap 'stop_app bench-api; stop_app bench-worker' EXIT
+  cmd_services
+  ensure_cargo
+  cd "$ROOT"
+  log "building release binaries"
+  cargo build --release --bins -p allot-api -p allot-worker -p allot-tests
+  run_bench "$(target_dir)/release" "$@"
+}
+
 # EXIT trap of `test`: the functional system never outlives the run; with CI=true nothing does.
 on_test_exit() {
   local status=$?
@@ -678,6 +733,8 @@ on_test_exit() {
   [[ $status -ne 0 && -n $CURRENT_STEP ]] && printf '\nerror: step failed: %s\n' "$CURRENT_STEP" >&2
   stop_app functional-api
   stop_app functional-worker
+  stop_app bench-api
+  stop_app bench-worker
   if [[ ${CI:-} == true ]]; then
     log "CI=true: stopping the services"
     cmd_down
@@ -692,12 +749,14 @@ cmd_test() {
   cmd_services
   ensure_cargo
   cd "$ROOT"
-  run_step "[1/5] cargo fmt --all --check" cargo fmt --all --check
-  run_step "[2/5] cargo clippy --workspace --all-targets -- -D warnings" \
+  run_step "[1/6] cargo fmt --all --check" cargo fmt --all --check
+  run_step "[2/6] cargo clippy --workspace --all-targets -- -D warnings" \
     cargo clippy --workspace --all-targets -- -D warnings
-  run_step "[3/5] preparing test resources" recreate_vhost allot-test
-  run_step "[4/5] cargo tests" run_cargo_tests
-  run_step "[5/5] functional test against a fresh allot on $FUNCTIONAL_ADDR" run_functional_test
+  run_step "[3/6] preparing test resources" recreate_vhost allot-test
+  run_step "[4/6] cargo tests" run_cargo_tests
+  run_step "[5/6] functional test against a fresh allot on $FUNCTIONAL_ADDR" run_functional_test
+  run_step "[6/6] benchmark smoke run (no timing assertions) on $BENCH_ADDR" \
+    run_bench "$(target_dir)/debug" --smoke
   log "all test steps passed"
   [[ ${CI:-} == true ]] || log "the services stay up for the next run; deploy/local.sh down stops them"
 }
@@ -761,6 +820,10 @@ usage: deploy/local.sh COMMAND
   test      services, cargo fmt --check, clippy, cargo tests, and the functional test against a
             fresh allot on http://$FUNCTIONAL_ADDR; the services stay up afterwards, except
             with CI=true
+  bench [--smoke] [bench flags]
+            services, release build, then the benchmark (tests/src/bin/bench) against a fresh
+            allot on http://$BENCH_ADDR, reference servers on $BENCH_REFERENCE_ADDR; about 3
+            minutes; --smoke is the tiny form \`test\` runs (figures meaningless)
   status    show what runs
   env       print the URLs of these services as shell exports (for cargo test by hand)
   rabbitmqctl ARGS...
@@ -779,6 +842,7 @@ main() {
     services) cmd_services ;;
     up) cmd_up ;;
     test) cmd_test ;;
+    bench) cmd_bench "$@" ;;
     down) cmd_down ;;
     status) cmd_status ;;
     env) cmd_env ;;
