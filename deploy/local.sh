@@ -693,13 +693,19 @@ run_bench() {
     "ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-bench"
     "ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/4"
     "ALLOT_ADMIN_TOKEN=$token"
-    "RUST_LOG=warn"
   )
   require_free_port "${BENCH_ADDR##*:}" "the benchmark's allot-api"
   rm -f "$(app_log bench-api)" "$(app_log bench-worker)"
-  start_app bench-worker "$bin/allot-worker" "${env[@]}"
+  # The API first: it declares the queues on the fresh vhost; the worker once they exist (two
+  # processes declaring the same quorum queues at once on a new vhost made RabbitMQ close the
+  # worker's connection with INTERNAL_ERROR).
   start_app bench-api "$bin/allot-api" "${env[@]}"
-  wait_apps_ready "http://$BENCH_ADDR/readyz" bench-api bench-worker
+  wait_apps_ready "http://$BENCH_ADDR/readyz" bench-api
+  start_app bench-worker "$bin/allot-worker" "${env[@]}"
+  wait_until 60 grep -q "worker consuming" "$(app_log bench-worker)" && apps_alive bench-worker || {
+    show_logs "$(app_log bench-worker)"
+    die "the benchmark's worker did not start consuming"
+  }
   timeout 1200 "$bin/bench" --base-url "http://$BENCH_ADDR" --admin-token "$token" \
     --database-url "postgres://postgres@127.0.0.1:$PG_PORT/allot_bench" \
     --amqp-url "amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-bench" \
