@@ -30,9 +30,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let publisher = state.publisher.clone();
-    let refresher = state
-        .sold_out_refresh
-        .map(|every| state.sold_out.clone().spawn_refresher(state.pool.clone(), every));
+    let refresher = state.sold_out_refresh.map(|every| {
+        state
+            .sold_out
+            .clone()
+            .spawn_refresher(state.pool.clone(), every)
+    });
     let address = listener.local_addr().context("listener has no address")?;
     tracing::info!(%address, "API listening");
     axum::serve(listener, routes::router(state))

@@ -15,7 +15,10 @@ pub struct Admin {
 /// directly). Only loopback addresses are accepted: the bench never targets another machine.
 pub fn socket_addr(base_url: &str) -> Result<SocketAddr> {
     let url = reqwest::Url::parse(base_url).with_context(|| format!("invalid URL {base_url:?}"))?;
-    ensure!(url.scheme() == "http", "{base_url:?} must be a plain http:// URL");
+    ensure!(
+        url.scheme() == "http",
+        "{base_url:?} must be a plain http:// URL"
+    );
     let addr: SocketAddr = format!(
         "{}:{}",
         url.host_str().unwrap_or_default(),
@@ -23,7 +26,10 @@ pub fn socket_addr(base_url: &str) -> Result<SocketAddr> {
     )
     .parse()
     .with_context(|| format!("{base_url:?} must name an IP address"))?;
-    ensure!(addr.ip().is_loopback(), "the bench only targets loopback addresses, not {addr}");
+    ensure!(
+        addr.ip().is_loopback(),
+        "the bench only targets loopback addresses, not {addr}"
+    );
     Ok(addr)
 }
 

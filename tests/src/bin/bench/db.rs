@@ -25,13 +25,12 @@ pub struct Decisions {
 
 /// Rows decided so far for products `first..=last`.
 pub async fn decided_count(pool: &PgPool, first: i64, last: i64) -> Result<u64> {
-    let count: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM transactions WHERE product_id BETWEEN $1 AND $2",
-    )
-    .bind(first)
-    .bind(last)
-    .fetch_one(pool)
-    .await?;
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM transactions WHERE product_id BETWEEN $1 AND $2")
+            .bind(first)
+            .bind(last)
+            .fetch_one(pool)
+            .await?;
     Ok(count as u64)
 }
 
@@ -122,7 +121,12 @@ pub async fn check_gapless(pool: &PgPool) -> Result<u64> {
 
 /// Creates `count` products with `stock` units each, straight in the database (the catalogue
 /// is set-up, not what is measured); returns the first and last id.
-pub async fn create_products(pool: &PgPool, prefix: &str, count: i64, stock: i64) -> Result<(i64, i64)> {
+pub async fn create_products(
+    pool: &PgPool,
+    prefix: &str,
+    count: i64,
+    stock: i64,
+) -> Result<(i64, i64)> {
     let ids: Vec<i64> = sqlx::query_scalar(
         "INSERT INTO products (name, stock) SELECT $1 || g, $2 FROM generate_series(1, $3) AS g \
          RETURNING id",

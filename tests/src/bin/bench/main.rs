@@ -40,19 +40,40 @@ struct Args {
     #[arg(long, env = "ALLOT_BASE_URL", default_value = "http://127.0.0.1:8080")]
     base_url: String,
     /// Bearer token of the admin endpoints.
-    #[arg(long, env = "ALLOT_ADMIN_TOKEN", hide_env_values = true, default_value = "")]
+    #[arg(
+        long,
+        env = "ALLOT_ADMIN_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
     admin_token: String,
     /// allot's database (a fresh one), for the correctness checks and decision times.
-    #[arg(long, env = "ALLOT_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/allot")]
+    #[arg(
+        long,
+        env = "ALLOT_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:55432/allot"
+    )]
     database_url: String,
     /// RabbitMQ, for the publish reference (it uses a queue `bench.reference`).
-    #[arg(long, env = "ALLOT_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:55672/%2f")]
+    #[arg(
+        long,
+        env = "ALLOT_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:55672/%2f"
+    )]
     amqp_url: String,
     /// The naive design's own database (it creates its table there).
-    #[arg(long, env = "ALLOT_BENCH_NAIVE_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/allot_bench_naive")]
+    #[arg(
+        long,
+        env = "ALLOT_BENCH_NAIVE_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:55432/allot_bench_naive"
+    )]
     naive_database_url: String,
     /// Where the reference servers listen.
-    #[arg(long, env = "ALLOT_BENCH_REFERENCE_ADDR", default_value = "127.0.0.1:19080")]
+    #[arg(
+        long,
+        env = "ALLOT_BENCH_REFERENCE_ADDR",
+        default_value = "127.0.0.1:19080"
+    )]
     reference_addr: SocketAddr,
     /// pid of allot-api, to sample its memory.
     #[arg(long)]
@@ -193,14 +214,31 @@ async fn run(args: Args) -> Result<Vec<String>> {
         admin: admin::Admin::new(&args.base_url, &args.admin_token)?,
         failures: Vec::new(),
     };
-    let memory: Vec<rss::Watched> = [("allot-api", args.api_pid), ("allot-worker", args.worker_pid)]
-        .into_iter()
-        .filter_map(|(name, pid)| pid.map(|pid| rss::Watched::start(name, pid)))
-        .collect();
+    let memory: Vec<rss::Watched> = [
+        ("allot-api", args.api_pid),
+        ("allot-worker", args.worker_pid),
+    ]
+    .into_iter()
+    .filter_map(|(name, pid)| pid.map(|pid| rss::Watched::start(name, pid)))
+    .collect();
 
-    println!("bench: {} phases of {:?}, {} connections{}", if args.smoke { "smoke" } else { "full" }, settings.duration, settings.connections, if args.smoke { " (figures meaningless)" } else { "" });
+    println!(
+        "bench: {} phases of {:?}, {} connections{}",
+        if args.smoke { "smoke" } else { "full" },
+        settings.duration,
+        settings.connections,
+        if args.smoke {
+            " (figures meaningless)"
+        } else {
+            ""
+        }
+    );
     let mut references = Vec::new();
-    for kind in [refserver::Kind::Bare, refserver::Kind::Publish, refserver::Kind::Naive] {
+    for kind in [
+        refserver::Kind::Bare,
+        refserver::Kind::Publish,
+        refserver::Kind::Naive,
+    ] {
         let tally = reference(&args, kind, &settings).await?;
         report::load_line(&format!("reference {}", kind.name()), &tally);
         references.push((kind, tally));
@@ -237,18 +275,28 @@ async fn reference(args: &Args, kind: refserver::Kind, s: &Settings) -> Result<l
         .spawn()
         .context("spawning a reference server")?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(args.reference_addr).await.is_err() {
+    while tokio::net::TcpStream::connect(args.reference_addr)
+        .await
+        .is_err()
+    {
         if let Some(status) = child.try_wait()? {
             anyhow::bail!("reference server {} exited: {status}", kind.name());
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "reference server {} did not listen", kind.name());
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "reference server {} did not listen",
+            kind.name()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let load = load::Load {
         addr: args.reference_addr,
         path: refserver::PATH.into(),
         body: Arc::new(|i| {
-            bytes::Bytes::from(format!(r#"{{"user_id":{},"product_id":1,"quantity":1}}"#, i + 1))
+            bytes::Bytes::from(format!(
+                r#"{{"user_id":{},"product_id":1,"quantity":1}}"#,
+                i + 1
+            ))
         }),
     };
     let counter = Arc::new(AtomicU64::new(0));
@@ -257,7 +305,9 @@ async fn reference(args: &Args, kind: refserver::Kind, s: &Settings) -> Result<l
     child.kill().await.ok();
     if kind == refserver::Kind::Publish {
         let (connection, channel) = refserver::open_channel(&args.amqp_url).await?;
-        channel.queue_delete(refserver::REFERENCE_QUEUE.into(), Default::default()).await?;
+        channel
+            .queue_delete(refserver::REFERENCE_QUEUE.into(), Default::default())
+            .await?;
         connection.close(200, "done".into()).await.ok();
     }
     Ok(tally)

@@ -63,7 +63,8 @@ pub async fn serve(kind: Kind, addr: SocketAddr, amqp_url: &str, naive_db: &str)
     Ok(())
 }
 
-const ACCEPTED: &str = r#"{"transaction_id":"01a20115-940a-7103-84d0-01f4c76444b1","status":"pending"}"#;
+const ACCEPTED: &str =
+    r#"{"transaction_id":"01a20115-940a-7103-84d0-01f4c76444b1","status":"pending"}"#;
 
 fn accepted() -> impl IntoResponse {
     (
@@ -156,7 +157,10 @@ struct Order {
     quantity: i64,
 }
 
-async fn naive(State(pool): State<PgPool>, axum::Json(order): axum::Json<Order>) -> impl IntoResponse {
+async fn naive(
+    State(pool): State<PgPool>,
+    axum::Json(order): axum::Json<Order>,
+) -> impl IntoResponse {
     let updated: Result<Option<i64>, _> = sqlx::query_scalar(
         "UPDATE products SET stock = stock - $1 WHERE id = 1 AND stock >= $1 RETURNING stock",
     )

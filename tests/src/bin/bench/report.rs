@@ -24,7 +24,11 @@ pub fn load_line(name: &str, tally: &Tally) {
 fn errors(tally: &Tally) -> String {
     let mut text = String::new();
     if tally.errors > 0 {
-        text += &format!("  errors {} (first: {})", tally.errors, tally.first_error.as_deref().unwrap_or(""));
+        text += &format!(
+            "  errors {} (first: {})",
+            tally.errors,
+            tally.first_error.as_deref().unwrap_or("")
+        );
     }
     if tally.unsent > 0 {
         text += &format!("  unsent {}", tally.unsent);
@@ -59,7 +63,10 @@ pub fn flash(f: &Flash) {
     decisions_line("flash decisions", &f.decisions);
     load_line("sold out", &f.sold_out);
     match f.reopened_after {
-        Some(after) => println!("restock re-opened the product after {:.1} ms", after.as_secs_f64() * 1000.0),
+        Some(after) => println!(
+            "restock re-opened the product after {:.1} ms",
+            after.as_secs_f64() * 1000.0
+        ),
         None => println!("restock: the product did NOT re-open"),
     }
 }
@@ -100,25 +107,86 @@ pub fn targets(references: &[(Kind, Tally)], a: &Accept, f: &Flash, w: &Wide, me
     let accept = a.closed.rate();
     println!("\ntargets (ratios of this run's figures):");
     let row = |name: &str, value: String, goal: &str, met: bool| {
-        println!("  {name:<44} {value:>14}   goal {goal:<12} {}", verdict(met));
+        println!(
+            "  {name:<44} {value:>14}   goal {goal:<12} {}",
+            verdict(met)
+        );
     };
-    row("1. accept / axum+confirmed publish", format!("{:.2}x", accept / publish), ">= 0.9x", accept / publish >= 0.9);
-    row("1. accept / naive hot row", format!("{:.1}x", accept / naive), ">= 6x", accept / naive >= 6.0);
-    row("1. accept p99 (closed loop)", format!("{:.1} ms", a.closed.ms(0.99)), "<= 20 ms", a.closed.ms(0.99) <= 20.0);
+    row(
+        "1. accept / axum+confirmed publish",
+        format!("{:.2}x", accept / publish),
+        ">= 0.9x",
+        accept / publish >= 0.9,
+    );
+    row(
+        "1. accept / naive hot row",
+        format!("{:.1}x", accept / naive),
+        ">= 6x",
+        accept / naive >= 6.0,
+    );
+    row(
+        "1. accept p99 (closed loop)",
+        format!("{:.1} ms", a.closed.ms(0.99)),
+        "<= 20 ms",
+        a.closed.ms(0.99) <= 20.0,
+    );
     let flash_rate = f.decisions.per_second;
-    row("2. flash decisions/s, one partition", format!("{flash_rate:.0}/s"), ">= 15000/s", flash_rate >= 15_000.0);
+    row(
+        "2. flash decisions/s, one partition",
+        format!("{flash_rate:.0}/s"),
+        ">= 15000/s",
+        flash_rate >= 15_000.0,
+    );
     let a2d = f.decisions.latency.value_at_quantile(0.99) as f64 / 1000.0;
-    row("2. flash accept-to-decided p99", format!("{a2d:.1} ms"), "<= 250 ms", a2d <= 250.0);
-    row("3. sold-out answers / bare axum", format!("{:.2}x", f.sold_out.rate() / bare), ">= 0.8x", f.sold_out.rate() / bare >= 0.8);
-    let reopen = f.reopened_after.map_or(f64::INFINITY, |d| d.as_secs_f64() * 1000.0);
-    row("3. restock re-opens after", format!("{reopen:.1} ms"), "<= 1000 ms", reopen <= 1000.0);
+    row(
+        "2. flash accept-to-decided p99",
+        format!("{a2d:.1} ms"),
+        "<= 250 ms",
+        a2d <= 250.0,
+    );
+    row(
+        "3. sold-out answers / bare axum",
+        format!("{:.2}x", f.sold_out.rate() / bare),
+        ">= 0.8x",
+        f.sold_out.rate() / bare >= 0.8,
+    );
+    let reopen = f
+        .reopened_after
+        .map_or(f64::INFINITY, |d| d.as_secs_f64() * 1000.0);
+    row(
+        "3. restock re-opens after",
+        format!("{reopen:.1} ms"),
+        "<= 1000 ms",
+        reopen <= 1000.0,
+    );
     let wide_ratio = w.closed.rate() / accept;
-    row("4. wide accept / accept", format!("{wide_ratio:.2}x"), ">= 0.9x", wide_ratio >= 0.9);
-    row("4. wide partitions busy", format!("{}", w.decisions.partitions), "all", true);
+    row(
+        "4. wide accept / accept",
+        format!("{wide_ratio:.2}x"),
+        ">= 0.9x",
+        wide_ratio >= 0.9,
+    );
+    row(
+        "4. wide partitions busy",
+        format!("{}", w.decisions.partitions),
+        "all",
+        true,
+    );
     for process in memory {
         let (max, _) = process.mib();
-        let limit = if process.name == "allot-api" { 64.0 } else { 128.0 };
-        row(&format!("5. {} max RSS", process.name), format!("{max:.1} MiB"), &format!("< {limit} MiB"), max < limit);
+        let limit = if process.name == "allot-api" {
+            64.0
+        } else {
+            128.0
+        };
+        row(
+            &format!("5. {} max RSS", process.name),
+            format!("{max:.1} MiB"),
+            &format!("< {limit} MiB"),
+            max < limit,
+        );
     }
-    println!("  (reference rates: bare {bare:.0}/s, axum+confirmed publish {publish:.0}/s, naive {naive:.0}/s)");
+    println!(
+        "  (reference rates: bare {bare:.0}/s, axum+confirmed publish {publish:.0}/s, naive {naive:.0}/s)"
+    );
 }

@@ -39,6 +39,9 @@ impl Watched {
     /// (largest VmRSS seen, VmHWM) in MiB.
     pub fn mib(&self) -> (f64, Option<f64>) {
         let max = self.max_rss.load(Ordering::Relaxed) as f64 / 1024.0;
-        (max, field_kib(self.pid, "VmHWM:").map(|k| k as f64 / 1024.0))
+        (
+            max,
+            field_kib(self.pid, "VmHWM:").map(|k| k as f64 / 1024.0),
+        )
     }
 }

@@ -42,9 +42,13 @@ pub struct Accept {
 }
 
 pub async fn accept(bench: &mut Bench, s: &Settings) -> Result<Accept> {
-    let (first, last) =
-        db::create_products(&bench.pool, "bench-accept-", i64::from(s.partitions), 1_000_000_000)
-            .await?;
+    let (first, last) = db::create_products(
+        &bench.pool,
+        "bench-accept-",
+        i64::from(s.partitions),
+        1_000_000_000,
+    )
+    .await?;
     let load = orders(bench.addr, first, last);
     let counter = Arc::new(AtomicU64::new(0));
     // Warm-up: connections, the broker's and PostgreSQL's caches. Not reported.
@@ -57,7 +61,10 @@ pub async fn accept(bench: &mut Bench, s: &Settings) -> Result<Accept> {
     let decisions = db::decisions(&bench.pool, first, last).await?;
     bench.expect(
         decisions.count == accepted,
-        format!("accept: {} decided for {accepted} accepted", decisions.count),
+        format!(
+            "accept: {} decided for {accepted} accepted",
+            decisions.count
+        ),
     );
     Ok(Accept {
         closed,
@@ -76,7 +83,10 @@ pub struct Flash {
 }
 
 pub async fn flash(bench: &mut Bench, s: &Settings) -> Result<Flash> {
-    let product = bench.admin.create_product("bench-flash", s.flash_stock).await?;
+    let product = bench
+        .admin
+        .create_product("bench-flash", s.flash_stock)
+        .await?;
     let load = orders(bench.addr, product, product);
     let counter = Arc::new(AtomicU64::new(0));
     let sale = load::closed_loop(
@@ -151,11 +161,22 @@ async fn restock(bench: &mut Bench, product: i64) -> Result<Option<Duration>> {
         "restock: the product did not re-open within 5 s".into(),
     );
     if reopened_after.is_some() {
-        db::wait_decided(&bench.pool, product, product, before.count + 1, DECIDE_WITHIN).await?;
+        db::wait_decided(
+            &bench.pool,
+            product,
+            product,
+            before.count + 1,
+            DECIDE_WITHIN,
+        )
+        .await?;
         let after = db::decisions(&bench.pool, product, product).await?;
         bench.expect(
             after.succeeded == before.succeeded + 1,
-            format!("restock: {} succeeded after one more unit, expected {}", after.succeeded, before.succeeded + 1),
+            format!(
+                "restock: {} succeeded after one more unit, expected {}",
+                after.succeeded,
+                before.succeeded + 1
+            ),
         );
         let left = db::stock(&bench.pool, product).await?;
         bench.expect(left == 0, format!("restock: stock {left} left, expected 0"));
@@ -179,7 +200,8 @@ pub async fn wide(bench: &mut Bench, s: &Settings) -> Result<Wide> {
     let counter = Arc::new(AtomicU64::new(0));
     let max_backlog = Arc::new(AtomicU64::new(0));
     let sampler = {
-        let (pool, counter, max_backlog) = (bench.pool.clone(), counter.clone(), max_backlog.clone());
+        let (pool, counter, max_backlog) =
+            (bench.pool.clone(), counter.clone(), max_backlog.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -203,7 +225,11 @@ pub async fn wide(bench: &mut Bench, s: &Settings) -> Result<Wide> {
     let decisions = db::decisions(&bench.pool, first, last).await?;
     bench.expect(
         decisions.count == closed.count(202),
-        format!("wide: {} decided for {} accepted", decisions.count, closed.count(202)),
+        format!(
+            "wide: {} decided for {} accepted",
+            decisions.count,
+            closed.count(202)
+        ),
     );
     Ok(Wide {
         closed,

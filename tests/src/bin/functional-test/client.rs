@@ -170,12 +170,19 @@ pub async fn fire(
         let mut released = release_rx.clone();
         let permits = Arc::clone(&permits);
         tasks.spawn(async move {
-            let (outcome, sold_out) =
-                match submit(&client, request, &mut released, &permits, user_id, product_id).await
-                {
-                    Ok(answer) => answer,
-                    Err(why) => (Err(why), false),
-                };
+            let (outcome, sold_out) = match submit(
+                &client,
+                request,
+                &mut released,
+                &permits,
+                user_id,
+                product_id,
+            )
+            .await
+            {
+                Ok(answer) => answer,
+                Err(why) => (Err(why), false),
+            };
             let accept = Accept {
                 user_id,
                 outcome,
