@@ -121,7 +121,22 @@ pub async fn flash(bench: &mut Bench, s: &Settings) -> Result<Flash> {
         ),
     );
 
-    // The product is sold out: its requests must be answered without the broker.
+    // The product is sold out: once the API's next refresh saw it, its requests must be
+    // answered without the broker.
+    let (engaged, probes_accepted) = probe_until(bench, product, 200).await?;
+    bench.expect(
+        engaged,
+        "sold out: the API kept accepting the sold-out product for 5 s".into(),
+    );
+    // Probes accepted before the short-circuit engaged are decided (rejected) before going on.
+    db::wait_decided(
+        &bench.pool,
+        product,
+        product,
+        accepted + probes_accepted,
+        DECIDE_WITHIN,
+    )
+    .await?;
     let counter = Arc::new(AtomicU64::new(0));
     let sold_out = load::closed_loop(&load, s.connections, u64::MAX, s.duration, counter).await;
     bench.expect(
@@ -144,18 +159,8 @@ async fn restock(bench: &mut Bench, product: i64) -> Result<Option<Duration>> {
     let before = db::decisions(&bench.pool, product, product).await?;
     let started = Instant::now();
     bench.admin.restock(product, 1).await?;
-    let body = Bytes::from(format!(
-        r#"{{"user_id":1,"product_id":{product},"quantity":1}}"#
-    ));
-    let mut reopened_after = None;
-    while started.elapsed() < Duration::from_secs(5) {
-        let (status, _) = load::one(bench.addr, ORDER_PATH, body.clone()).await?;
-        if status == 202 {
-            reopened_after = Some(started.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (reopened, _) = probe_until(bench, product, 202).await?;
+    let reopened_after = reopened.then(|| started.elapsed());
     bench.expect(
         reopened_after.is_some(),
         "restock: the product did not re-open within 5 s".into(),
@@ -182,6 +187,25 @@ async fn restock(bench: &mut Bench, product: i64) -> Result<Option<Duration>> {
         bench.expect(left == 0, format!("restock: stock {left} left, expected 0"));
     }
     Ok(reopened_after)
+}
+
+/// Sends one request at a time for `product` until one is answered `status` (`false` if none
+/// was within 5 s); also returns how many of them were accepted (202).
+async fn probe_until(bench: &Bench, product: i64, status: u16) -> Result<(bool, u64)> {
+    let body = Bytes::from(format!(
+        r#"{{"user_id":1,"product_id":{product},"quantity":1}}"#
+    ));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut accepted = 0;
+    while Instant::now() < deadline {
+        let answer = load::one(bench.addr, ORDER_PATH, body.clone()).await?.0;
+        accepted += u64::from(answer == 202);
+        if answer == status {
+            return Ok((true, accepted));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok((false, accepted))
 }
 
 /// Wide catalogue: uniform random requests over many products; the backlog (accepted but not
