@@ -33,10 +33,11 @@ pub struct Accepted {
 }
 
 /// Validates; answers a request for a sold-out product at once with its final outcome (see
-/// [`crate::sold_out`]); otherwise records the transaction as pending, publishes it and waits for the broker's
-/// confirm; only then answers 202. If the request cannot be confirmed it is not accepted:
-/// 503 with `Retry-After`, and its pending record is removed. If the broker may have stored it
-/// anyway (no confirm in time, or the connection dropped after sending), the request is also
+/// [`crate::sold_out`]); otherwise records the transaction as pending and publishes it at the
+/// same time, and answers 202 once both the pending write and the broker's confirm succeeded.
+/// If the request cannot be confirmed it is not accepted: 503 with `Retry-After`, and its
+/// pending record is removed. If the broker may have stored it anyway (no confirm in time, or
+/// the connection dropped after sending), or stored it while Redis failed, the request is also
 /// withdrawn in PostgreSQL so that no worker can sell it, unless a worker already did, in which
 /// case it was accepted after all and is answered 202.
 #[tracing::instrument(skip_all, fields(product_id = %body.product_id, transaction_id))]
