@@ -2,10 +2,11 @@
 //! once with a final `out_of_stock` (200, nothing recorded, nothing enqueued), and a restock
 //! re-opens it, at once through this API and within a second through the database.
 
-use crate::helpers::{Options, spawn_app, wait_for};
+use crate::helpers::{Options, TestApp, spawn_app, wait_for};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 const REFRESH_MS: u64 = 100;
@@ -23,6 +24,31 @@ fn sold_out_body(user_id: i64, product_id: i64, quantity: i64) -> Value {
            "product_id": product_id, "quantity": quantity, "final": true})
 }
 
+/// Sends requests for `product` until the API short-circuits it, then waits until the requests
+/// it still accepted meanwhile are decided (so that none of them can take a later restock).
+/// Every earlier request for `product` must already be decided.
+async fn wait_short_circuited(app: &TestApp, product: i64) {
+    let sql = format!("SELECT count(*) FROM transactions WHERE product_id = {product}");
+    let decided_before = app.count(&sql).await;
+    let accepted = AtomicI64::new(0);
+    wait_for("the product to be short-circuited", || async {
+        match app.add_to_cart(1, product, 1).await.status() {
+            StatusCode::OK => Some(()),
+            StatusCode::ACCEPTED => {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            other => panic!("unexpected {other}"),
+        }
+    })
+    .await;
+    let expected = decided_before + accepted.load(Ordering::Relaxed);
+    wait_for("the accepted requests to be decided", || async {
+        (app.count(&sql).await == expected).then_some(())
+    })
+    .await;
+}
+
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn a_sold_out_product_is_answered_at_once_and_nothing_is_recorded(pool: PgPool) {
     let app = spawn_app(pool, options()).await;
@@ -33,16 +59,10 @@ async fn a_sold_out_product_is_answered_at_once_and_nothing_is_recorded(pool: Pg
         assert_eq!(app.wait_final(id).await["status"], "succeeded");
     }
 
-    let answer = wait_for("the API to short-circuit the sold-out product", || async {
-        let response = app.add_to_cart(9, product, 3).await;
-        match response.status() {
-            StatusCode::OK => Some(response.json::<Value>().await.unwrap()),
-            // Before the next refresh the request still goes the normal way.
-            StatusCode::ACCEPTED => None,
-            other => panic!("unexpected {other}"),
-        }
-    })
-    .await;
+    wait_short_circuited(&app, product).await;
+    let response = app.add_to_cart(9, product, 3).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value = response.json().await.unwrap();
     assert_eq!(answer, sold_out_body(9, product, 3));
     let recorded = app
         .count("SELECT count(*) FROM transactions WHERE status = 'succeeded'")
@@ -83,10 +103,7 @@ async fn a_sold_out_product_is_answered_at_once_and_nothing_is_recorded(pool: Pg
 async fn a_restock_through_the_api_reopens_the_product_at_once(pool: PgPool) {
     let app = spawn_app(pool, options()).await;
     let product = app.create_product("none yet", 0).await;
-    wait_for("the product to be short-circuited", || async {
-        (app.add_to_cart(1, product, 1).await.status() == StatusCode::OK).then_some(())
-    })
-    .await;
+    wait_short_circuited(&app, product).await;
 
     let response = app
         .post_admin(
@@ -107,10 +124,7 @@ async fn a_restock_through_the_api_reopens_the_product_at_once(pool: PgPool) {
 async fn stock_added_elsewhere_reopens_the_product_within_a_second(pool: PgPool) {
     let app = spawn_app(pool, options()).await;
     let product = app.create_product("none yet", 0).await;
-    wait_for("the product to be short-circuited", || async {
-        (app.add_to_cart(1, product, 1).await.status() == StatusCode::OK).then_some(())
-    })
-    .await;
+    wait_short_circuited(&app, product).await;
 
     // As another API instance's restock would: only the database changes.
     sqlx::query("UPDATE products SET stock = 1 WHERE id = $1")
