@@ -33,13 +33,12 @@ pub struct Accepted {
 }
 
 /// Validates; answers a request for a sold-out product at once with its final outcome (see
-/// [`crate::sold_out`]); otherwise records the transaction as pending and publishes it at the
-/// same time, and answers 202 once both the pending write and the broker's confirm succeeded.
-/// If the request cannot be confirmed it is not accepted: 503 with `Retry-After`, and its
-/// pending record is removed. If the broker may have stored it anyway (no confirm in time, or
-/// the connection dropped after sending), or stored it while Redis failed, the request is also
-/// withdrawn in PostgreSQL so that no worker can sell it, unless a worker already did, in which
-/// case it was accepted after all and is answered 202.
+/// [`crate::sold_out`]); otherwise records the transaction as pending, publishes it and waits
+/// for the broker's confirm; only then answers 202. If the request cannot be confirmed it is
+/// not accepted: 503 with `Retry-After`, and its pending record is removed. If the broker may
+/// have stored it anyway (no confirm in time, or the connection dropped after sending), the
+/// request is also withdrawn in PostgreSQL so that no worker can sell it, unless a worker
+/// already did, in which case it was accepted after all and is answered 202.
 #[tracing::instrument(skip_all, fields(product_id = %body.product_id, transaction_id))]
 pub async fn add_to_cart(
     State(state): State<AppState>,
@@ -67,40 +66,29 @@ pub async fn add_to_cart(
         tracing::field::display(request.transaction_id),
     );
 
-    // The pending record and the publish run at once: the accept path costs one round trip
-    // (the slower of Redis and the confirm) instead of two. Safe because the pending write is a
-    // `SET NX` and the worker's final status a plain `SET`: a pending write that lands after a
-    // fast worker's decision cannot overwrite it. A 202 still needs both to have succeeded.
-    let pending = TransactionView::pending(&request);
-    let (recorded, published) = tokio::join!(
-        state.statuses.record_pending(&pending),
-        state.publisher.publish(&request),
-    );
-    match (recorded, published) {
-        (Ok(()), Ok(())) => {}
-        (recorded, Err(err)) => {
-            if err.is_ambiguous()
-                && withdraw(&state, &request).await == Some(Withdrawal::AlreadyDecided)
-            {
-                tracing::info!("unconfirmed publish was stored and decided after all: accepted");
-            } else {
-                if recorded.is_ok() {
-                    state.statuses.forget(request.transaction_id).await;
-                }
-                return Err(publish_error(err));
-            }
-        }
-        (Err(err), Ok(())) => {
-            // Confirmed, but without a pending record the id would answer 404 until decided:
-            // refuse it, and withdraw the queued message so that no worker sells it.
+    // Pending first, then the publish; not both at once. Running them concurrently gained no
+    // throughput with the CPU saturated (docs/benchmarks.md), and it turned every Redis
+    // timeout under overload into a confirmed message that had to be withdrawn in PostgreSQL,
+    // which exhausted the pool and cascaded into seconds-long 503s.
+    state
+        .statuses
+        .record_pending(&TransactionView::pending(&request))
+        .await
+        .map_err(|err| {
             tracing::warn!(error = ?err, "refusing a request: Redis is unavailable");
-            if withdraw(&state, &request).await != Some(Withdrawal::AlreadyDecided) {
-                return Err(ApiError::unavailable(
-                    "the status store is unavailable; the request was not accepted, try again",
-                    1,
-                ));
-            }
-            tracing::info!("the request was decided before Redis failed: accepted");
+            ApiError::unavailable(
+                "the status store is unavailable; the request was not accepted, try again",
+                1,
+            )
+        })?;
+    if let Err(err) = state.publisher.publish(&request).await {
+        if err.is_ambiguous()
+            && withdraw(&state, &request).await == Some(Withdrawal::AlreadyDecided)
+        {
+            tracing::info!("unconfirmed publish was stored and decided after all: accepted");
+        } else {
+            state.statuses.forget(request.transaction_id).await;
+            return Err(publish_error(err));
         }
     }
 
