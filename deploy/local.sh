@@ -693,6 +693,7 @@ run_bench() {
     "ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-bench"
     "ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/4"
     "ALLOT_ADMIN_TOKEN=$token"
+    "RUST_LOG=info"  # the worker's "worker consuming" line is waited for below
   )
   require_free_port "${BENCH_ADDR##*:}" "the benchmark's allot-api"
   rm -f "$(app_log bench-api)" "$(app_log bench-worker)"
@@ -828,7 +829,7 @@ usage: deploy/local.sh COMMAND
             with CI=true
   bench [--smoke] [bench flags]
             services, release build, then the benchmark (tests/src/bin/bench) against a fresh
-            allot on http://$BENCH_ADDR, reference servers on $BENCH_REFERENCE_ADDR; about 3
+            allot on http://$BENCH_ADDR, reference servers on $BENCH_REFERENCE_ADDR; about 4
             minutes; --smoke is the tiny form \`test\` runs (figures meaningless)
   status    show what runs
   env       print the URLs of these services as shell exports (for cargo test by hand)
