@@ -663,9 +663,7 @@ run_functional_test() {
   stop_app functional-api
   require_free_port "${FUNCTIONAL_ADDR##*:}" "the functional allot-api"
   rm -f "$(app_log functional-api)" "$(app_log functional-worker)"
-  start_app functional-worker "$bin/allot-worker" "${env[@]}"
-  start_app functional-api "$bin/allot-api" "${env[@]}"
-  wait_apps_ready "http://$FUNCTIONAL_ADDR/readyz" functional-api functional-worker
+  start_api_then_worker functional "http://$FUNCTIONAL_ADDR/readyz" "$bin" "${env[@]}" "RUST_LOG=info"
   "$bin/functional-test" --base-url "http://$FUNCTIONAL_ADDR" --admin-token "$token" || status=$?
   if ((status != 0)); then
     show_logs "$(app_log functional-api)" "$(app_log functional-worker)"
@@ -673,6 +671,24 @@ run_functional_test() {
   stop_app functional-api
   stop_app functional-worker
   return "$status"
+}
+
+# Start $1-api, wait until $2 answers, then start $1-worker and wait until it consumes; binaries
+# from $3, environment "${@:4}". The API first: it declares the queues on a fresh vhost; the
+# worker once they exist. Two processes declaring the same quorum queues at once on a new vhost
+# made RabbitMQ close the worker's connection with INTERNAL_ERROR, and the worker exit.
+start_api_then_worker() {
+  local name=$1 url=$2 bin=$3
+  shift 3
+  start_app "$name-api" "$bin/allot-api" "$@"
+  wait_apps_ready "$url" "$name-api"
+  start_app "$name-worker" "$bin/allot-worker" "$@"
+  if ! { wait_until 60 grep -q "worker consuming" "$(app_log "$name-worker")" && apps_alive "$name-worker"; }; then
+    show_logs "$(app_log "$name-worker")"
+    stop_app "$name-api"
+    stop_app "$name-worker"
+    die "$name-worker did not start consuming"
+  fi
 }
 
 # The benchmark (tests/src/bin/bench) against a fresh allot on its own database, vhost, Redis db
@@ -693,20 +709,11 @@ run_bench() {
     "ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-bench"
     "ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/4"
     "ALLOT_ADMIN_TOKEN=$token"
-    "RUST_LOG=info"  # the worker's "worker consuming" line is waited for below
+    "RUST_LOG=info"  # start_api_then_worker waits for the worker's "worker consuming" line
   )
   require_free_port "${BENCH_ADDR##*:}" "the benchmark's allot-api"
   rm -f "$(app_log bench-api)" "$(app_log bench-worker)"
-  # The API first: it declares the queues on the fresh vhost; the worker once they exist (two
-  # processes declaring the same quorum queues at once on a new vhost made RabbitMQ close the
-  # worker's connection with INTERNAL_ERROR).
-  start_app bench-api "$bin/allot-api" "${env[@]}"
-  wait_apps_ready "http://$BENCH_ADDR/readyz" bench-api
-  start_app bench-worker "$bin/allot-worker" "${env[@]}"
-  wait_until 60 grep -q "worker consuming" "$(app_log bench-worker)" && apps_alive bench-worker || {
-    show_logs "$(app_log bench-worker)"
-    die "the benchmark's worker did not start consuming"
-  }
+  start_api_then_worker bench "http://$BENCH_ADDR/readyz" "$bin" "${env[@]}"
   timeout 1200 "$bin/bench" --base-url "http://$BENCH_ADDR" --admin-token "$token" \
     --database-url "postgres://postgres@127.0.0.1:$PG_PORT/allot_bench" \
     --amqp-url "amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-bench" \
