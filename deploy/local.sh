@@ -4,7 +4,10 @@
 #   deploy/local.sh services   install (if missing) and start private PostgreSQL, Redis, RabbitMQ
 #   deploy/local.sh up         services + release build + start allot-api and allot-worker
 #   deploy/local.sh test       services + fmt + clippy + tests + functional test on a fresh system
+#                              + benchmark smoke run
 #                              + chaos test (short form) on services of its own
+#   deploy/local.sh bench      services + release build + the benchmark on a fresh allot
+#                              (`bench --smoke`: the tiny form that `test` runs)
 #   deploy/local.sh status     show what runs
 #   deploy/local.sh down       stop everything this script started
 #   deploy/local.sh start-service|stop-service|kill-service postgres|redis|rabbitmq
@@ -60,6 +63,8 @@ API_ADDR=127.0.0.1:$((8080 + OFFSET))
 CHAOS_STATE=${ALLOT_CHAOS_STATE:-$STATE/chaos}
 CHAOS_OFFSET=${ALLOT_CHAOS_PORT_OFFSET:-$((OFFSET + 6000))}
 FUNCTIONAL_ADDR=127.0.0.1:$((18080 + OFFSET))
+BENCH_ADDR=127.0.0.1:$((28080 + OFFSET))
+BENCH_REFERENCE_ADDR=127.0.0.1:$((29080 + OFFSET))
 ADMIN_TOKEN_FILE=$STATE/admin-token
 
 # The environment every RabbitMQ command (server and CLI) gets, so that they all talk to the
@@ -484,7 +489,8 @@ recreate_vhost() {
 
 # chaos-*: the processes the chaos test spawns itself (it writes their pid files), so that
 # `down` on the chaos copy stops them even if the chaos test died.
-APPS=(api worker functional-api functional-worker chaos-api chaos-a-worker chaos-b-worker)
+APPS=(api worker functional-api functional-worker bench-api bench-worker chaos-api chaos-a-worker
+  chaos-b-worker)
 
 app_pid_file() { printf '%s\n' "$RUN_DIR/$1.pid"; }
 
@@ -672,9 +678,7 @@ run_functional_test() {
   stop_app functional-api
   require_free_port "${FUNCTIONAL_ADDR##*:}" "the functional allot-api"
   rm -f "$(app_log functional-api)" "$(app_log functional-worker)"
-  start_app functional-worker "$bin/allot-worker" "${env[@]}"
-  start_app functional-api "$bin/allot-api" "${env[@]}"
-  wait_apps_ready "http://$FUNCTIONAL_ADDR/readyz" functional-api functional-worker
+  start_api_then_worker functional "http://$FUNCTIONAL_ADDR/readyz" "$bin" "${env[@]}" "RUST_LOG=info"
   "$bin/functional-test" --base-url "http://$FUNCTIONAL_ADDR" --admin-token "$token" || status=$?
   if ((status != 0)); then
     show_logs "$(app_log functional-api)" "$(app_log functional-worker)"
@@ -701,14 +705,83 @@ stop_chaos_copy() {
     warn "could not stop the chaos test's services (state $CHAOS_STATE)"
 }
 
-# EXIT trap of `test`: the functional and chaos systems never outlive the run; with CI=true
-# nothing does.
+# Start $1-api, wait until $2 answers, then start $1-worker and wait until it consumes; binaries
+# from $3, environment "${@:4}". The API first: it declares the queues on a fresh vhost; the
+# worker once they exist. Two processes declaring the same quorum queues at once on a new vhost
+# made RabbitMQ close the worker's connection with INTERNAL_ERROR, and the worker exit.
+start_api_then_worker() {
+  local name=$1 url=$2 bin=$3
+  shift 3
+  start_app "$name-api" "$bin/allot-api" "$@"
+  wait_apps_ready "$url" "$name-api"
+  start_app "$name-worker" "$bin/allot-worker" "$@"
+  if ! { wait_until 60 grep -q "worker consuming" "$(app_log "$name-worker")" && apps_alive "$name-worker"; }; then
+    show_logs "$(app_log "$name-worker")"
+    stop_app "$name-api"
+    stop_app "$name-worker"
+    die "$name-worker did not start consuming"
+  fi
+}
+
+# The benchmark (tests/src/bin/bench) against a fresh allot on its own database, vhost, Redis db
+# 4 and port, with binaries from $1 (release or debug); "${@:2}" go to the bench (--smoke).
+# The reference servers it spawns listen on $BENCH_REFERENCE_ADDR; the naive design gets a
+# database of its own. Everything is stopped when the bench ends.
+run_bench() {
+  local bin=$1 token env status=0
+  shift
+  recreate_database allot_bench
+  recreate_database allot_bench_naive
+  recreate_vhost allot-bench
+  redis_cli -n 4 flushdb >/dev/null
+  token=$(random_token)
+  env=(
+    "ALLOT_HTTP_ADDR=$BENCH_ADDR"
+    "ALLOT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/allot_bench"
+    "ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-bench"
+    "ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/4"
+    "ALLOT_ADMIN_TOKEN=$token"
+    "RUST_LOG=info"  # start_api_then_worker waits for the worker's "worker consuming" line
+  )
+  require_free_port "${BENCH_ADDR##*:}" "the benchmark's allot-api"
+  rm -f "$(app_log bench-api)" "$(app_log bench-worker)"
+  start_api_then_worker bench "http://$BENCH_ADDR/readyz" "$bin" "${env[@]}"
+  timeout 1200 "$bin/bench" --base-url "http://$BENCH_ADDR" --admin-token "$token" \
+    --database-url "postgres://postgres@127.0.0.1:$PG_PORT/allot_bench" \
+    --amqp-url "amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-bench" \
+    --naive-database-url "postgres://postgres@127.0.0.1:$PG_PORT/allot_bench_naive" \
+    --reference-addr "$BENCH_REFERENCE_ADDR" \
+    --api-pid "$(app_pid bench-api)" --worker-pid "$(app_pid bench-worker)" "$@" || status=$?
+  if ((status != 0)); then
+    show_logs "$(app_log bench-api)" "$(app_log bench-worker)"
+  fi
+  stop_app bench-api
+  stop_app bench-worker
+  return "$status"
+}
+
+# `deploy/local.sh bench [--smoke] [bench flags]`: the benchmark, self-contained: services,
+# release build, a fresh allot, every scenario and reference, then allot is stopped again.
+cmd_bench() {
+  trap 'stop_app bench-api; stop_app bench-worker' EXIT
+  cmd_services
+  ensure_cargo
+  cd "$ROOT"
+  log "building release binaries"
+  cargo build --release --bins -p allot-api -p allot-worker -p allot-tests
+  run_bench "$(target_dir)/release" "$@"
+}
+
+# EXIT trap of `test`: the functional, benchmark and chaos systems never outlive the run; with
+# CI=true nothing does.
 on_test_exit() {
   local status=$?
   set +e
   [[ $status -ne 0 && -n $CURRENT_STEP ]] && printf '\nerror: step failed: %s\n' "$CURRENT_STEP" >&2
   stop_app functional-api
   stop_app functional-worker
+  stop_app bench-api
+  stop_app bench-worker
   stop_chaos_copy
   if [[ ${CI:-} == true ]]; then
     log "CI=true: stopping the services"
@@ -724,13 +797,15 @@ cmd_test() {
   cmd_services
   ensure_cargo
   cd "$ROOT"
-  run_step "[1/6] cargo fmt --all --check" cargo fmt --all --check
-  run_step "[2/6] cargo clippy --workspace --all-targets -- -D warnings" \
+  run_step "[1/7] cargo fmt --all --check" cargo fmt --all --check
+  run_step "[2/7] cargo clippy --workspace --all-targets -- -D warnings" \
     cargo clippy --workspace --all-targets -- -D warnings
-  run_step "[3/6] preparing test resources" recreate_vhost allot-test
-  run_step "[4/6] cargo tests" run_cargo_tests
-  run_step "[5/6] functional test against a fresh allot on $FUNCTIONAL_ADDR" run_functional_test
-  run_step "[6/6] chaos test (short form) on its own services, ports +$CHAOS_OFFSET" run_chaos_test
+  run_step "[3/7] preparing test resources" recreate_vhost allot-test
+  run_step "[4/7] cargo tests" run_cargo_tests
+  run_step "[5/7] functional test against a fresh allot on $FUNCTIONAL_ADDR" run_functional_test
+  run_step "[6/7] benchmark smoke run (no timing assertions) on $BENCH_ADDR" \
+    run_bench "$(target_dir)/debug" --smoke
+  run_step "[7/7] chaos test (short form) on its own services, ports +$CHAOS_OFFSET" run_chaos_test
   log "all test steps passed"
   [[ ${CI:-} == true ]] || log "the services stay up for the next run; deploy/local.sh down stops them"
 }
@@ -882,9 +957,13 @@ usage: deploy/local.sh COMMAND
             (restarted when already running; admin token in .allot/admin-token unless
             ALLOT_ADMIN_TOKEN is set)
   test      services, cargo fmt --check, clippy, cargo tests, the functional test against a
-            fresh allot on http://$FUNCTIONAL_ADDR, and the chaos test (short form) on services
-            of its own (state $CHAOS_STATE, ports +$CHAOS_OFFSET); the services stay up
-            afterwards, except with CI=true
+            fresh allot on http://$FUNCTIONAL_ADDR, the benchmark's smoke form, and the chaos test
+            (short form) on services of its own (state $CHAOS_STATE, ports +$CHAOS_OFFSET); the
+            services stay up afterwards, except with CI=true
+  bench [--smoke] [bench flags]
+            services, release build, then the benchmark (tests/src/bin/bench) against a fresh
+            allot on http://$BENCH_ADDR, reference servers on $BENCH_REFERENCE_ADDR; about 4
+            minutes; --smoke is the tiny form \`test\` runs (figures meaningless)
   status    show what runs
   env       print the URLs of these services as shell exports (for cargo test by hand)
   start-service|stop-service|kill-service postgres|redis|rabbitmq
@@ -905,6 +984,7 @@ main() {
     services) cmd_services ;;
     up) cmd_up ;;
     test) cmd_test ;;
+    bench) cmd_bench "$@" ;;
     down) cmd_down ;;
     status) cmd_status ;;
     env) cmd_env ;;

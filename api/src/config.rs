@@ -36,6 +36,16 @@ pub struct ApiConfig {
     #[arg(long, env = "ALLOT_CONFIRM_TIMEOUT_MS", default_value_t = 5000)]
     pub confirm_timeout_ms: u64,
 
+    /// Confirm-mode channels the API publishes on, in turn.
+    #[arg(long, env = "ALLOT_PUBLISH_CHANNELS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub publish_channels: u16,
+
+    /// How often the set of sold-out products is re-read from PostgreSQL (milliseconds); a
+    /// request for a sold-out product is answered at once, without the broker. 0 switches the
+    /// short-circuit off.
+    #[arg(long, env = "ALLOT_SOLD_OUT_REFRESH_MS", default_value_t = 200)]
+    pub sold_out_refresh_ms: u64,
+
     /// PostgreSQL connections of the API (product endpoints and status fallback).
     #[arg(long, env = "ALLOT_DB_MAX_CONNECTIONS", default_value_t = 10)]
     pub db_max_connections: u32,
@@ -44,6 +54,11 @@ pub struct ApiConfig {
 impl ApiConfig {
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.confirm_timeout_ms)
+    }
+
+    /// The sold-out refresh period, or `None` when the short-circuit is off.
+    pub fn sold_out_refresh(&self) -> Option<Duration> {
+        (self.sold_out_refresh_ms > 0).then(|| Duration::from_millis(self.sold_out_refresh_ms))
     }
 
     /// Whether the admin token is the built-in development default (worth a warning).

@@ -10,6 +10,7 @@ pub mod error;
 pub mod extract;
 pub mod publisher;
 pub mod routes;
+pub mod sold_out;
 pub mod state;
 pub mod statuses;
 
@@ -29,12 +30,21 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let publisher = state.publisher.clone();
+    let refresher = state.sold_out_refresh.map(|every| {
+        state
+            .sold_out
+            .clone()
+            .spawn_refresher(state.pool.clone(), every)
+    });
     let address = listener.local_addr().context("listener has no address")?;
     tracing::info!(%address, "API listening");
     axum::serve(listener, routes::router(state))
         .with_graceful_shutdown(shutdown)
         .await
         .context("the HTTP server failed")?;
+    if let Some(refresher) = refresher {
+        refresher.abort();
+    }
     publisher.close().await;
     tracing::info!("API stopped");
     Ok(())

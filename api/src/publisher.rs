@@ -1,9 +1,11 @@
 //! Publishing accepted requests to their partition queue, with publisher confirms: a request
 //! counts as accepted only once RabbitMQ confirmed it stored the (persistent) message.
 //!
-//! Many request handlers share one confirm-mode channel; each awaits its own confirm, so
-//! confirms are pipelined rather than serialised. A connection that fails is replaced by a
-//! fresh one in the background; while there is none, publishes are refused at once.
+//! Request handlers share a few confirm-mode channels, taken in turn; each handler awaits its
+//! own confirm, so confirms are pipelined rather than serialised. More than one channel because
+//! a channel is one sequence of frames and confirms on the broker side: under load a single one
+//! became the accept path's bottleneck (see docs/benchmarks.md). A connection that fails is
+//! replaced by a fresh one in the background; while there is none, publishes are refused at once.
 
 use allot_shared::amqp::{self, Topology};
 use allot_shared::partition::partition_for;
@@ -11,6 +13,7 @@ use allot_shared::{PartitionId, ProductId, PurchaseRequest};
 use anyhow::Context;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -47,47 +50,64 @@ impl PublishError {
     }
 }
 
-/// The API's connection to RabbitMQ and its confirm-mode channel. When the connection fails
+/// The API's connection to RabbitMQ and its confirm-mode channels. When the connection fails
 /// (the broker restarts), a background task opens a fresh one, declares the queues and enables
 /// confirms again, retrying with a capped backoff; meanwhile publishes are refused at once.
 pub struct Publisher {
     link: Arc<RwLock<Arc<Link>>>,
+    /// The next channel to use (modulo their number).
+    next: AtomicUsize,
     topology: Topology,
     confirm_timeout: Duration,
     reconnect: tokio::task::JoinHandle<()>,
 }
 
-/// One connection and its confirm channel.
+/// One connection and its confirm-mode channels, used round-robin.
 struct Link {
     connection: Connection,
-    channel: Channel,
+    channels: Vec<Channel>,
 }
 
 impl Link {
-    async fn open(url: &str, topology: &Topology) -> anyhow::Result<Link> {
+    async fn open(url: &str, topology: &Topology, channels: usize) -> anyhow::Result<Link> {
         let connection = amqp::connect(url, "allot-api").await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .context("failed to open the publish channel")?;
-        topology.declare_all(&channel).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .context("failed to enable publisher confirms")?;
+        let mut opened = Vec::with_capacity(channels.max(1));
+        for _ in 0..channels.max(1) {
+            let channel = connection
+                .create_channel()
+                .await
+                .context("failed to open a publish channel")?;
+            if opened.is_empty() {
+                topology.declare_all(&channel).await?;
+            }
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .context("failed to enable publisher confirms")?;
+            opened.push(channel);
+        }
         Ok(Link {
             connection,
-            channel,
+            channels: opened,
         })
     }
 
     fn is_up(&self) -> bool {
-        self.connection.status().connected() && self.channel.status().connected()
+        self.connection.status().connected()
+            && self
+                .channels
+                .iter()
+                .all(|channel| channel.status().connected())
     }
 }
 
 /// Replaces a link that went down, for as long as the API runs.
-async fn keep_connected(url: String, topology: Topology, link: Arc<RwLock<Arc<Link>>>) {
+async fn keep_connected(
+    url: String,
+    topology: Topology,
+    channels: usize,
+    link: Arc<RwLock<Arc<Link>>>,
+) {
     let mut pause = Duration::from_millis(100);
     loop {
         let up = link.read().expect("publisher link lock").is_up();
@@ -96,7 +116,7 @@ async fn keep_connected(url: String, topology: Topology, link: Arc<RwLock<Arc<Li
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        match Link::open(&url, &topology).await {
+        match Link::open(&url, &topology, channels).await {
             Ok(fresh) => {
                 let old = std::mem::replace(
                     &mut *link.write().expect("publisher link lock"),
@@ -121,20 +141,24 @@ impl Drop for Publisher {
 }
 
 impl Publisher {
-    /// Connects, declares every partition queue and enables publisher confirms.
+    /// Connects, declares every partition queue and opens `channels` confirm-mode channels.
     pub async fn connect(
         url: &str,
         topology: Topology,
         confirm_timeout: Duration,
+        channels: usize,
     ) -> anyhow::Result<Self> {
-        let link = Arc::new(RwLock::new(Arc::new(Link::open(url, &topology).await?)));
+        let link = Link::open(url, &topology, channels).await?;
+        let link = Arc::new(RwLock::new(Arc::new(link)));
         let reconnect = tokio::spawn(keep_connected(
             url.to_owned(),
             topology.clone(),
+            channels,
             link.clone(),
         ));
         Ok(Self {
             link,
+            next: AtomicUsize::new(0),
             topology,
             confirm_timeout,
             reconnect,
@@ -150,7 +174,8 @@ impl Publisher {
                 // A down broker must cost a client milliseconds, not the confirm timeout.
                 return Err(PublishError::Disconnected);
             }
-            link.channel.clone()
+            let turn = self.next.fetch_add(1, Ordering::Relaxed);
+            link.channels[turn % link.channels.len()].clone()
         };
         let queue = self.topology.queue(self.partition_of(request.product_id));
         let properties = BasicProperties::default()

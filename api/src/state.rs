@@ -2,6 +2,7 @@
 
 use crate::config::ApiConfig;
 use crate::publisher::Publisher;
+use crate::sold_out::SoldOut;
 use crate::statuses::StatusStore;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
@@ -15,6 +16,10 @@ pub struct AppState {
     pub statuses: StatusStore,
     /// RabbitMQ: where accepted requests go.
     pub publisher: Arc<Publisher>,
+    /// Products sold out at the last refresh, answered without the broker.
+    pub sold_out: Arc<SoldOut>,
+    /// How often `sold_out` is refreshed; `None`: never (the short-circuit is off).
+    pub sold_out_refresh: Option<std::time::Duration>,
     /// The staff's bearer token.
     pub admin_token: Arc<str>,
     /// Largest quantity one request may ask for.
@@ -33,12 +38,15 @@ impl AppState {
             &config.common.amqp_url,
             config.common.topology(),
             config.confirm_timeout(),
+            usize::from(config.publish_channels),
         )
         .await?;
         Ok(Self {
             pool,
             statuses: StatusStore::new(redis, config.common.redis_prefix.clone()),
             publisher: Arc::new(publisher),
+            sold_out: Arc::default(),
+            sold_out_refresh: config.sold_out_refresh(),
             admin_token: config.admin_token.as_str().into(),
             max_quantity: config.max_quantity,
         })

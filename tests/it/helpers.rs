@@ -51,6 +51,10 @@ pub struct Options {
     pub queue_max_length: i64,
     /// How long the API waits for a publish confirm (milliseconds).
     pub confirm_timeout_ms: u64,
+    /// The API's sold-out refresh period (milliseconds). 0 (off) unless a test is about the
+    /// short-circuit: the other tests check what the worker decides for every request, even
+    /// for a product already sold out.
+    pub sold_out_refresh_ms: u64,
 }
 
 impl Default for Options {
@@ -60,6 +64,7 @@ impl Default for Options {
             clock: None,
             queue_max_length: 100_000,
             confirm_timeout_ms: 3000,
+            sold_out_refresh_ms: 0,
         }
     }
 }
@@ -122,6 +127,7 @@ pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
     api_config.common.queue_max_length = options.queue_max_length;
     api_config.admin_token = ADMIN_TOKEN.into();
     api_config.confirm_timeout_ms = options.confirm_timeout_ms;
+    api_config.sold_out_refresh_ms = options.sold_out_refresh_ms;
     let mut worker_config = WorkerConfig::parse_from(["allot-worker"]);
     worker_config.common = api_config.common.clone();
 

@@ -11,4 +11,5 @@ mod helpers;
 mod api_contract;
 mod pipeline;
 mod poison;
+mod sold_out;
 mod unconfirmed;

@@ -3,6 +3,7 @@
 use crate::error::ApiError;
 use crate::extract::{self, AppJson};
 use crate::publisher::PublishError;
+use crate::sold_out::SoldOutAnswer;
 use crate::state::AppState;
 use allot_shared::stored::{self, Withdrawal};
 use allot_shared::{Clock, SystemClock};
@@ -12,7 +13,7 @@ use allot_shared::{
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 /// The body of `addToCart`. The newtypes reject zero, negative and out-of-range values.
@@ -31,22 +32,27 @@ pub struct Accepted {
     pub status: Status,
 }
 
-/// Validates, records the transaction as pending, publishes it and waits for the broker's
-/// confirm; only then answers 202. If the request cannot be confirmed it is not accepted:
-/// 503 with `Retry-After`, and its pending record is removed. If the broker may have stored it
-/// anyway (no confirm in time, or the connection dropped after sending), the request is also
-/// withdrawn in PostgreSQL so that no worker can sell it, unless a worker already did, in which
-/// case it was accepted after all and is answered 202.
+/// Validates; answers a request for a sold-out product at once with its final outcome (see
+/// [`crate::sold_out`]); otherwise records the transaction as pending, publishes it and waits
+/// for the broker's confirm; only then answers 202. If the request cannot be confirmed it is
+/// not accepted: 503 with `Retry-After`, and its pending record is removed. If the broker may
+/// have stored it anyway (no confirm in time, or the connection dropped after sending), the
+/// request is also withdrawn in PostgreSQL so that no worker can sell it, unless a worker
+/// already did, in which case it was accepted after all and is answered 202.
 #[tracing::instrument(skip_all, fields(product_id = %body.product_id, transaction_id))]
 pub async fn add_to_cart(
     State(state): State<AppState>,
     AppJson(body): AppJson<AddToCart>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
     if body.quantity.get() > state.max_quantity {
         return Err(ApiError::InvalidBody(format!(
             "quantity must be at most {}, got {}",
             state.max_quantity, body.quantity
         )));
+    }
+    if state.sold_out.contains(body.product_id) {
+        let answer = SoldOutAnswer::new(body.user_id, body.product_id, body.quantity);
+        return Ok((StatusCode::OK, Json(answer)).into_response());
     }
     let request = PurchaseRequest {
         transaction_id: TransactionId::new(),
@@ -60,6 +66,10 @@ pub async fn add_to_cart(
         tracing::field::display(request.transaction_id),
     );
 
+    // Pending first, then the publish; not both at once. Running them concurrently gained no
+    // throughput with the CPU saturated (docs/benchmarks.md), and it turned every Redis
+    // timeout under overload into a confirmed message that had to be withdrawn in PostgreSQL,
+    // which exhausted the pool and cascaded into seconds-long 503s.
     state
         .statuses
         .record_pending(&TransactionView::pending(&request))
@@ -91,7 +101,8 @@ pub async fn add_to_cart(
         StatusCode::ACCEPTED,
         [(header::LOCATION, location)],
         Json(accepted),
-    ))
+    )
+        .into_response())
 }
 
 /// Withdraws a request whose publish may have reached the broker unconfirmed (see

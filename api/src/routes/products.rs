@@ -109,6 +109,7 @@ pub async fn restock(
     .await?;
     match updated {
         Some(product) => {
+            state.sold_out.reopen(id);
             tracing::info!(
                 product_id = product.id,
                 added = body.quantity,

@@ -18,7 +18,10 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 use uuid::Uuid;
 
 use crate::Args;
-use crate::wire::{AcceptedBody, AddToCart, ErrorBody, NewProduct, PENDING, Product, Transaction};
+use crate::wire::{
+    AcceptedBody, AddToCart, ErrorBody, NewProduct, OUT_OF_STOCK, PENDING, Product, REJECTED,
+    Transaction,
+};
 
 /// Timeout for one HTTP request, from sending it until its body has been read.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,6 +73,9 @@ pub struct Accept {
     pub user_id: i64,
     /// The accepted transaction, or why the answer was not a valid `202`.
     pub outcome: Result<Uuid, String>,
+    /// The answer was allot's final `out_of_stock` for a product already sold out (`200`,
+    /// nothing recorded): a valid outcome, though not an acceptance.
+    pub sold_out: bool,
 }
 
 /// Result of releasing all requests of one size.
@@ -164,8 +170,25 @@ pub async fn fire(
         let mut released = release_rx.clone();
         let permits = Arc::clone(&permits);
         tasks.spawn(async move {
-            let outcome = submit(&client, request, &mut released, &permits).await;
-            (Accept { user_id, outcome }, Instant::now())
+            let (outcome, sold_out) = match submit(
+                &client,
+                request,
+                &mut released,
+                &permits,
+                user_id,
+                product_id,
+            )
+            .await
+            {
+                Ok(answer) => answer,
+                Err(why) => (Err(why), false),
+            };
+            let accept = Accept {
+                user_id,
+                outcome,
+                sold_out,
+            };
+            (accept, Instant::now())
         });
     }
 
@@ -185,13 +208,16 @@ pub async fn fire(
     })
 }
 
-/// Waits for the release, then sends one `addToCart` request under a permit and judges the answer.
+/// Waits for the release, then sends one `addToCart` request under a permit and judges the
+/// answer: the accepted transaction (or why not), and whether it was a valid sold-out answer.
 async fn submit(
     client: &Client,
     request: Request,
     released: &mut watch::Receiver<bool>,
     permits: &Semaphore,
-) -> Result<Uuid, String> {
+    user_id: i64,
+    product_id: i64,
+) -> Result<(Result<Uuid, String>, bool), String> {
     (released.wait_for(|&go| go).await).map_err(|_| "the release signal was lost".to_owned())?;
     let _permit = (permits.acquire().await).map_err(|_| "the request limiter closed".to_owned())?;
     let response = (client.execute(request).await)
@@ -200,7 +226,20 @@ async fn submit(
     let retry_after = header(&response, &RETRY_AFTER);
     let (status, body) = (read_body(response).await)
         .map_err(|e| format!("reading the answer failed: {:#}", anyhow::Error::new(e)))?;
-    classify_accept(status, location.as_deref(), retry_after.as_deref(), &body)
+    if status == StatusCode::OK && is_sold_out_answer(&body, user_id, product_id) {
+        return Ok((Err("sold out".to_owned()), true));
+    }
+    Ok((
+        classify_accept(status, location.as_deref(), retry_after.as_deref(), &body),
+        false,
+    ))
+}
+
+/// Whether `body` is allot's final answer for a sold-out product, echoing the request.
+fn is_sold_out_answer(body: &str, user_id: i64, product_id: i64) -> bool {
+    let expected = serde_json::json!({"status": REJECTED, "reason": OUT_OF_STOCK,
+        "user_id": user_id, "product_id": product_id, "quantity": 1, "final": true});
+    serde_json::from_str::<serde_json::Value>(body).is_ok_and(|answer| answer == expected)
 }
 
 /// Polls the still-pending transactions round after round, with a short pause between rounds,

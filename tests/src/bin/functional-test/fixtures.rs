@@ -41,6 +41,7 @@ pub fn good_observation(n: usize) -> Observation {
         accepts.push(Accept {
             user_id,
             outcome: Ok(id),
+            sold_out: false,
         });
         let mut tx = transaction(id, user_id, product_id, REJECTED);
         if i < stock {

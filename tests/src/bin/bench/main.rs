@@ -1,0 +1,314 @@
+//! `bench`: allot's benchmark. Runs, against a running allot, the scenarios of issue 4 and, in
+//! the same run, the reference designs it is measured against, then prints every figure and the
+//! ratios the targets are stated in.
+//!
+//! 1. References, each in a child process (`bench --serve-reference KIND`): a bare axum 202,
+//!    axum + one confirmed persistent publish to a quorum queue, and the naive hot-row `UPDATE`.
+//! 2. Accept path: closed loop (fixed connections) and open loop (fixed arrival rate, latency
+//!    from the intended send time).
+//! 3. Flash sale on one hot product, then requests for the sold-out product, then a restock.
+//! 4. Wide catalogue: uniform random requests over many products, backlog sampled.
+//! 5. Resident memory of allot-api and allot-worker (`--api-pid`, `--worker-pid`).
+//!
+//! Correctness (everything accepted decided, succeeded == stock, stock 0, order numbers
+//! gapless) is asserted: the exit code is 1 if any check failed. Timing targets are reported,
+//! never asserted (`--smoke` runs everything tiny, for CI). Needs a fresh allot database: the
+//! gapless check reads every number in it. `deploy/local.sh bench` does all of this.
+
+mod admin;
+mod db;
+mod load;
+mod refserver;
+mod report;
+mod rss;
+mod scenarios;
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+/// allot's benchmark (see the module documentation, or docs/benchmarks.md).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Base URL of the allot API under test (plain http, 127.0.0.1 only).
+    #[arg(long, env = "ALLOT_BASE_URL", default_value = "http://127.0.0.1:8080")]
+    base_url: String,
+    /// Bearer token of the admin endpoints.
+    #[arg(
+        long,
+        env = "ALLOT_ADMIN_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    admin_token: String,
+    /// allot's database (a fresh one), for the correctness checks and decision times.
+    #[arg(
+        long,
+        env = "ALLOT_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:55432/allot"
+    )]
+    database_url: String,
+    /// RabbitMQ, for the publish reference (it uses a queue `bench.reference`).
+    #[arg(
+        long,
+        env = "ALLOT_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:55672/%2f"
+    )]
+    amqp_url: String,
+    /// The naive design's own database (it creates its table there).
+    #[arg(
+        long,
+        env = "ALLOT_BENCH_NAIVE_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:55432/allot_bench_naive"
+    )]
+    naive_database_url: String,
+    /// Where the reference servers listen.
+    #[arg(
+        long,
+        env = "ALLOT_BENCH_REFERENCE_ADDR",
+        default_value = "127.0.0.1:19080"
+    )]
+    reference_addr: SocketAddr,
+    /// pid of allot-api, to sample its memory.
+    #[arg(long)]
+    api_pid: Option<u32>,
+    /// pid of allot-worker, to sample its memory.
+    #[arg(long)]
+    worker_pid: Option<u32>,
+    /// Partitions allot runs with (one accept-scenario product per partition).
+    #[arg(long, env = "ALLOT_PARTITIONS", default_value_t = 16)]
+    partitions: u16,
+    /// Seconds each timed phase runs.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Connections of the closed and open loops.
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// Open-loop rate as a fraction of the accept scenario's closed-loop rate.
+    #[arg(long, default_value_t = 0.7)]
+    open_fraction: f64,
+    /// Requests of the flash sale.
+    #[arg(long, default_value_t = 100_000)]
+    flash_requests: u64,
+    /// Stock of the flash sale's product.
+    #[arg(long, default_value_t = 10_000)]
+    flash_stock: i64,
+    /// Products of the wide catalogue.
+    #[arg(long, default_value_t = 10_000)]
+    wide_products: i64,
+    /// Tiny everything (1 s phases, 2,000 flash requests for 200 units, 200 products): checks
+    /// that the whole benchmark works, for CI. Figures are meaningless.
+    #[arg(long)]
+    smoke: bool,
+    /// Internal: serve a reference design (the bench spawns itself with this).
+    #[arg(long, value_enum, hide = true)]
+    serve_reference: Option<refserver::Kind>,
+}
+
+/// The sizes of one run.
+pub struct Settings {
+    pub partitions: u16,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub connections: usize,
+    pub open_fraction: f64,
+    pub flash_requests: u64,
+    pub flash_stock: i64,
+    pub wide_products: i64,
+}
+
+impl Settings {
+    fn from(args: &Args) -> Self {
+        if args.smoke {
+            return Self {
+                partitions: args.partitions,
+                duration: Duration::from_secs(1),
+                warmup: Duration::from_millis(200),
+                connections: 20,
+                open_fraction: 0.5,
+                flash_requests: 2_000,
+                flash_stock: 200,
+                wide_products: 200,
+            };
+        }
+        Self {
+            partitions: args.partitions,
+            duration: Duration::from_secs(args.duration_secs),
+            warmup: Duration::from_secs(2),
+            connections: args.connections,
+            open_fraction: args.open_fraction,
+            flash_requests: args.flash_requests,
+            flash_stock: args.flash_stock,
+            wide_products: args.wide_products,
+        }
+    }
+}
+
+/// What the scenarios share.
+pub struct Bench {
+    pub addr: SocketAddr,
+    pub pool: PgPool,
+    pub admin: admin::Admin,
+    /// Correctness violations; any fails the run.
+    pub failures: Vec<String>,
+}
+
+impl Bench {
+    pub fn expect(&mut self, holds: bool, violation: String) {
+        if !holds {
+            eprintln!("VIOLATION: {violation}");
+            self.failures.push(violation);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let result = match args.serve_reference {
+        Some(kind) => runtime.block_on(refserver::serve(
+            kind,
+            args.reference_addr,
+            &args.amqp_url,
+            &args.naive_database_url,
+        )),
+        None => runtime.block_on(run(args)).map(|failures| {
+            if failures.is_empty() {
+                println!("bench: correctness checks 1 passed, 0 failed");
+                return;
+            }
+            println!("bench: correctness checks 0 passed, 1 failed");
+            for failure in &failures {
+                println!("  violation: {failure}");
+            }
+            std::process::exit(1);
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bench: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<Vec<String>> {
+    let settings = Settings::from(&args);
+    let addr = admin::socket_addr(&args.base_url)?;
+    let pool = PgPool::connect(&args.database_url)
+        .await
+        .context("connecting to allot's database")?;
+    let mut bench = Bench {
+        addr,
+        pool,
+        admin: admin::Admin::new(&args.base_url, &args.admin_token)?,
+        failures: Vec::new(),
+    };
+    let memory: Vec<rss::Watched> = [
+        ("allot-api", args.api_pid),
+        ("allot-worker", args.worker_pid),
+    ]
+    .into_iter()
+    .filter_map(|(name, pid)| pid.map(|pid| rss::Watched::start(name, pid)))
+    .collect();
+
+    println!(
+        "bench: {} phases of {:?}, {} connections{}",
+        if args.smoke { "smoke" } else { "full" },
+        settings.duration,
+        settings.connections,
+        if args.smoke {
+            " (figures meaningless)"
+        } else {
+            ""
+        }
+    );
+    let mut references = Vec::new();
+    for kind in [
+        refserver::Kind::Bare,
+        refserver::Kind::Publish,
+        refserver::Kind::Naive,
+    ] {
+        let tally = reference(&args, kind, &settings).await?;
+        report::load_line(&format!("reference {}", kind.name()), &tally);
+        references.push((kind, tally));
+    }
+    let accept = scenarios::accept(&mut bench, &settings).await?;
+    report::accept(&accept);
+    let flash = scenarios::flash(&mut bench, &settings).await?;
+    report::flash(&flash);
+    let wide = scenarios::wide(&mut bench, &settings).await?;
+    report::wide(&wide, settings.partitions);
+    let numbers = db::check_gapless(&bench.pool).await;
+    match numbers {
+        Ok(count) => println!("order numbers: {count} checked, gapless from 00001 each day"),
+        Err(err) => bench.expect(false, format!("{err:#}")),
+    }
+    report::memory(&memory);
+    report::targets(&references, &accept, &flash, &wide, &memory);
+    Ok(bench.failures)
+}
+
+/// Runs one reference design in a child process and loads it like allot's accept path.
+async fn reference(args: &Args, kind: refserver::Kind, s: &Settings) -> Result<load::Tally> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--serve-reference")
+        .arg(kind.name())
+        .arg("--reference-addr")
+        .arg(args.reference_addr.to_string())
+        .arg("--amqp-url")
+        .arg(&args.amqp_url)
+        .arg("--naive-database-url")
+        .arg(&args.naive_database_url)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning a reference server")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(args.reference_addr)
+        .await
+        .is_err()
+    {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("reference server {} exited: {status}", kind.name());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "reference server {} did not listen",
+            kind.name()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let load = load::Load {
+        addr: args.reference_addr,
+        path: refserver::PATH.into(),
+        body: Arc::new(|i| {
+            bytes::Bytes::from(format!(
+                r#"{{"user_id":{},"product_id":1,"quantity":1}}"#,
+                i + 1
+            ))
+        }),
+    };
+    let counter = Arc::new(AtomicU64::new(0));
+    load::closed_loop(&load, s.connections, u64::MAX, s.warmup, counter.clone()).await;
+    let tally = load::closed_loop(&load, s.connections, u64::MAX, s.duration, counter).await;
+    child.kill().await.ok();
+    if kind == refserver::Kind::Publish {
+        let (connection, channel) = refserver::open_channel(&args.amqp_url).await?;
+        channel
+            .queue_delete(refserver::REFERENCE_QUEUE.into(), Default::default())
+            .await?;
+        connection.close(200, "done".into()).await.ok();
+    }
+    Ok(tally)
+}

@@ -1,0 +1,192 @@
+//! Printing: one line per load, the decisions, memory, and the targets as ratios of figures
+//! measured in the same run.
+
+use crate::db::Decisions;
+use crate::load::Tally;
+use crate::refserver::Kind;
+use crate::rss::Watched;
+use crate::scenarios::{Accept, Flash, Wide};
+
+pub fn load_line(name: &str, tally: &Tally) {
+    println!(
+        "{name:<28} {:>8} req {:>9.0} req/s  p50 {:>7.2} p90 {:>7.2} p99 {:>7.2} p99.9 {:>7.2} ms  statuses {:?}{}",
+        tally.answered(),
+        tally.rate(),
+        tally.ms(0.5),
+        tally.ms(0.9),
+        tally.ms(0.99),
+        tally.ms(0.999),
+        tally.statuses,
+        errors(tally)
+    );
+}
+
+fn errors(tally: &Tally) -> String {
+    let mut text = String::new();
+    if tally.errors > 0 {
+        text += &format!(
+            "  errors {} (first: {})",
+            tally.errors,
+            tally.first_error.as_deref().unwrap_or("")
+        );
+    }
+    if tally.unsent > 0 {
+        text += &format!("  unsent {}", tally.unsent);
+    }
+    text
+}
+
+fn decisions_line(name: &str, d: &Decisions) {
+    let ms = |q| d.latency.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "{name:<28} {:>8} decided ({} succeeded) {:>9.0} decisions/s  accept-to-decided p50 {:.1} p90 {:.1} p99 {:.1} p99.9 {:.1} max {:.1} ms  partitions {}",
+        d.count,
+        d.succeeded,
+        d.per_second,
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        ms(0.999),
+        d.latency.max() as f64 / 1000.0,
+        d.partitions
+    );
+}
+
+pub fn accept(a: &Accept) {
+    load_line("accept closed loop", &a.closed);
+    load_line(&format!("accept open loop {:.0}/s", a.open_rate), &a.open);
+    decisions_line("accept decisions", &a.decisions);
+}
+
+pub fn flash(f: &Flash) {
+    load_line("flash sale", &f.sale);
+    decisions_line("flash decisions", &f.decisions);
+    load_line("sold out", &f.sold_out);
+    match f.reopened_after {
+        Some(after) => println!(
+            "restock re-opened the product after {:.1} ms",
+            after.as_secs_f64() * 1000.0
+        ),
+        None => println!("restock: the product did NOT re-open"),
+    }
+}
+
+pub fn wide(w: &Wide, partitions: u16) {
+    load_line("wide catalogue", &w.closed);
+    decisions_line("wide decisions", &w.decisions);
+    println!(
+        "wide backlog (accepted, not yet decided): max {} sampled every 0.5 s, {} at the end of the load; partitions busy {}/{partitions}",
+        w.max_backlog, w.final_backlog, w.decisions.partitions
+    );
+}
+
+pub fn memory(watched: &[Watched]) {
+    for process in watched {
+        let (max, hwm) = process.mib();
+        println!(
+            "memory {:<13} max VmRSS {max:.1} MiB, VmHWM {}",
+            process.name,
+            hwm.map_or("?".into(), |h| format!("{h:.1} MiB"))
+        );
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+/// The targets of issue 4, each computed from this run's figures.
+pub fn targets(references: &[(Kind, Tally)], a: &Accept, f: &Flash, w: &Wide, memory: &[Watched]) {
+    let rate = |kind| {
+        references
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map_or(f64::NAN, |(_, t)| t.rate())
+    };
+    let (bare, publish, naive) = (rate(Kind::Bare), rate(Kind::Publish), rate(Kind::Naive));
+    let accept = a.closed.rate();
+    println!("\ntargets (ratios of this run's figures):");
+    let row = |name: &str, value: String, goal: &str, met: bool| {
+        println!(
+            "  {name:<44} {value:>14}   goal {goal:<12} {}",
+            verdict(met)
+        );
+    };
+    row(
+        "1. accept / axum+confirmed publish",
+        format!("{:.2}x", accept / publish),
+        ">= 0.9x",
+        accept / publish >= 0.9,
+    );
+    row(
+        "1. accept / naive hot row",
+        format!("{:.1}x", accept / naive),
+        ">= 6x",
+        accept / naive >= 6.0,
+    );
+    row(
+        "1. accept p99 (closed loop)",
+        format!("{:.1} ms", a.closed.ms(0.99)),
+        "<= 20 ms",
+        a.closed.ms(0.99) <= 20.0,
+    );
+    let flash_rate = f.decisions.per_second;
+    row(
+        "2. flash decisions/s, one partition",
+        format!("{flash_rate:.0}/s"),
+        ">= 15000/s",
+        flash_rate >= 15_000.0,
+    );
+    let a2d = f.decisions.latency.value_at_quantile(0.99) as f64 / 1000.0;
+    row(
+        "2. flash accept-to-decided p99",
+        format!("{a2d:.1} ms"),
+        "<= 250 ms",
+        a2d <= 250.0,
+    );
+    row(
+        "3. sold-out answers / bare axum",
+        format!("{:.2}x", f.sold_out.rate() / bare),
+        ">= 0.8x",
+        f.sold_out.rate() / bare >= 0.8,
+    );
+    let reopen = f
+        .reopened_after
+        .map_or(f64::INFINITY, |d| d.as_secs_f64() * 1000.0);
+    row(
+        "3. restock re-opens after",
+        format!("{reopen:.1} ms"),
+        "<= 1000 ms",
+        reopen <= 1000.0,
+    );
+    let wide_ratio = w.closed.rate() / accept;
+    row(
+        "4. wide accept / accept",
+        format!("{wide_ratio:.2}x"),
+        ">= 0.9x",
+        wide_ratio >= 0.9,
+    );
+    row(
+        "4. wide partitions busy",
+        format!("{}", w.decisions.partitions),
+        "all",
+        true,
+    );
+    for process in memory {
+        let (max, _) = process.mib();
+        let limit = if process.name == "allot-api" {
+            64.0
+        } else {
+            128.0
+        };
+        row(
+            &format!("5. {} max RSS", process.name),
+            format!("{max:.1} MiB"),
+            &format!("< {limit} MiB"),
+            max < limit,
+        );
+    }
+    println!(
+        "  (reference rates: bare {bare:.0}/s, axum+confirmed publish {publish:.0}/s, naive {naive:.0}/s)"
+    );
+}
