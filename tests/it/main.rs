@@ -9,5 +9,8 @@
 mod helpers;
 
 mod api_contract;
+mod docs;
+mod observability;
 mod pipeline;
 mod unconfirmed;
+mod watch;
