@@ -3,7 +3,8 @@
 #
 #   deploy/local.sh services   install (if missing) and start private PostgreSQL, Redis, RabbitMQ
 #   deploy/local.sh up         services + release build + start allot-api and allot-worker
-#   deploy/local.sh test       services + fmt + clippy + tests + functional test on a fresh system
+#   deploy/local.sh test       services + fmt + clippy + tests + functional test on a fresh system,
+#                              then newman, schemathesis and a headless-browser test
 #   deploy/local.sh status     show what runs
 #   deploy/local.sh down       stop everything this script started
 #
@@ -49,8 +50,13 @@ RMQ_PID_FILE=$RMQ_DIR/rabbitmq.pid
 EPMD_PID_FILE=$RUN_DIR/epmd.pid
 
 API_ADDR=127.0.0.1:$((8080 + OFFSET))
+WORKER_ADDR=127.0.0.1:$((8081 + OFFSET))             # the worker's /healthz, /readyz, /metrics
 FUNCTIONAL_ADDR=127.0.0.1:$((18080 + OFFSET))
+FUNCTIONAL_WORKER_ADDR=127.0.0.1:$((18081 + OFFSET))
 ADMIN_TOKEN_FILE=$STATE/admin-token
+VENV=$STATE/venv                 # Python tools of `test` (schemathesis, PyYAML)
+ARTIFACTS=$STATE/artifacts       # what `test` keeps for people to look at (screenshots)
+BROWSER_TESTS=$ROOT/tests/browser
 
 # The environment every RabbitMQ command (server and CLI) gets, so that they all talk to the
 # private node. rabbitmq-server and rabbitmqctl switch to the rabbitmq user through `su`, which
@@ -581,6 +587,9 @@ print_up_summary() {
   cat <<EOF
 
 allot is running at http://$API_ADDR
+  web page:     http://$API_ADDR/
+  API docs:     http://$API_ADDR/docs/  (OpenAPI: http://$API_ADDR/api-docs/openapi.json)
+  metrics:      http://$API_ADDR/metrics  and the worker's http://$WORKER_ADDR/metrics
   admin token:  $token_source
   logs:         $(app_log api)
                 $(app_log worker)
@@ -605,10 +614,14 @@ cmd_up() {
     "ALLOT_ADMIN_TOKEN=$(admin_token)"
   )
   stop_app api
+  stop_app worker
   require_free_port "${API_ADDR##*:}" allot-api
-  start_app worker "$bin/allot-worker" "${env[@]}"
+  require_free_port "${WORKER_ADDR##*:}" allot-worker
+  # The API first (see start_functional_allot).
   start_app api "$bin/allot-api" "${env[@]}"
-  wait_apps_ready "http://$API_ADDR/readyz" api worker
+  wait_apps_ready "http://$API_ADDR/readyz" api
+  start_app worker "$bin/allot-worker" "${env[@]}" "ALLOT_WORKER_HTTP_ADDR=$WORKER_ADDR"
+  wait_apps_ready "http://$WORKER_ADDR/readyz" api worker
   print_up_summary
 }
 
@@ -639,36 +652,113 @@ run_cargo_tests() {
   fi
 }
 
-# A fresh allot (debug build, its own database, vhost, Redis db 3 and port 18080) driven by
-# the functional-test binary. The EXIT trap of cmd_test stops the two processes on any path.
-run_functional_test() {
-  local bin token env status=0
+# A fresh allot (debug build, its own database, vhost, Redis db 3 and port 18080), logging JSON.
+# Its admin token is left in FUNCTIONAL_TOKEN. The EXIT trap of cmd_test stops it on any path.
+start_functional_allot() {
+  local bin env
   bin=$(target_dir)/debug
-  cargo build --bins
+  stop_functional_allot
   recreate_database allot_functional
   recreate_vhost allot-functional
   redis_cli -n 3 flushdb >/dev/null
-  token=$(random_token)
+  FUNCTIONAL_TOKEN=$(random_token)
   env=(
     "ALLOT_HTTP_ADDR=$FUNCTIONAL_ADDR"
+    "ALLOT_WORKER_HTTP_ADDR=$FUNCTIONAL_WORKER_ADDR"
     "ALLOT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/allot_functional"
     "ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-functional"
     "ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/3"
-    "ALLOT_ADMIN_TOKEN=$token"
+    "ALLOT_ADMIN_TOKEN=$FUNCTIONAL_TOKEN"
+    "ALLOT_LOG_FORMAT=json"
   )
-  stop_app functional-api
   require_free_port "${FUNCTIONAL_ADDR##*:}" "the functional allot-api"
+  require_free_port "${FUNCTIONAL_WORKER_ADDR##*:}" "the functional allot-worker"
   rm -f "$(app_log functional-api)" "$(app_log functional-worker)"
-  start_app functional-worker "$bin/allot-worker" "${env[@]}"
+  # The API first: it declares every partition queue before it is ready. A worker consuming a
+  # fresh quorum queue while another connection still declares it can get a connection error
+  # from RabbitMQ 3.10 (noproc) and exit; one after the other, that race cannot happen.
   start_app functional-api "$bin/allot-api" "${env[@]}"
-  wait_apps_ready "http://$FUNCTIONAL_ADDR/readyz" functional-api functional-worker
-  "$bin/functional-test" --base-url "http://$FUNCTIONAL_ADDR" --admin-token "$token" || status=$?
-  if ((status != 0)); then
-    show_logs "$(app_log functional-api)" "$(app_log functional-worker)"
-  fi
+  wait_apps_ready "http://$FUNCTIONAL_ADDR/readyz" functional-api
+  start_app functional-worker "$bin/allot-worker" "${env[@]}"
+  wait_apps_ready "http://$FUNCTIONAL_WORKER_ADDR/readyz" functional-api functional-worker
+}
+
+stop_functional_allot() {
   stop_app functional-api
   stop_app functional-worker
+}
+
+# Run "$@" against the functional allot; on failure show its logs. Fails as "$@" failed.
+against_functional_allot() {
+  local status=0
+  "$@" || status=$?
+  ((status == 0)) || show_logs "$(app_log functional-api)" "$(app_log functional-worker)"
   return "$status"
+}
+
+run_functional_test() {
+  local bin
+  bin=$(target_dir)/debug
+  cargo build --bins
+  start_functional_allot
+  against_functional_allot "$bin/functional-test" --base-url "http://$FUNCTIONAL_ADDR" \
+    --admin-token "$FUNCTIONAL_TOKEN"
+}
+
+# The tools a team uses against allot: Node packages (newman, playwright-core) from the committed
+# lock file, schemathesis and PyYAML in a venv under .allot/, Debian's chromium.
+install_test_tools() {
+  command -v npm >/dev/null || apt_install nodejs npm
+  (cd "$BROWSER_TESTS" && npm ci --no-audit --no-fund --loglevel=error)
+  if [[ ! -x $VENV/bin/python ]]; then
+    python3 -m venv "$VENV" 2>/dev/null || {
+      apt_install python3-venv
+      rm -rf "$VENV"
+      python3 -m venv "$VENV"
+    }
+  fi
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/tests/tools/requirements.txt"
+  have_package chromium /usr/bin/chromium || apt_install chromium
+}
+
+# The Postman collection, run by newman against a fresh functional allot.
+run_newman() {
+  (cd "$BROWSER_TESTS" && npx --no-install newman run "$ROOT/deploy/postman/allot.postman_collection.json" \
+    --environment "$ROOT/deploy/postman/allot.postman_environment.json" \
+    --env-var "baseUrl=http://$FUNCTIONAL_ADDR" --env-var "adminToken=$FUNCTIONAL_TOKEN" \
+    --reporters cli --color off --timeout 120000)
+}
+
+# schemathesis against the served OpenAPI document: generated requests to every operation
+# (the staff ones with the token), bounded in examples and time; any 5xx fails.
+run_schemathesis() {
+  timeout 300 "$VENV/bin/schemathesis" run \
+    "http://$FUNCTIONAL_ADDR/api-docs/openapi.json" \
+    --checks not_a_server_error --max-examples 25 --request-timeout 20 \
+    --header "Authorization: Bearer $FUNCTIONAL_TOKEN" --no-color
+}
+
+# The web page in headless Chromium: load, buy, see the order number; keeps a screenshot.
+run_browser_test() {
+  mkdir -p "$ARTIFACTS"
+  (cd "$BROWSER_TESTS" && env ALLOT_BASE_URL="http://$FUNCTIONAL_ADDR" \
+    ALLOT_ADMIN_TOKEN="$FUNCTIONAL_TOKEN" ALLOT_ARTIFACTS="$ARTIFACTS" CHROMIUM=/usr/bin/chromium \
+    node --test --test-reporter=spec page.test.mjs)
+}
+
+# The functional API logged JSON (ALLOT_LOG_FORMAT=json): every line is a JSON object, and the
+# lines logged inside a request carry its request id (newman sends a known one).
+check_json_logs() {
+  "$VENV/bin/python" "$ROOT/tests/tools/check_json_logs.py" "$(app_log functional-api)" newman-create-product
+}
+
+# deploy/docker-compose.yml must at least be valid YAML of the expected shape: no Docker engine
+# here to run it (`docker compose config` is used as well when the compose plugin is present).
+check_compose_file() {
+  "$VENV/bin/python" "$ROOT/tests/tools/check_compose.py" "$ROOT/deploy/docker-compose.yml"
+  if docker compose version >/dev/null 2>&1; then
+    docker compose -f "$ROOT/deploy/docker-compose.yml" config --quiet
+  fi
 }
 
 # EXIT trap of `test`: the functional system never outlives the run; with CI=true nothing does.
@@ -676,8 +766,7 @@ on_test_exit() {
   local status=$?
   set +e
   [[ $status -ne 0 && -n $CURRENT_STEP ]] && printf '\nerror: step failed: %s\n' "$CURRENT_STEP" >&2
-  stop_app functional-api
-  stop_app functional-worker
+  stop_functional_allot
   if [[ ${CI:-} == true ]]; then
     log "CI=true: stopping the services"
     cmd_down
@@ -692,13 +781,21 @@ cmd_test() {
   cmd_services
   ensure_cargo
   cd "$ROOT"
-  run_step "[1/5] cargo fmt --all --check" cargo fmt --all --check
-  run_step "[2/5] cargo clippy --workspace --all-targets -- -D warnings" \
+  run_step "[1/12] cargo fmt --all --check" cargo fmt --all --check
+  run_step "[2/12] cargo clippy --workspace --all-targets -- -D warnings" \
     cargo clippy --workspace --all-targets -- -D warnings
-  run_step "[3/5] preparing test resources" recreate_vhost allot-test
-  run_step "[4/5] cargo tests" run_cargo_tests
-  run_step "[5/5] functional test against a fresh allot on $FUNCTIONAL_ADDR" run_functional_test
-  log "all test steps passed"
+  run_step "[3/12] preparing test resources" recreate_vhost allot-test
+  run_step "[4/12] cargo tests" run_cargo_tests
+  run_step "[5/12] functional test against a fresh allot on $FUNCTIONAL_ADDR" run_functional_test
+  run_step "[6/12] installing the test tools (npm ci, pip, chromium)" install_test_tools
+  run_step "[7/12] a fresh allot on $FUNCTIONAL_ADDR for the tools" start_functional_allot
+  run_step "[8/12] Postman collection (newman)" against_functional_allot run_newman
+  run_step "[9/12] schemathesis against /api-docs/openapi.json" against_functional_allot run_schemathesis
+  run_step "[10/12] web page in headless Chromium" against_functional_allot run_browser_test
+  run_step "[11/12] JSON logs carry request ids" check_json_logs
+  run_step "[12/12] deploy/docker-compose.yml is valid" check_compose_file
+  stop_functional_allot
+  log "all test steps passed; screenshot of the web page: $ARTIFACTS/web-page.png"
   [[ ${CI:-} == true ]] || log "the services stay up for the next run; deploy/local.sh down stops them"
 }
 
@@ -721,7 +818,7 @@ cmd_status() {
   if epmd_answers; then epmd_state="-"; fi
   status_line epmd "$epmd_state" "127.0.0.1:$RMQ_EPMD_PORT"
   status_line allot-api "$(app_pid api || true)" "http://$API_ADDR  log $(app_log api)"
-  status_line allot-worker "$(app_pid worker || true)" "log $(app_log worker)"
+  status_line allot-worker "$(app_pid worker || true)" "http://$WORKER_ADDR  log $(app_log worker)"
   status_line functional-api "$(app_pid functional-api || true)" "http://$FUNCTIONAL_ADDR"
   status_line functional-worker "$(app_pid functional-worker || true)" ""
 }
@@ -758,9 +855,11 @@ usage: deploy/local.sh COMMAND
   up        services, release build, then allot-api on http://$API_ADDR and allot-worker
             (restarted when already running; admin token in .allot/admin-token unless
             ALLOT_ADMIN_TOKEN is set)
-  test      services, cargo fmt --check, clippy, cargo tests, and the functional test against a
-            fresh allot on http://$FUNCTIONAL_ADDR; the services stay up afterwards, except
-            with CI=true
+  test      services, cargo fmt --check, clippy, cargo tests, the functional test against a
+            fresh allot on http://$FUNCTIONAL_ADDR, then against another fresh one: the Postman
+            collection (newman), schemathesis, the web page in headless Chromium, and checks of
+            the JSON logs and deploy/docker-compose.yml; the services stay up afterwards,
+            except with CI=true
   status    show what runs
   env       print the URLs of these services as shell exports (for cargo test by hand)
   rabbitmqctl ARGS...

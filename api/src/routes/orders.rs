@@ -142,7 +142,7 @@ fn publish_error(err: PublishError) -> ApiError {
 /// down). 404 only when neither knows it and Redis answered; if Redis is down and the
 /// database has no decided row, the transaction may still be pending, so 503.
 #[utoipa::path(get, path = "/api/v1/transaction/{id}", tag = crate::openapi::ORDERS,
-    params(("id" = String, Path, description = "The transaction id (a UUID)")),
+    params(("id" = uuid::Uuid, Path, description = "The transaction id")),
     responses(
         (status = 200, description = "The transaction: `pending`, or final with its order number or reason", body = TransactionView),
         (status = 400, description = "`invalid_id`: not a UUID", body = ErrorBody),

@@ -112,7 +112,7 @@ pub async fn create(
 /// Adds stock. Safe while a sale runs: the update waits for the row lock a deciding batch holds,
 /// so neither overwrites the other.
 #[utoipa::path(post, path = "/api/v1/products/{id}/restock", tag = crate::openapi::PRODUCTS,
-    params(("id" = String, Path, description = "The product id (a positive integer)")),
+    params(("id" = i64, Path, minimum = 1, description = "The product id")),
     request_body = Restock,
     security(("admin_token" = [])),
     responses(
@@ -194,7 +194,7 @@ pub async fn list(
 }
 
 #[utoipa::path(get, path = "/api/v1/products/{id}", tag = crate::openapi::PRODUCTS,
-    params(("id" = String, Path, description = "The product id (a positive integer)")),
+    params(("id" = i64, Path, minimum = 1, description = "The product id")),
     responses(
         (status = 200, description = "The product and its remaining stock", body = Product),
         (status = 400, description = "`invalid_id`", body = ErrorBody),

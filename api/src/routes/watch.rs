@@ -22,7 +22,7 @@ pub const WATCH_LIMIT: Duration = Duration::from_secs(60);
 pub const CHECK_EVERY: Duration = Duration::from_millis(100);
 
 #[utoipa::path(get, path = "/api/v1/transaction/{id}/events", tag = crate::openapi::ORDERS,
-    params(("id" = String, Path, description = "The transaction id (a UUID)")),
+    params(("id" = uuid::Uuid, Path, description = "The transaction id")),
     responses(
         (status = 200, description = "`text/event-stream`: one `status` event (data: the transaction as JSON) now and at each change; \
             the stream ends when the status is final, or after 60 s", content_type = "text/event-stream", body = TransactionView),
