@@ -732,10 +732,11 @@ run_newman() {
 # schemathesis against the served OpenAPI document: generated requests to every operation
 # (the staff ones with the token), bounded in examples and time; any 5xx fails.
 run_schemathesis() {
-  timeout 300 "$VENV/bin/schemathesis" run \
+  # From .allot/, where schemathesis keeps its cache (.schemathesis/, .hypothesis/).
+  (cd "$STATE" && timeout 300 "$VENV/bin/schemathesis" run \
     "http://$FUNCTIONAL_ADDR/api-docs/openapi.json" \
-    --checks not_a_server_error --max-examples 25 --request-timeout 20 \
-    --header "Authorization: Bearer $FUNCTIONAL_TOKEN" --no-color
+    --checks not_a_server_error --max-examples 25 --max-time 150 --request-timeout 20 \
+    --header "Authorization: Bearer $FUNCTIONAL_TOKEN" --no-color)
 }
 
 # The web page in headless Chromium: load, buy, see the order number; keeps a screenshot.
