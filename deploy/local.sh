@@ -652,8 +652,9 @@ run_cargo_tests() {
   fi
 }
 
-# A fresh allot (debug build, its own database, vhost, Redis db 3 and port 18080), logging JSON.
-# Its admin token is left in FUNCTIONAL_TOKEN. The EXIT trap of cmd_test stops it on any path.
+# A fresh allot (debug build, its own database, vhost, Redis db 3 and port 18080), with "$@"
+# (NAME=value) added to its environment. Its admin token is left in FUNCTIONAL_TOKEN. The EXIT
+# trap of cmd_test stops it on any path.
 start_functional_allot() {
   local bin env
   bin=$(target_dir)/debug
@@ -669,7 +670,7 @@ start_functional_allot() {
     "ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-functional"
     "ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/3"
     "ALLOT_ADMIN_TOKEN=$FUNCTIONAL_TOKEN"
-    "ALLOT_LOG_FORMAT=json"
+    "$@"
   )
   require_free_port "${FUNCTIONAL_ADDR##*:}" "the functional allot-api"
   require_free_port "${FUNCTIONAL_WORKER_ADDR##*:}" "the functional allot-worker"
@@ -789,7 +790,8 @@ cmd_test() {
   run_step "[4/12] cargo tests" run_cargo_tests
   run_step "[5/12] functional test against a fresh allot on $FUNCTIONAL_ADDR" run_functional_test
   run_step "[6/12] installing the test tools (npm ci, pip, chromium)" install_test_tools
-  run_step "[7/12] a fresh allot on $FUNCTIONAL_ADDR for the tools" start_functional_allot
+  run_step "[7/12] a fresh allot on $FUNCTIONAL_ADDR for the tools, logging JSON" \
+    start_functional_allot ALLOT_LOG_FORMAT=json
   run_step "[8/12] Postman collection (newman)" against_functional_allot run_newman
   run_step "[9/12] schemathesis against /api-docs/openapi.json" against_functional_allot run_schemathesis
   run_step "[10/12] web page in headless Chromium" against_functional_allot run_browser_test
@@ -832,6 +834,7 @@ export ALLOT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/allot
 export ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/%2f
 export ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
 export ALLOT_HTTP_ADDR=$API_ADDR
+export ALLOT_WORKER_HTTP_ADDR=$WORKER_ADDR
 export DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
 export ALLOT_TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-test
 export ALLOT_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/2

@@ -4,9 +4,10 @@
 //! matched route and status, with the accept latency of `addToCart` as its own histogram.
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, HeaderValue, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use metrics::SharedString;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::time::Instant;
 use tracing::Span;
@@ -58,31 +59,49 @@ pub fn request_span(request: &axum::http::Request<axum::body::Body>) -> Span {
 
 /// Counts every routed request by method, matched route and status, and times it. Installed
 /// with `route_layer`, so the route is the matched template (`/api/v1/products/{id}`), never
-/// the raw path: the label set stays bounded whatever clients send.
+/// the raw path: the label set stays bounded whatever clients send. Labels are static strings
+/// where possible: this runs on every purchase request.
 pub async fn track_requests(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().to_string();
-    let route = request
+    let method = method_label(request.method());
+    let route: SharedString = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+        .map_or(SharedString::const_str("unmatched"), |path| {
+            SharedString::from(path.as_str().to_owned())
+        });
+    let accept = route.as_ref() == ACCEPT_ROUTE;
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
+    let status = SharedString::from(response.status().as_str().to_owned());
     let elapsed = started.elapsed().as_secs_f64();
-    if route == ACCEPT_ROUTE {
+    if accept {
         metrics::histogram!("allot_api_accept_duration_seconds", "status" => status.clone())
             .record(elapsed);
     }
-    metrics::histogram!("allot_api_request_duration_seconds", "method" => method.clone(), "route" => route.clone())
+    metrics::histogram!("allot_api_request_duration_seconds", "method" => method, "route" => route.clone())
         .record(elapsed);
     metrics::counter!("allot_api_requests_total", "method" => method, "route" => route, "status" => status)
         .increment(1);
     response
 }
 
+/// The `method` label: a static string for the methods we serve, `other` for the rest.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// Counts a request no route matched (the router's fallback).
-pub fn count_unmatched(method: &str, status: u16) {
-    metrics::counter!("allot_api_requests_total", "method" => method.to_owned(), "route" => "unmatched", "status" => status.to_string())
+pub fn count_unmatched(method: &Method, status: StatusCode) {
+    metrics::counter!("allot_api_requests_total", "method" => method_label(method), "route" => "unmatched", "status" => status.as_str().to_owned())
         .increment(1);
 }
 

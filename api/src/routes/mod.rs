@@ -22,7 +22,7 @@ use crate::openapi::{ApiDoc, DOCS_PATH, DOCUMENT_PATH};
 use crate::state::AppState;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
-use axum::http::Method;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{BoxError, Router, middleware};
@@ -86,7 +86,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn not_found(method: Method) -> ApiError {
-    observe::count_unmatched(method.as_str(), 404);
+    observe::count_unmatched(&method, StatusCode::NOT_FOUND);
     ApiError::NotFound("no such endpoint".into())
 }
 
