@@ -793,8 +793,8 @@ cmd_test() {
   run_step "[7/12] a fresh allot on $FUNCTIONAL_ADDR for the tools, logging JSON" \
     start_functional_allot ALLOT_LOG_FORMAT=json
   run_step "[8/12] Postman collection (newman)" against_functional_allot run_newman
-  run_step "[9/12] schemathesis against /api-docs/openapi.json" against_functional_allot run_schemathesis
-  run_step "[10/12] web page in headless Chromium" against_functional_allot run_browser_test
+  run_step "[9/12] web page in headless Chromium" against_functional_allot run_browser_test
+  run_step "[10/12] schemathesis against /api-docs/openapi.json" against_functional_allot run_schemathesis
   run_step "[11/12] JSON logs carry request ids" check_json_logs
   run_step "[12/12] deploy/docker-compose.yml is valid" check_compose_file
   stop_functional_allot

@@ -159,7 +159,7 @@ async fn the_web_page_is_served_at_the_root(pool: sqlx::PgPool) {
     assert_eq!(content_type, "text/html; charset=utf-8");
     let html = response.text().await.unwrap();
     for needle in [
-        "/api/v1/products?limit=1000",
+        "/api/v1/products?limit=1000&after=",
         "/api/v1/order/addToCart",
         "/api/v1/stats",
         "/events",
