@@ -736,7 +736,7 @@ run_schemathesis() {
   # From .allot/, where schemathesis keeps its cache (.schemathesis/, .hypothesis/).
   (cd "$STATE" && timeout 300 "$VENV/bin/schemathesis" run \
     "http://$FUNCTIONAL_ADDR/api-docs/openapi.json" \
-    --checks not_a_server_error --max-examples 25 --max-time 150 --request-timeout 20 \
+    --checks not_a_server_error --max-examples 25 --max-time 90 --request-timeout 20 \
     --header "Authorization: Bearer $FUNCTIONAL_TOKEN" --no-color)
 }
 
