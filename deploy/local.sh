@@ -3,9 +3,9 @@
 #
 #   deploy/local.sh services   install (if missing) and start private PostgreSQL, Redis, RabbitMQ
 #   deploy/local.sh up         services + release build + start allot-api and allot-worker
-#   deploy/local.sh test       services + fmt + clippy + tests + functional test on a fresh system
-#                              + benchmark smoke run
-#                              + chaos test (short form) on services of its own
+#   deploy/local.sh test       services + fmt + clippy + tests + functional test on a fresh system,
+#                              then newman, schemathesis and a headless-browser test, a benchmark
+#                              smoke run, and the chaos test (short form) on services of its own
 #   deploy/local.sh bench      services + release build + the benchmark on a fresh allot
 #                              (`bench --smoke`: the tiny form that `test` runs)
 #   deploy/local.sh status     show what runs
@@ -62,10 +62,16 @@ API_ADDR=127.0.0.1:$((8080 + OFFSET))
 # outgoing connection, which makes the restart fail with "address already in use".
 CHAOS_STATE=${ALLOT_CHAOS_STATE:-$STATE/chaos}
 CHAOS_OFFSET=${ALLOT_CHAOS_PORT_OFFSET:-$((OFFSET + 6000))}
+WORKER_ADDR=127.0.0.1:$((8081 + OFFSET))             # the worker's /healthz, /readyz, /metrics
 FUNCTIONAL_ADDR=127.0.0.1:$((18080 + OFFSET))
+FUNCTIONAL_WORKER_ADDR=127.0.0.1:$((18081 + OFFSET))
 BENCH_ADDR=127.0.0.1:$((28080 + OFFSET))
+BENCH_WORKER_ADDR=127.0.0.1:$((28081 + OFFSET))
 BENCH_REFERENCE_ADDR=127.0.0.1:$((29080 + OFFSET))
 ADMIN_TOKEN_FILE=$STATE/admin-token
+VENV=$STATE/venv                 # Python tools of `test` (schemathesis, PyYAML)
+ARTIFACTS=$STATE/artifacts       # what `test` keeps for people to look at (screenshots)
+BROWSER_TESTS=$ROOT/tests/browser
 
 # The environment every RabbitMQ command (server and CLI) gets, so that they all talk to the
 # private node. rabbitmq-server and rabbitmqctl switch to the rabbitmq user through `su`, which
@@ -600,6 +606,9 @@ print_up_summary() {
   cat <<EOF
 
 allot is running at http://$API_ADDR
+  web page:     http://$API_ADDR/
+  API docs:     http://$API_ADDR/docs/  (OpenAPI: http://$API_ADDR/api-docs/openapi.json)
+  metrics:      http://$API_ADDR/metrics  and the worker's http://$WORKER_ADDR/metrics
   admin token:  $token_source
   logs:         $(app_log api)
                 $(app_log worker)
@@ -624,10 +633,14 @@ cmd_up() {
     "ALLOT_ADMIN_TOKEN=$(admin_token)"
   )
   stop_app api
+  stop_app worker
   require_free_port "${API_ADDR##*:}" allot-api
-  start_app worker "$bin/allot-worker" "${env[@]}"
+  require_free_port "${WORKER_ADDR##*:}" allot-worker
+  # The API first (see start_functional_allot).
   start_app api "$bin/allot-api" "${env[@]}"
-  wait_apps_ready "http://$API_ADDR/readyz" api worker
+  wait_apps_ready "http://$API_ADDR/readyz" api
+  start_app worker "$bin/allot-worker" "${env[@]}" "ALLOT_WORKER_HTTP_ADDR=$WORKER_ADDR"
+  wait_apps_ready "http://$WORKER_ADDR/readyz" api worker
   print_up_summary
 }
 
@@ -658,33 +671,40 @@ run_cargo_tests() {
   fi
 }
 
-# A fresh allot (debug build, its own database, vhost, Redis db 3 and port 18080) driven by
-# the functional-test binary. The EXIT trap of cmd_test stops the two processes on any path.
-run_functional_test() {
-  local bin token env status=0
+# A fresh allot (debug build, its own database, vhost, Redis db 3 and port 18080), with "$@"
+# (NAME=value) added to its environment. Its admin token is left in FUNCTIONAL_TOKEN. The EXIT
+# trap of cmd_test stops it on any path.
+start_functional_allot() {
+  local bin env
   bin=$(target_dir)/debug
-  cargo build --bins
+  stop_functional_allot
   recreate_database allot_functional
   recreate_vhost allot-functional
   redis_cli -n 3 flushdb >/dev/null
-  token=$(random_token)
+  FUNCTIONAL_TOKEN=$(random_token)
   env=(
-    "ALLOT_HTTP_ADDR=$FUNCTIONAL_ADDR"
     "ALLOT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/allot_functional"
     "ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-functional"
     "ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/3"
-    "ALLOT_ADMIN_TOKEN=$token"
+    "ALLOT_ADMIN_TOKEN=$FUNCTIONAL_TOKEN"
+    "$@"
   )
-  stop_app functional-api
   require_free_port "${FUNCTIONAL_ADDR##*:}" "the functional allot-api"
+  require_free_port "${FUNCTIONAL_WORKER_ADDR##*:}" "the functional allot-worker"
   rm -f "$(app_log functional-api)" "$(app_log functional-worker)"
-  start_api_then_worker functional "http://$FUNCTIONAL_ADDR/readyz" "$bin" "${env[@]}" "RUST_LOG=info"
-  "$bin/functional-test" --base-url "http://$FUNCTIONAL_ADDR" --admin-token "$token" || status=$?
-  if ((status != 0)); then
-    show_logs "$(app_log functional-api)" "$(app_log functional-worker)"
-  fi
+  start_api_then_worker functional "$FUNCTIONAL_ADDR" "$FUNCTIONAL_WORKER_ADDR" "$bin" "${env[@]}"
+}
+
+stop_functional_allot() {
   stop_app functional-api
   stop_app functional-worker
+}
+
+# Run "$@" against the functional allot; on failure show its logs. Fails as "$@" failed.
+against_functional_allot() {
+  local status=0
+  "$@" || status=$?
+  ((status == 0)) || show_logs "$(app_log functional-api)" "$(app_log functional-worker)"
   return "$status"
 }
 
@@ -705,22 +725,19 @@ stop_chaos_copy() {
     warn "could not stop the chaos test's services (state $CHAOS_STATE)"
 }
 
-# Start $1-api, wait until $2 answers, then start $1-worker and wait until it consumes; binaries
-# from $3, environment "${@:4}". The API first: it declares the queues on a fresh vhost; the
-# worker once they exist. Two processes declaring the same quorum queues at once on a new vhost
-# made RabbitMQ close the worker's connection with INTERNAL_ERROR, and the worker exit.
+# Start $1-api listening on $2 and wait until it is ready, then $1-worker with its HTTP server
+# on $3 and wait until it is ready too; binaries from $4, environment "${@:5}" (NAME=value).
+# The API first: it declares every partition queue before it is ready. Two processes declaring
+# the same fresh quorum queues at once on a new vhost made RabbitMQ close the worker's
+# connection (INTERNAL_ERROR, or noproc on 3.10) and the worker exit; one after the other, that
+# race cannot happen.
 start_api_then_worker() {
-  local name=$1 url=$2 bin=$3
-  shift 3
-  start_app "$name-api" "$bin/allot-api" "$@"
-  wait_apps_ready "$url" "$name-api"
-  start_app "$name-worker" "$bin/allot-worker" "$@"
-  if ! { wait_until 60 grep -q "worker consuming" "$(app_log "$name-worker")" && apps_alive "$name-worker"; }; then
-    show_logs "$(app_log "$name-worker")"
-    stop_app "$name-api"
-    stop_app "$name-worker"
-    die "$name-worker did not start consuming"
-  fi
+  local name=$1 api_addr=$2 worker_addr=$3 bin=$4
+  shift 4
+  start_app "$name-api" "$bin/allot-api" "$@" "ALLOT_HTTP_ADDR=$api_addr"
+  wait_apps_ready "http://$api_addr/readyz" "$name-api"
+  start_app "$name-worker" "$bin/allot-worker" "$@" "ALLOT_WORKER_HTTP_ADDR=$worker_addr"
+  wait_apps_ready "http://$worker_addr/readyz" "$name-api" "$name-worker"
 }
 
 # The benchmark (tests/src/bin/bench) against a fresh allot on its own database, vhost, Redis db
@@ -736,16 +753,15 @@ run_bench() {
   redis_cli -n 4 flushdb >/dev/null
   token=$(random_token)
   env=(
-    "ALLOT_HTTP_ADDR=$BENCH_ADDR"
     "ALLOT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/allot_bench"
     "ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-bench"
     "ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/4"
     "ALLOT_ADMIN_TOKEN=$token"
-    "RUST_LOG=info"  # start_api_then_worker waits for the worker's "worker consuming" line
   )
   require_free_port "${BENCH_ADDR##*:}" "the benchmark's allot-api"
+  require_free_port "${BENCH_WORKER_ADDR##*:}" "the benchmark's allot-worker"
   rm -f "$(app_log bench-api)" "$(app_log bench-worker)"
-  start_api_then_worker bench "http://$BENCH_ADDR/readyz" "$bin" "${env[@]}"
+  start_api_then_worker bench "$BENCH_ADDR" "$BENCH_WORKER_ADDR" "$bin" "${env[@]}"
   timeout 1200 "$bin/bench" --base-url "http://$BENCH_ADDR" --admin-token "$token" \
     --database-url "postgres://postgres@127.0.0.1:$PG_PORT/allot_bench" \
     --amqp-url "amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-bench" \
@@ -772,14 +788,79 @@ cmd_bench() {
   run_bench "$(target_dir)/release" "$@"
 }
 
+run_functional_test() {
+  local bin
+  bin=$(target_dir)/debug
+  cargo build --bins
+  start_functional_allot
+  against_functional_allot "$bin/functional-test" --base-url "http://$FUNCTIONAL_ADDR" \
+    --admin-token "$FUNCTIONAL_TOKEN"
+}
+
+# The tools a team uses against allot: Node packages (newman, playwright-core) from the committed
+# lock file, schemathesis and PyYAML in a venv under .allot/, Debian's chromium.
+install_test_tools() {
+  command -v npm >/dev/null || apt_install nodejs npm
+  (cd "$BROWSER_TESTS" && npm ci --no-audit --no-fund --loglevel=error)
+  if [[ ! -x $VENV/bin/python ]]; then
+    python3 -m venv "$VENV" 2>/dev/null || {
+      apt_install python3-venv
+      rm -rf "$VENV"
+      python3 -m venv "$VENV"
+    }
+  fi
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/tests/tools/requirements.txt"
+  have_package chromium /usr/bin/chromium || apt_install chromium
+}
+
+# The Postman collection, run by newman against a fresh functional allot.
+run_newman() {
+  (cd "$BROWSER_TESTS" && npx --no-install newman run "$ROOT/deploy/postman/allot.postman_collection.json" \
+    --environment "$ROOT/deploy/postman/allot.postman_environment.json" \
+    --env-var "baseUrl=http://$FUNCTIONAL_ADDR" --env-var "adminToken=$FUNCTIONAL_TOKEN" \
+    --reporters cli --color off --timeout 120000)
+}
+
+# schemathesis against the served OpenAPI document: generated requests to every operation
+# (the staff ones with the token), bounded in examples and time; any 5xx fails.
+run_schemathesis() {
+  # From .allot/, where schemathesis keeps its cache (.schemathesis/, .hypothesis/).
+  (cd "$STATE" && timeout 300 "$VENV/bin/schemathesis" run \
+    "http://$FUNCTIONAL_ADDR/api-docs/openapi.json" \
+    --checks not_a_server_error --max-examples 25 --max-time 90 --request-timeout 20 \
+    --header "Authorization: Bearer $FUNCTIONAL_TOKEN" --no-color)
+}
+
+# The web page in headless Chromium: load, buy, see the order number; keeps a screenshot.
+run_browser_test() {
+  mkdir -p "$ARTIFACTS"
+  (cd "$BROWSER_TESTS" && env ALLOT_BASE_URL="http://$FUNCTIONAL_ADDR" \
+    ALLOT_ADMIN_TOKEN="$FUNCTIONAL_TOKEN" ALLOT_ARTIFACTS="$ARTIFACTS" CHROMIUM=/usr/bin/chromium \
+    node --test --test-reporter=spec page.test.mjs)
+}
+
+# The functional API logged JSON (ALLOT_LOG_FORMAT=json): every line is a JSON object, and the
+# lines logged inside a request carry its request id (newman sends a known one).
+check_json_logs() {
+  "$VENV/bin/python" "$ROOT/tests/tools/check_json_logs.py" "$(app_log functional-api)" newman-create-product
+}
+
+# deploy/docker-compose.yml must at least be valid YAML of the expected shape: no Docker engine
+# here to run it (`docker compose config` is used as well when the compose plugin is present).
+check_compose_file() {
+  "$VENV/bin/python" "$ROOT/tests/tools/check_compose.py" "$ROOT/deploy/docker-compose.yml"
+  if docker compose version >/dev/null 2>&1; then
+    docker compose -f "$ROOT/deploy/docker-compose.yml" config --quiet
+  fi
+}
+
 # EXIT trap of `test`: the functional, benchmark and chaos systems never outlive the run; with
 # CI=true nothing does.
 on_test_exit() {
   local status=$?
   set +e
   [[ $status -ne 0 && -n $CURRENT_STEP ]] && printf '\nerror: step failed: %s\n' "$CURRENT_STEP" >&2
-  stop_app functional-api
-  stop_app functional-worker
+  stop_functional_allot
   stop_app bench-api
   stop_app bench-worker
   stop_chaos_copy
@@ -797,16 +878,25 @@ cmd_test() {
   cmd_services
   ensure_cargo
   cd "$ROOT"
-  run_step "[1/7] cargo fmt --all --check" cargo fmt --all --check
-  run_step "[2/7] cargo clippy --workspace --all-targets -- -D warnings" \
+  run_step "[1/14] cargo fmt --all --check" cargo fmt --all --check
+  run_step "[2/14] cargo clippy --workspace --all-targets -- -D warnings" \
     cargo clippy --workspace --all-targets -- -D warnings
-  run_step "[3/7] preparing test resources" recreate_vhost allot-test
-  run_step "[4/7] cargo tests" run_cargo_tests
-  run_step "[5/7] functional test against a fresh allot on $FUNCTIONAL_ADDR" run_functional_test
-  run_step "[6/7] benchmark smoke run (no timing assertions) on $BENCH_ADDR" \
+  run_step "[3/14] preparing test resources" recreate_vhost allot-test
+  run_step "[4/14] cargo tests" run_cargo_tests
+  run_step "[5/14] functional test against a fresh allot on $FUNCTIONAL_ADDR" run_functional_test
+  run_step "[6/14] installing the test tools (npm ci, pip, chromium)" install_test_tools
+  run_step "[7/14] a fresh allot on $FUNCTIONAL_ADDR for the tools, logging JSON" \
+    start_functional_allot ALLOT_LOG_FORMAT=json
+  run_step "[8/14] Postman collection (newman)" against_functional_allot run_newman
+  run_step "[9/14] web page in headless Chromium" against_functional_allot run_browser_test
+  run_step "[10/14] schemathesis against /api-docs/openapi.json" against_functional_allot run_schemathesis
+  run_step "[11/14] JSON logs carry request ids" check_json_logs
+  run_step "[12/14] deploy/docker-compose.yml is valid" check_compose_file
+  stop_functional_allot
+  run_step "[13/14] benchmark smoke run (no timing assertions) on $BENCH_ADDR" \
     run_bench "$(target_dir)/debug" --smoke
-  run_step "[7/7] chaos test (short form) on its own services, ports +$CHAOS_OFFSET" run_chaos_test
-  log "all test steps passed"
+  run_step "[14/14] chaos test (short form) on its own services, ports +$CHAOS_OFFSET" run_chaos_test
+  log "all test steps passed; screenshot of the web page: $ARTIFACTS/web-page.png"
   [[ ${CI:-} == true ]] || log "the services stay up for the next run; deploy/local.sh down stops them"
 }
 
@@ -829,7 +919,7 @@ cmd_status() {
   if epmd_answers; then epmd_state="-"; fi
   status_line epmd "$epmd_state" "127.0.0.1:$RMQ_EPMD_PORT"
   status_line allot-api "$(app_pid api || true)" "http://$API_ADDR  log $(app_log api)"
-  status_line allot-worker "$(app_pid worker || true)" "log $(app_log worker)"
+  status_line allot-worker "$(app_pid worker || true)" "http://$WORKER_ADDR  log $(app_log worker)"
   status_line functional-api "$(app_pid functional-api || true)" "http://$FUNCTIONAL_ADDR"
   status_line functional-worker "$(app_pid functional-worker || true)" ""
 }
@@ -842,6 +932,7 @@ export ALLOT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/allot
 export ALLOT_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/%2f
 export ALLOT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
 export ALLOT_HTTP_ADDR=$API_ADDR
+export ALLOT_WORKER_HTTP_ADDR=$WORKER_ADDR
 export DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
 export ALLOT_TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-test
 export ALLOT_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/2
@@ -957,9 +1048,11 @@ usage: deploy/local.sh COMMAND
             (restarted when already running; admin token in .allot/admin-token unless
             ALLOT_ADMIN_TOKEN is set)
   test      services, cargo fmt --check, clippy, cargo tests, the functional test against a
-            fresh allot on http://$FUNCTIONAL_ADDR, the benchmark's smoke form, and the chaos test
-            (short form) on services of its own (state $CHAOS_STATE, ports +$CHAOS_OFFSET); the
-            services stay up afterwards, except with CI=true
+            fresh allot on http://$FUNCTIONAL_ADDR, then against another fresh one: the Postman
+            collection (newman), schemathesis, the web page in headless Chromium, and checks of
+            the JSON logs and deploy/docker-compose.yml; then the benchmark's smoke form and the
+            chaos test (short form) on services of its own (state $CHAOS_STATE, ports
+            +$CHAOS_OFFSET); the services stay up afterwards, except with CI=true
   bench [--smoke] [bench flags]
             services, release build, then the benchmark (tests/src/bin/bench) against a fresh
             allot on http://$BENCH_ADDR, reference servers on $BENCH_REFERENCE_ADDR; about 4

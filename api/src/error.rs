@@ -55,15 +55,22 @@ pub enum ApiError {
     Internal(#[source] anyhow::Error),
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
+/// The body of every error response (also its OpenAPI schema).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
 }
 
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    message: String,
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail<'a> {
+    /// Stable and machine-readable: `malformed_json`, `invalid_body`, `unsupported_media_type`,
+    /// `payload_too_large`, `invalid_id`, `invalid_query`, `unauthorized`, `not_found`,
+    /// `method_not_allowed`, `unavailable` or `internal`.
+    #[schema(example = "invalid_body")]
+    pub code: &'a str,
+    /// For humans; may change.
+    #[schema(example = "quantity must be at most 10, got 11")]
+    pub message: String,
 }
 
 impl ApiError {

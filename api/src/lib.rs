@@ -8,6 +8,8 @@
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod observe;
+pub mod openapi;
 pub mod publisher;
 pub mod routes;
 pub mod sold_out;
@@ -36,10 +38,14 @@ pub async fn run(
             .clone()
             .spawn_refresher(state.pool.clone(), every)
     });
+    let stopping = state.shutdown.clone();
     let address = listener.local_addr().context("listener has no address")?;
     tracing::info!(%address, "API listening");
     axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stopping.cancel();
+        })
         .await
         .context("the HTTP server failed")?;
     if let Some(refresher) = refresher {

@@ -50,6 +50,16 @@ impl PublishError {
     }
 }
 
+/// The `result` label of `allot_api_publishes_total`: `confirmed`, `refused` by the broker
+/// (queue full, unroutable), or `failed` (no confirm: timeout or connection trouble).
+fn publish_result(result: &Result<(), PublishError>) -> &'static str {
+    match result {
+        Ok(()) => "confirmed",
+        Err(PublishError::QueueFull | PublishError::Unroutable(_)) => "refused",
+        Err(_) => "failed",
+    }
+}
+
 /// The API's connection to RabbitMQ and its confirm-mode channels. When the connection fails
 /// (the broker restarts), a background task opens a fresh one, declares the queues and enables
 /// confirms again, retrying with a capped backoff; meanwhile publishes are refused at once.
@@ -168,6 +178,13 @@ impl Publisher {
     /// Publishes `request` as a persistent message to its partition's queue and waits for the
     /// broker's confirm.
     pub async fn publish(&self, request: &PurchaseRequest) -> Result<(), PublishError> {
+        let result = self.publish_confirmed(request).await;
+        metrics::counter!("allot_api_publishes_total", "result" => publish_result(&result))
+            .increment(1);
+        result
+    }
+
+    async fn publish_confirmed(&self, request: &PurchaseRequest) -> Result<(), PublishError> {
         let channel = {
             let link = self.link.read().expect("publisher link lock");
             if !link.is_up() {

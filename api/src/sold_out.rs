@@ -27,7 +27,7 @@ pub struct SoldOut {
 
 /// The answer to a request for a sold-out product: `200`, final, and not recorded (there is no
 /// transaction id to poll).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SoldOutAnswer {
     pub status: Status,
     pub reason: RejectReason,
@@ -36,6 +36,7 @@ pub struct SoldOutAnswer {
     pub quantity: Quantity,
     /// Always `true`: this outcome will not change, and nothing was recorded.
     #[serde(rename = "final")]
+    #[schema(rename = "final")]
     pub is_final: bool,
 }
 

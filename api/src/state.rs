@@ -4,9 +4,11 @@ use crate::config::ApiConfig;
 use crate::publisher::Publisher;
 use crate::sold_out::SoldOut;
 use crate::statuses::StatusStore;
+use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -24,6 +26,11 @@ pub struct AppState {
     pub admin_token: Arc<str>,
     /// Largest quantity one request may ask for.
     pub max_quantity: i64,
+    /// Renders this process's Prometheus metrics.
+    pub metrics: PrometheusHandle,
+    /// Cancelled when the server starts shutting down, so that long-lived responses (status
+    /// event streams) end instead of holding the graceful shutdown open.
+    pub shutdown: CancellationToken,
 }
 
 impl AppState {
@@ -49,6 +56,8 @@ impl AppState {
             sold_out_refresh: config.sold_out_refresh(),
             admin_token: config.admin_token.as_str().into(),
             max_quantity: config.max_quantity,
+            metrics: allot_shared::metrics::install(),
+            shutdown: CancellationToken::new(),
         })
     }
 }

@@ -10,7 +10,19 @@ use uuid::Uuid;
 ///
 /// Chosen by the API (UUIDv7, so ids sort roughly by acceptance time) and carried by the
 /// message; the database's primary key on it is what makes every decision happen once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(transparent)]
 pub struct TransactionId(pub Uuid);
 
@@ -31,6 +43,18 @@ impl fmt::Display for TransactionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
+}
+
+/// The OpenAPI schema of the positive-id newtypes: `integer`, `int64`, at least 1.
+fn positive_integer_schema(what: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+        .minimum(Some(1))
+        .maximum(Some(i64::MAX))
+        .description(Some(format!("{what}: a positive 64-bit integer")))
+        .into()
 }
 
 /// Declares a newtype over a strictly positive `i64` (the range of PostgreSQL's `bigint`).
@@ -71,6 +95,15 @@ macro_rules! positive_id {
                 self.0.fmt(f)
             }
         }
+
+        /// OpenAPI: a positive 64-bit integer (written by hand: the derive cannot say `minimum`).
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                positive_integer_schema($what)
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
     };
 }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod db;
 pub mod ids;
 pub mod message;
+pub mod metrics;
 pub mod outcome;
 pub mod partition;
 pub mod shutdown;

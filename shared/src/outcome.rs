@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 /// Where a transaction stands. `Pending` until its partition's worker decided it; the two
 /// decided states are final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Pending,
@@ -29,7 +29,7 @@ impl Status {
 }
 
 /// Why a request was rejected. Stored in PostgreSQL as its snake_case name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RejectReason {
     /// The product had fewer units left than the request asked for.
@@ -98,15 +98,18 @@ pub enum Outcome {
 ///
 /// Optional fields are left out of the JSON when empty: `order_number` appears only on
 /// succeeded transactions, `reason` only on rejected ones, `decided_at` once decided.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TransactionView {
     pub transaction_id: TransactionId,
     pub status: Status,
     pub user_id: UserId,
     pub product_id: ProductId,
     pub quantity: Quantity,
+    /// `YYYYMMDD-nnnnn`; succeeded transactions only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "20261122-00001")]
     pub order_number: Option<String>,
+    /// Rejected transactions only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<RejectReason>,
     pub created_at: DateTime<Utc>,

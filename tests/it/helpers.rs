@@ -105,6 +105,8 @@ pub struct TestApp {
     pub redis: ConnectionManager,
     pub api_config: ApiConfig,
     pub worker_config: WorkerConfig,
+    /// `http://127.0.0.1:<port>` of the running worker's HTTP server (`/metrics`, `/readyz`).
+    pub worker_address: Option<String>,
     api: Option<Running>,
     worker: Option<Running>,
 }
@@ -157,6 +159,7 @@ pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
         api_config,
         worker_config,
         api: Some(Running { stop, task }),
+        worker_address: None,
         worker: None,
     };
     if options.worker {
@@ -176,8 +179,14 @@ impl TestApp {
             self.worker.is_none(),
             "this harness runs one worker at a time"
         );
+        // Port 0: tests run in parallel, each worker on a free port of its own.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        listener.set_nonblocking(true).unwrap();
+        self.worker_address = Some(format!("http://{}", listener.local_addr().unwrap()));
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(allot_worker::run(
+        let task = tokio::spawn(allot_worker::serve(
+            listener,
             self.worker_config.clone(),
             self.pool.clone(),
             self.redis.clone(),
@@ -194,6 +203,7 @@ impl TestApp {
         if let Some(worker) = self.worker.take() {
             worker.stop().await;
         }
+        self.worker_address = None;
     }
 
     /// Stops everything, asserting each part shut down cleanly, then deletes the test's queues
@@ -440,6 +450,17 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The value of one sample in a Prometheus text rendering (`name{labels}` exactly as rendered,
+/// labels in alphabetical order), or 0 if the sample is not there yet.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |value| {
+            value.trim().parse().expect("a sample value is a number")
+        })
 }
 
 /// Asserts an error response: exact status, JSON content type, and exactly

@@ -9,7 +9,10 @@
 mod helpers;
 
 mod api_contract;
+mod docs;
+mod observability;
 mod pipeline;
 mod poison;
 mod sold_out;
 mod unconfirmed;
+mod watch;

@@ -2,6 +2,7 @@
 
 use allot_shared::CommonConfig;
 use clap::Parser;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Parser)]
@@ -34,6 +35,11 @@ pub struct WorkerConfig {
     /// PostgreSQL connections of this worker; a partition uses one while committing.
     #[arg(long, env = "ALLOT_DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
+
+    /// Address of the worker's HTTP server (`/healthz`, `/readyz`, `/metrics`). Port 0 picks a
+    /// free port (logged at start).
+    #[arg(long, env = "ALLOT_WORKER_HTTP_ADDR", default_value = "127.0.0.1:8081")]
+    pub http_addr: SocketAddr,
 }
 
 impl WorkerConfig {

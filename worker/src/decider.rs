@@ -62,6 +62,7 @@ impl Decider {
         }
         let decided_at = self.clock.now();
         let day = decided_at.with_timezone(&self.timezone).date_naive();
+        let commit_started = std::time::Instant::now();
         let committed = persist::commit_batch(
             &self.pool,
             partition,
@@ -72,6 +73,7 @@ impl Decider {
         )
         .await
         .with_context(|| format!("failed to commit batch for partition {partition}"))?;
+        crate::monitor::record_batch(&committed.outcome, messages.len(), commit_started);
         let mut views = committed.views;
         views.extend(
             self.reject_salvaged(partition, &dead_letters, decided_at)

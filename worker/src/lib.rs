@@ -9,6 +9,8 @@ pub mod config;
 pub mod consumer;
 pub mod core;
 pub mod decider;
+pub mod http;
+pub mod monitor;
 pub mod persist;
 pub mod poison;
 
@@ -21,15 +23,14 @@ use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// Runs the worker until `shutdown` completes: connects to RabbitMQ, declares the partition
-/// queues and consumes every partition. When the connection fails (the broker restarts), the
-/// session ends and a fresh connection is opened, with a capped backoff, until it works. On
-/// shutdown each consumer finishes the batch it is deciding, then the connection is closed;
-/// unacked messages go back to their queues.
+/// Runs the worker until `shutdown` completes, with its HTTP server on
+/// `ALLOT_WORKER_HTTP_ADDR` (see [`serve`]).
 pub async fn run(
     config: WorkerConfig,
     pool: PgPool,
@@ -37,6 +38,33 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+    serve(listener, config, pool, redis, clock, shutdown).await
+}
+
+/// Runs the worker until `shutdown` completes: connects to RabbitMQ, declares the partition
+/// queues and consumes every partition, and serves `/healthz`, `/readyz` and `/metrics` on
+/// `listener` (tests pass one bound to port 0). When the connection fails (the broker
+/// restarts), the session ends and a fresh connection is opened, with a capped backoff, until it
+/// works. On shutdown each consumer finishes the batch it is deciding, then the connection is
+/// closed; unacked messages go back to their queues.
+pub async fn serve(
+    listener: TcpListener,
+    config: WorkerConfig,
+    pool: PgPool,
+    redis: ConnectionManager,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let broker_up = Arc::new(AtomicBool::new(false));
+    let health = http::Health {
+        pool: pool.clone(),
+        redis: redis.clone(),
+        broker_up: broker_up.clone(),
+        metrics: allot_shared::metrics::install(),
+    };
     let decider = Arc::new(Decider::new(
         pool,
         redis,
@@ -46,11 +74,16 @@ pub async fn run(
     ));
     let stop = CancellationToken::new();
     let stop_on_shutdown = stop.clone();
+    let address = listener.local_addr().context("listener has no address")?;
+    let server = axum::serve(listener, http::router(health))
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let server = tokio::spawn(async move { server.await });
+    tracing::info!(%address, "worker HTTP server listening (/healthz, /readyz, /metrics)");
     let sessions = async {
         let mut pause = Duration::from_millis(100);
         loop {
             let started = tokio::time::Instant::now();
-            match session(&config, &decider, &stop).await {
+            match session(&config, &decider, &stop, &broker_up).await {
                 Ok(()) => return Ok(()),
                 Err(err) if stop.is_cancelled() => return Err(err),
                 Err(err) => {
@@ -75,6 +108,10 @@ pub async fn run(
         }
         result = &mut sessions => result,
     };
+    stop.cancel();
+    if let Ok(Err(err)) = server.await {
+        tracing::warn!(error = %err, "the worker HTTP server failed");
+    }
     tracing::info!("worker stopped");
     result
 }
@@ -84,11 +121,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// One connection's life: open it, consume every partition on a channel of its own, until
 /// shutdown (`Ok`) or until a consumer fails (`Err`; the others are stopped and the
-/// connection closed first).
+/// connection closed first). `broker_up` tells `/readyz` whether the session is consuming.
 async fn session(
     config: &WorkerConfig,
     decider: &Arc<Decider>,
     stop: &CancellationToken,
+    broker_up: &AtomicBool,
 ) -> anyhow::Result<()> {
     let connection = amqp::connect(&config.common.amqp_url, "allot-worker").await?;
     let topology = config.common.topology();
@@ -114,6 +152,15 @@ async fn session(
         ));
     }
     tracing::info!(partitions = topology.partitions, queue_prefix = %topology.queue_prefix, "worker consuming");
+    broker_up.store(true, Ordering::Relaxed);
+    let connection = Arc::new(connection);
+    let monitor = {
+        let connection = connection.clone();
+        let stop = session_stop.clone();
+        tokio::spawn(async move {
+            monitor::watch_queue_depths(&connection, topology, stop).await;
+        })
+    };
 
     // Until shutdown, a consumer's end, or the connection found down. lapin does not always
     // wake a consumer whose connection died, so the connection is also watched.
@@ -135,6 +182,7 @@ async fn session(
     };
     // The others finish the batch they are deciding, within a grace period; after it, they are
     // aborted (a batch in flight rolls back and stays unacked, to be redelivered).
+    broker_up.store(false, Ordering::Relaxed);
     session_stop.cancel();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while let Some(ended) = consumers.join_next().await {
@@ -148,6 +196,7 @@ async fn session(
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "partition consumers did not stop in time; aborting them");
         consumers.shutdown().await;
     }
+    let _ = monitor.await;
     if let Err(err) = connection.close(200, "worker session ending".into()).await {
         tracing::debug!(error = %err, "closing the RabbitMQ connection");
     }

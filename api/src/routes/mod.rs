@@ -1,48 +1,83 @@
 //! The HTTP routes, and the layers every request passes through.
+//!
+//! The JSON API is registered through utoipa-axum's [`OpenApiRouter`], which builds the router
+//! and the OpenAPI document from the same list, so the document cannot miss a route. The web
+//! page, the docs and the document itself are added beside it, undocumented.
 
 mod health;
 mod orders;
+mod page;
 mod products;
+mod stats;
+mod watch;
 
 pub use orders::{Accepted, AddToCart};
 pub use products::{Product, ProductPage};
+pub use stats::Stats;
+pub use watch::{CHECK_EVERY, WATCH_LIMIT};
 
 use crate::error::ApiError;
+use crate::observe;
+use crate::openapi::{ApiDoc, DOCS_PATH, DOCUMENT_PATH};
 use crate::state::AppState;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{BoxError, Router};
+use axum::routing::get;
+use axum::{BoxError, Router, middleware};
 use std::any::Any;
 use std::time::Duration;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
 
 /// Largest accepted request body. Ours are tiny; anything bigger is a mistake or an attack.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// No request may take longer; keeps graceful shutdown bounded.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The documented JSON API: the router and its OpenAPI document.
+pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(orders::add_to_cart))
+        .routes(routes!(orders::get_transaction))
+        .routes(routes!(watch::transaction_events))
+        .routes(routes!(products::create, products::list))
+        .routes(routes!(products::get))
+        .routes(routes!(products::restock))
+        .routes(routes!(stats::stats))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
+        .split_for_parts()
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/api/v1/order/addToCart", post(orders::add_to_cart))
-        .route("/api/v1/transaction/{id}", get(orders::get_transaction))
-        .route(
-            "/api/v1/products",
-            post(products::create).get(products::list),
-        )
-        .route("/api/v1/products/{id}", get(products::get))
-        .route("/api/v1/products/{id}/restock", post(products::restock))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+    let (api, document) = api();
+    let docs = SwaggerUi::new(DOCS_PATH)
+        .url(DOCUMENT_PATH, document)
+        .config(utoipa_swagger_ui::Config::default().validator_url("none"));
+    api.route_layer(middleware::from_fn(observe::track_requests))
+        .route("/", get(page::index))
+        .merge(docs)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(
             ServiceBuilder::new()
+                .layer(middleware::from_fn(observe::drop_insane_request_id))
+                .layer(SetRequestIdLayer::new(
+                    observe::REQUEST_ID.clone(),
+                    MakeRequestUuid,
+                ))
+                .layer(TraceLayer::new_for_http().make_span_with(observe::request_span))
+                .layer(PropagateRequestIdLayer::new(observe::REQUEST_ID.clone()))
                 .layer(CatchPanicLayer::custom(panic_response))
-                .layer(TraceLayer::new_for_http())
                 .layer(HandleErrorLayer::new(timeout_response))
                 .timeout(REQUEST_TIMEOUT)
                 .layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
@@ -50,7 +85,8 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn not_found() -> ApiError {
+async fn not_found(method: Method) -> ApiError {
+    observe::count_unmatched(&method, StatusCode::NOT_FOUND);
     ApiError::NotFound("no such endpoint".into())
 }
 

@@ -1,6 +1,6 @@
 //! Buying: `POST /api/v1/order/addToCart` and `GET /api/v1/transaction/{id}`.
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::{self, AppJson};
 use crate::publisher::PublishError;
 use crate::sold_out::SoldOutAnswer;
@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 /// The body of `addToCart`. The newtypes reject zero, negative and out-of-range values.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddToCart {
     pub user_id: UserId,
@@ -26,7 +26,7 @@ pub struct AddToCart {
 }
 
 /// The 202 answer: the id to poll.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Accepted {
     pub transaction_id: TransactionId,
     pub status: Status,
@@ -39,6 +39,18 @@ pub struct Accepted {
 /// have stored it anyway (no confirm in time, or the connection dropped after sending), the
 /// request is also withdrawn in PostgreSQL so that no worker can sell it, unless a worker
 /// already did, in which case it was accepted after all and is answered 202.
+#[utoipa::path(post, path = "/api/v1/order/addToCart", tag = crate::openapi::ORDERS,
+    request_body = AddToCart,
+    responses(
+        (status = 200, description = "Sold out: rejected `out_of_stock` at once, final, nothing recorded", body = SoldOutAnswer),
+        (status = 202, description = "Accepted: RabbitMQ confirmed the request; poll the transaction", body = Accepted,
+            headers(("location" = String, description = "/api/v1/transaction/{id}"))),
+        (status = 400, description = "`malformed_json`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_body`: missing, unknown or out-of-range field", body = ErrorBody),
+        (status = 503, description = "`unavailable`: not accepted, retry after `Retry-After`", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all, fields(product_id = %body.product_id, transaction_id))]
 pub async fn add_to_cart(
     State(state): State<AppState>,
@@ -142,6 +154,14 @@ fn publish_error(err: PublishError) -> ApiError {
 /// The status of a transaction: from Redis, or from PostgreSQL when Redis has none (or is
 /// down). 404 only when neither knows it and Redis answered; if Redis is down and the
 /// database has no decided row, the transaction may still be pending, so 503.
+#[utoipa::path(get, path = "/api/v1/transaction/{id}", tag = crate::openapi::ORDERS,
+    params(("id" = uuid::Uuid, Path, description = "The transaction id")),
+    responses(
+        (status = 200, description = "The transaction: `pending`, or final with its order number or reason", body = TransactionView),
+        (status = 400, description = "`invalid_id`: not a UUID", body = ErrorBody),
+        (status = 404, description = "`not_found`: allot never accepted this id", body = ErrorBody),
+        (status = 503, description = "`unavailable`: Redis is down and the transaction is not decided", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all, fields(transaction_id = %raw_id))]
 pub async fn get_transaction(
     State(state): State<AppState>,

@@ -1,7 +1,7 @@
 //! The catalogue: staff create and restock products (bearer token); anyone lists them and
 //! reads their remaining stock.
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::{self, Admin, AppJson, AppQuery};
 use crate::state::AppState;
 use axum::Json;
@@ -14,7 +14,7 @@ pub const MAX_STOCK: i64 = 1_000_000_000_000;
 /// The longest product name.
 pub const MAX_NAME_CHARS: usize = 200;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Product {
     pub id: i64,
     pub name: String,
@@ -22,36 +22,55 @@ pub struct Product {
     pub stock: i64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProduct {
+    /// 1 to 200 characters after trimming, no control characters.
+    #[schema(example = "Limited sneaker")]
     pub name: String,
+    /// Units for sale, 0 to 10^12.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64, example = 100)]
     pub stock: i64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Restock {
+    /// Units to add, 1 to 10^12 (the stock may not exceed 10^12).
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64, example = 50)]
     pub quantity: i64,
 }
 
 /// `GET /api/v1/products?limit=&after=`: keyset pagination by id.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Page size, 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
     /// Only products with a larger id (the previous page's `next_after`).
     pub after: Option<i64>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProductPage {
     pub products: Vec<Product>,
     /// Pass as `after` to get the next page; `null` on the last page.
     pub next_after: Option<i64>,
 }
 
+#[utoipa::path(post, path = "/api/v1/products", tag = crate::openapi::PRODUCTS,
+    request_body = NewProduct,
+    security(("admin_token" = [])),
+    responses(
+        (status = 201, description = "Created", body = Product),
+        (status = 400, description = "`malformed_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong admin token", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_body`", body = ErrorBody),
+    ))]
 pub async fn create(
     _: Admin,
     State(state): State<AppState>,
@@ -62,6 +81,12 @@ pub async fn create(
         return Err(ApiError::InvalidBody(format!(
             "name must have 1 to {MAX_NAME_CHARS} characters"
         )));
+    }
+    // PostgreSQL text cannot hold NUL; no name needs any control character.
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::InvalidBody(
+            "name may not contain control characters".into(),
+        ));
     }
     if !(0..=MAX_STOCK).contains(&body.stock) {
         return Err(ApiError::InvalidBody(format!(
@@ -86,6 +111,19 @@ pub async fn create(
 
 /// Adds stock. Safe while a sale runs: the update waits for the row lock a deciding batch holds,
 /// so neither overwrites the other.
+#[utoipa::path(post, path = "/api/v1/products/{id}/restock", tag = crate::openapi::PRODUCTS,
+    params(("id" = i64, Path, minimum = 1, description = "The product id")),
+    request_body = Restock,
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The product with its new stock", body = Product),
+        (status = 400, description = "`invalid_id` or `malformed_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong admin token", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such product", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_body`", body = ErrorBody),
+    ))]
 pub async fn restock(
     _: Admin,
     State(state): State<AppState>,
@@ -125,6 +163,12 @@ pub async fn restock(
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/products", tag = crate::openapi::PRODUCTS,
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page of products in id order, with their remaining stock", body = ProductPage),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+    ))]
 pub async fn list(
     State(state): State<AppState>,
     AppQuery(query): AppQuery<ListQuery>,
@@ -150,6 +194,13 @@ pub async fn list(
     }))
 }
 
+#[utoipa::path(get, path = "/api/v1/products/{id}", tag = crate::openapi::PRODUCTS,
+    params(("id" = i64, Path, minimum = 1, description = "The product id")),
+    responses(
+        (status = 200, description = "The product and its remaining stock", body = Product),
+        (status = 400, description = "`invalid_id`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+    ))]
 pub async fn get(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,

@@ -60,8 +60,14 @@ impl App {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
-        let child = Command::new(&binary)
-            .envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        let mut command = Command::new(&binary);
+        command.envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if role != Role::Api {
+            // Two workers on one machine: their health servers must not share a port, and the
+            // chaos test does not read them.
+            command.env("ALLOT_WORKER_HTTP_ADDR", "127.0.0.1:0");
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

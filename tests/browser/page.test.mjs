@@ -1,0 +1,142 @@
+// The web page in a real browser: headless Chromium (Debian's, driven by playwright-core) loads
+// allot's page, buys a product with the Buy button and sees the transaction go from pending to
+// its order number, the stock fall and the order counter move. A screenshot is kept.
+//
+// Environment: ALLOT_BASE_URL (a running allot), ALLOT_ADMIN_TOKEN (to create the product),
+// ALLOT_ARTIFACTS (where the screenshot goes), CHROMIUM (default /usr/bin/chromium).
+// Run by deploy/local.sh test: node --test page.test.mjs
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtemp, mkdir, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { chromium } from "playwright-core";
+
+const baseUrl = process.env.ALLOT_BASE_URL ?? "http://127.0.0.1:8080";
+const adminToken = process.env.ALLOT_ADMIN_TOKEN ?? "";
+const artifacts = process.env.ALLOT_ARTIFACTS ?? path.resolve("artifacts");
+const executablePath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const TIMEOUT_MS = 20_000;
+
+async function createProduct(name, stock) {
+  const response = await fetch(`${baseUrl}/api/v1/products`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Authorization: `Bearer ${adminToken}` },
+    body: JSON.stringify({ name, stock }),
+  });
+  assert.equal(response.status, 201, "the product is created");
+  return response.json();
+}
+
+async function launch() {
+  const userDataDir = await mkdtemp(path.join(tmpdir(), "allot-chromium-"));
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath,
+    headless: true,
+    viewport: { width: 1100, height: 800 },
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+  const page = context.pages()[0] ?? (await context.newPage());
+  page.setDefaultTimeout(TIMEOUT_MS);
+  const close = async () => {
+    await context.close();
+    await rm(userDataDir, { recursive: true, force: true });
+  };
+  return { page, close };
+}
+
+async function screenshot(page, name) {
+  await mkdir(artifacts, { recursive: true });
+  const file = path.join(artifacts, name);
+  await page.screenshot({ path: file, fullPage: true });
+  console.log(`screenshot: ${file}`);
+}
+
+test("a buyer buys on the web page and sees the order number appear", { timeout: 90_000 }, async () => {
+  const product = await createProduct(`Browser sneaker ${Date.now()}`, 1);
+  const { page, close } = await launch();
+  try {
+    const pageErrors = [];
+    page.on("pageerror", (error) => pageErrors.push(String(error)));
+    const requested = [];
+    page.on("request", (request) => requested.push(new URL(request.url()).pathname));
+
+    await page.goto(`${baseUrl}/`);
+    const row = page.locator(`tr[data-product-id="${product.id}"]`);
+    await row.waitFor();
+    assert.equal(await row.locator(".name").textContent(), product.name);
+    assert.equal(await row.locator(".stock").textContent(), "1");
+    const ordersBefore = Number(await page.locator("#orders").textContent());
+
+    // Record every status the purchase shows, to see it go from pending to final.
+    await page.evaluate(() => {
+      window.statusesSeen = [];
+      new MutationObserver(() => {
+        const item = document.querySelector("#purchases li");
+        const last = window.statusesSeen.at(-1);
+        if (item && item.dataset.status !== last) window.statusesSeen.push(item.dataset.status);
+      }).observe(document.getElementById("purchases"), { subtree: true, attributes: true, childList: true });
+    });
+
+    await page.fill("#user-id", "4242");
+    await row.locator("button.buy").click();
+
+    const orderNumber = page.locator("#purchases li[data-status='succeeded'] .order-number");
+    await orderNumber.waitFor();
+    const number = await orderNumber.textContent();
+    assert.match(number, /^\d{8}-\d{5,}$/, "an order number YYYYMMDD-nnnnn");
+    const statuses = await page.evaluate(() => window.statusesSeen);
+    assert.equal(statuses[0], "pending", `shown pending first (${statuses})`);
+    assert.equal(statuses.at(-1), "succeeded");
+
+    // The transaction the page shows is the one allot stored.
+    const id = await page.locator("#purchases li").first().getAttribute("data-transaction-id");
+    const stored = await (await fetch(`${baseUrl}/api/v1/transaction/${id}`)).json();
+    assert.equal(stored.order_number, number);
+    assert.equal(stored.user_id, 4242);
+    assert.ok(requested.includes(`/api/v1/transaction/${id}/events`), "the page watched the events");
+    assert.ok(requested.every((pathname) => !pathname.startsWith("http")), "nothing from elsewhere");
+
+    // Live stock and counter: the last unit is gone and the counter moved.
+    await page.waitForFunction(
+      (productId) => document.querySelector(`tr[data-product-id="${productId}"] .stock`).textContent === "0",
+      product.id,
+    );
+    assert.equal(await row.locator("button.buy").isDisabled(), true, "sold out: no Buy button");
+    await page.waitForFunction((before) => Number(document.getElementById("orders").textContent) > before, ordersBefore);
+
+    await screenshot(page, "web-page.png");
+    assert.deepEqual(pageErrors, [], "no JavaScript errors");
+  } finally {
+    await close();
+  }
+});
+
+test("the API docs page renders every operation from the served document", { timeout: 60_000 }, async () => {
+  const { page, close } = await launch();
+  try {
+    const document = await (await fetch(`${baseUrl}/api-docs/openapi.json`)).json();
+    const operations = Object.values(document.paths).reduce((n, item) => n + Object.keys(item).length, 0);
+    const offSite = [];
+    page.on("request", (request) => {
+      if (!request.url().startsWith(baseUrl)) offSite.push(request.url());
+    });
+    await page.goto(`${baseUrl}/docs/`);
+    await page.locator(".swagger-ui .opblock").nth(operations - 1).waitFor();
+    assert.equal(await page.locator(".swagger-ui .opblock").count(), operations);
+    assert.deepEqual(offSite, [], "Swagger UI loads nothing from elsewhere");
+    await screenshot(page, "docs-page.png");
+  } finally {
+    await close();
+  }
+});

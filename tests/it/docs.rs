@@ -1,0 +1,171 @@
+//! The OpenAPI document, the docs page and the web page: the served document lists exactly the
+//! router's routes and methods, documents every error in our one shape, and the pages are
+//! served from the binary.
+
+use crate::helpers::{Options, TestApp, assert_error, spawn_app};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use std::collections::BTreeSet;
+
+/// Every operation of the JSON API, as the router registers it.
+const OPERATIONS: &[(&str, &str)] = &[
+    ("GET", "/api/v1/products"),
+    ("GET", "/api/v1/products/{id}"),
+    ("GET", "/api/v1/stats"),
+    ("GET", "/api/v1/transaction/{id}"),
+    ("GET", "/api/v1/transaction/{id}/events"),
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+    ("GET", "/readyz"),
+    ("POST", "/api/v1/order/addToCart"),
+    ("POST", "/api/v1/products"),
+    ("POST", "/api/v1/products/{id}/restock"),
+];
+const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
+
+async fn document(app: &TestApp) -> Value {
+    let response = app.get("/api-docs/openapi.json").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.expect("the document is JSON")
+}
+
+/// A concrete path for a templated one: a valid product id, a fresh (unknown) transaction id.
+fn concrete(path: &str) -> String {
+    path.replace("{id}/restock", "1/restock")
+        .replace("products/{id}", "products/1")
+        .replace("{id}", &uuid::Uuid::now_v7().to_string())
+}
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn the_document_lists_exactly_the_routes_and_methods_the_server_has(pool: sqlx::PgPool) {
+    let app = spawn_app(pool, Options::without_worker()).await;
+    let doc = document(&app).await;
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "OpenAPI 3.1"
+    );
+    let documented: BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(move |method| (method.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let expected: BTreeSet<(String, String)> = OPERATIONS
+        .iter()
+        .map(|(method, path)| (method.to_string(), path.to_string()))
+        .collect();
+    assert_eq!(documented, expected);
+
+    // Each documented operation is routed (never the fallback's 404 or 405), and every other
+    // method on a documented path is 405: the server has exactly the documented methods.
+    let paths: BTreeSet<&str> = OPERATIONS.iter().map(|(_, path)| *path).collect();
+    for path in paths {
+        for method in METHODS {
+            let response = app
+                .client
+                .request(
+                    Method::from_bytes(method.as_bytes()).unwrap(),
+                    app.url(&concrete(path)),
+                )
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            if OPERATIONS.contains(&(method, path)) {
+                assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+                if status == StatusCode::NOT_FOUND {
+                    let message = assert_error(response, status, "not_found").await;
+                    assert_ne!(message, "no such endpoint", "{method} {path} is routed");
+                }
+            } else {
+                assert_error(
+                    response,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                )
+                .await;
+            }
+        }
+    }
+    app.shutdown().await;
+}
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn every_documented_error_has_the_one_error_shape(pool: sqlx::PgPool) {
+    let app = spawn_app(pool, Options::without_worker()).await;
+    let doc = document(&app).await;
+    let error_ref = "#/components/schemas/ErrorBody";
+    let mut errors = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            for (status, response) in operation["responses"].as_object().unwrap() {
+                if status.starts_with('4') || (status.starts_with('5') && path.starts_with("/api"))
+                {
+                    let schema = &response["content"]["application/json"]["schema"]["$ref"];
+                    assert_eq!(schema, error_ref, "{method} {path} {status}");
+                    errors += 1;
+                }
+            }
+        }
+    }
+    assert!(errors >= 20, "the error statuses are documented ({errors})");
+    let detail = &doc["components"]["schemas"]["ErrorDetail"]["required"];
+    assert_eq!(detail, &serde_json::json!(["code", "message"]));
+    // The staff endpoints say they need the bearer token, and the scheme is declared.
+    assert_eq!(
+        doc["paths"]["/api/v1/products"]["post"]["security"],
+        serde_json::json!([{"admin_token": []}])
+    );
+    assert_eq!(
+        doc["components"]["securitySchemes"]["admin_token"]["scheme"],
+        "bearer"
+    );
+    app.shutdown().await;
+}
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn the_docs_page_and_its_assets_are_served_from_the_binary(pool: sqlx::PgPool) {
+    let app = spawn_app(pool, Options::without_worker()).await;
+    let page = app.get("/docs/").await;
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("swagger-ui"), "Swagger UI's page");
+    for asset in ["/docs/swagger-ui.css", "/docs/swagger-ui-bundle.js"] {
+        let response = app.get(asset).await;
+        assert_eq!(response.status(), StatusCode::OK, "{asset}");
+        assert!(response.bytes().await.unwrap().len() > 10_000, "{asset}");
+    }
+    let config = app.get("/docs/swagger-initializer.js").await;
+    assert_eq!(config.status(), StatusCode::OK);
+    let config = config.text().await.unwrap();
+    assert!(config.contains("/api-docs/openapi.json"), "{config}");
+    app.shutdown().await;
+}
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn the_web_page_is_served_at_the_root(pool: sqlx::PgPool) {
+    let app = spawn_app(pool, Options::without_worker()).await;
+    let response = app.get("/").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(content_type, "text/html; charset=utf-8");
+    let html = response.text().await.unwrap();
+    for needle in [
+        "/api/v1/products?limit=1000&after=",
+        "/api/v1/order/addToCart",
+        "/api/v1/stats",
+        "/events",
+        "id=\"user-id\"",
+    ] {
+        assert!(html.contains(needle), "the page uses {needle}");
+    }
+    app.shutdown().await;
+}

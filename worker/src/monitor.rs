@@ -1,0 +1,77 @@
+//! The worker's metrics: batches (size, commit latency, decisions by outcome) and queue depth
+//! per partition. Depth: every [`PROBE_EVERY`], a passive declare of each
+//! partition queue reads how many messages wait there (`allot_queue_depth{partition}`; ready
+//! messages, not those delivered and still unacked). A growing depth means the workers fall
+//! behind; the gauge is what to alert on before `x-max-length` turns requests into 503s.
+
+use crate::persist::BatchOutcome;
+use allot_shared::amqp::Topology;
+use lapin::Connection;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How often the depths are read.
+pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Reads every partition's depth until `stop` is cancelled. Failures (broker restarting) are
+/// logged at debug level and retried on a fresh channel at the next probe.
+pub async fn watch_queue_depths(
+    connection: &Connection,
+    topology: Topology,
+    stop: CancellationToken,
+) {
+    let mut channel = None;
+    loop {
+        if channel.is_none() {
+            channel = connection.create_channel().await.ok();
+        }
+        if let Some(open) = &channel
+            && let Err(err) = probe(open, &topology).await
+        {
+            tracing::debug!(error = %err, "could not read the queue depths");
+            channel = None; // a failed passive declare closes the channel
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(PROBE_EVERY) => {}
+        }
+    }
+}
+
+async fn probe(channel: &lapin::Channel, topology: &Topology) -> lapin::Result<()> {
+    for partition in topology.partitions() {
+        let queue = channel
+            .queue_declare(
+                topology.queue(partition).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        metrics::gauge!("allot_queue_depth", "partition" => partition.to_string())
+            .set(f64::from(queue.message_count()));
+    }
+    Ok(())
+}
+
+/// Records a committed batch: its size, how long its commit took, and its decisions by outcome
+/// (`succeeded`, `rejected`, `replayed` for redelivered requests decided before,
+/// `dead_lettered` for unparseable messages).
+pub fn record_batch(outcome: &BatchOutcome, size: usize, commit_started: Instant) {
+    metrics::histogram!("allot_worker_batch_size").record(size as f64);
+    metrics::histogram!("allot_worker_commit_duration_seconds")
+        .record(commit_started.elapsed().as_secs_f64());
+    for (label, count) in [
+        ("succeeded", outcome.succeeded),
+        ("rejected", outcome.rejected),
+        ("replayed", outcome.replayed),
+        ("dead_lettered", outcome.dead_lettered),
+    ] {
+        metrics::counter!("allot_worker_decisions_total", "outcome" => label)
+            .increment(count as u64);
+    }
+}
