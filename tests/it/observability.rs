@@ -2,10 +2,12 @@
 //! the worker's health endpoints, and the request id on every response.
 
 use crate::helpers::{Options, TestApp, sample, spawn_app, today};
+use allot_shared::SystemClock;
 use allot_shared::partition::partition_for;
 use allot_shared::{ProductId, Status, TransactionId};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -170,16 +172,45 @@ async fn the_worker_answers_health_and_readiness(pool: sqlx::PgPool) {
         health.json::<Value>().await.unwrap(),
         json!({"status": "ok"})
     );
+    // Ready only once its RabbitMQ session consumes, which happens a moment after start.
+    let ready = crate::helpers::wait_for("the worker to be ready", || {
+        let request = app.client.get(format!("{base}/readyz")).send();
+        async move {
+            let response = request.await.ok()?;
+            (response.status() == StatusCode::OK).then_some(response)
+        }
+    })
+    .await;
+    assert_eq!(
+        ready.json::<Value>().await.unwrap(),
+        json!({"status": "ready", "checks": {"database": "ok", "redis": "ok", "broker": "ok"}})
+    );
+    app.shutdown().await;
+}
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn a_worker_without_a_broker_is_alive_but_not_ready(pool: sqlx::PgPool) {
+    let mut app = spawn_app(pool, Options::without_worker()).await;
+    // Nothing listens on port 1: the worker keeps trying to connect and never consumes.
+    app.worker_config.common.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
+    app.start_worker(Arc::new(SystemClock));
+    let base = app.worker_address.clone().unwrap();
+    let health = crate::helpers::wait_for("the worker's HTTP server", || {
+        let request = app.client.get(format!("{base}/healthz")).send();
+        async move { request.await.ok() }
+    })
+    .await;
+    assert_eq!(health.status(), StatusCode::OK);
     let ready = app
         .client
         .get(format!("{base}/readyz"))
         .send()
         .await
         .unwrap();
-    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         ready.json::<Value>().await.unwrap(),
-        json!({"status": "ready", "checks": {"database": "ok", "redis": "ok", "broker": "ok"}})
+        json!({"status": "not_ready", "checks": {"database": "ok", "redis": "ok", "broker": "unavailable"}})
     );
     app.shutdown().await;
 }
