@@ -3,7 +3,7 @@
 //! keeps moving; an unparseable message that still names a transaction ends that transaction
 //! as rejected; copies of one message delivered together are decided once.
 
-use crate::helpers::{Options, partition_of, request, spawn_app, today};
+use crate::helpers::{Options, partition_of, request, sample, spawn_app, today};
 use allot_shared::SystemClock;
 use serde_json::json;
 use sqlx::PgPool;
@@ -64,6 +64,18 @@ async fn a_message_that_fails_every_time_is_set_aside_and_its_partition_moves_on
     assert_eq!(message_id, Some(poisoned.to_string()));
     assert!(error.contains("is cursed"), "the reason is kept: {error}");
     assert_eq!(app.count("SELECT count(*) FROM transactions").await, 3);
+    // Operators see it: one message set aside, on the worker's /metrics.
+    let base = app.worker_address.clone().unwrap();
+    let metrics = app
+        .client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(sample(&metrics, "allot_worker_set_aside_total"), 1.0);
     app.shutdown().await;
 }
 

@@ -217,7 +217,10 @@ async fn set_aside_until_done(
     let mut pause = Duration::from_millis(50);
     loop {
         match decider.set_aside(partition, message, reason).await {
-            Ok(()) => return true,
+            Ok(()) => {
+                crate::monitor::record_set_aside();
+                return true;
+            }
             Err(err) => {
                 tracing::warn!(%partition, error = ?err, retry_in = ?pause, "could not set a message aside; retrying");
             }

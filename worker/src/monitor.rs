@@ -75,3 +75,9 @@ pub fn record_batch(outcome: &BatchOutcome, size: usize, commit_started: Instant
             .increment(count as u64);
     }
 }
+
+/// Counts a message set aside on its own after it failed every time (poison), with its reason
+/// in `dead_letters`.
+pub fn record_set_aside() {
+    metrics::counter!("allot_worker_set_aside_total").increment(1);
+}
