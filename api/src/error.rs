@@ -129,7 +129,7 @@ impl From<anyhow::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let ApiError::Internal(cause) = &self {
-            tracing::error!(error = ?cause, "internal error");
+            tracing::error!(error = %format_args!("{cause:#}"), "internal error");
         }
         let status = self.status();
         let body = ErrorBody {

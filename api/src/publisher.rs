@@ -136,7 +136,7 @@ async fn keep_connected(
                 drop(old);
             }
             Err(err) => {
-                tracing::warn!(error = ?err, retry_in = ?pause, "RabbitMQ unreachable; reconnecting");
+                tracing::warn!(error = %format_args!("{err:#}"), retry_in = ?pause, "RabbitMQ unreachable; reconnecting");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }

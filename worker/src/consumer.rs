@@ -157,7 +157,7 @@ async fn process_until_done(
         Attempts::KeepsFailing(err) => err,
     };
     if messages.len() > 1 {
-        tracing::warn!(%partition, size = messages.len(), error = ?err, "batch keeps failing; retrying it message by message");
+        tracing::warn!(%partition, size = messages.len(), error = %format_args!("{err:#}"), "batch keeps failing; retrying it message by message");
     }
     for message in &messages {
         let err = if messages.len() == 1 {
@@ -198,7 +198,7 @@ async fn attempt(
                 return Attempts::KeepsFailing(err);
             }
         }
-        tracing::warn!(%partition, ?failure, error = ?err, retry_in = ?pause, "batch failed; it will be retried");
+        tracing::warn!(%partition, ?failure, error = %format_args!("{err:#}"), retry_in = ?pause, "batch failed; it will be retried");
         if !pause_or_shutdown(&mut pause, shutdown).await {
             return Attempts::ShuttingDown;
         }
@@ -222,7 +222,7 @@ async fn set_aside_until_done(
                 return true;
             }
             Err(err) => {
-                tracing::warn!(%partition, error = ?err, retry_in = ?pause, "could not set a message aside; retrying");
+                tracing::warn!(%partition, error = %format_args!("{err:#}"), retry_in = ?pause, "could not set a message aside; retrying");
             }
         }
         if !pause_or_shutdown(&mut pause, shutdown).await {

@@ -153,7 +153,7 @@ impl Decider {
         {
             Ok(stored) => stored,
             Err(err) if request.is_some() && poison::classify(&err) == Failure::Deterministic => {
-                tracing::error!(error = ?err, "the database refuses even the rejection; recording the dead letter alone, the transaction stays undecided");
+                tracing::error!(error = %format_args!("{err:#}"), "the database refuses even the rejection; recording the dead letter alone, the transaction stays undecided");
                 poison::record_set_aside(&self.pool, partition, &letter, None, decided_at).await?
             }
             Err(err) => return Err(err),

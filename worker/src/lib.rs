@@ -90,7 +90,7 @@ pub async fn serve(
                     if started.elapsed() > Duration::from_secs(30) {
                         pause = Duration::from_millis(100); // it had worked for a while
                     }
-                    tracing::warn!(error = ?err, retry_in = ?pause, "RabbitMQ session ended; reconnecting");
+                    tracing::warn!(error = %format_args!("{err:#}"), retry_in = ?pause, "RabbitMQ session ended; reconnecting");
                 }
             }
             tokio::select! {
@@ -187,7 +187,7 @@ async fn session(
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while let Some(ended) = consumers.join_next().await {
             if let Ok(Err(err)) = ended {
-                tracing::debug!(error = ?err, "partition consumer ended with an error");
+                tracing::debug!(error = %format_args!("{err:#}"), "partition consumer ended with an error");
             }
         }
     })

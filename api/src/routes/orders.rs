@@ -87,7 +87,7 @@ pub async fn add_to_cart(
         .record_pending(&TransactionView::pending(&request))
         .await
         .map_err(|err| {
-            tracing::warn!(error = ?err, "refusing a request: Redis is unavailable");
+            tracing::warn!(error = %format_args!("{err:#}"), "refusing a request: Redis is unavailable");
             ApiError::unavailable(
                 "the status store is unavailable; the request was not accepted, try again",
                 1,
@@ -172,7 +172,7 @@ pub async fn get_transaction(
         Ok(Some(view)) => return Ok(Json(view)),
         Ok(None) => true,
         Err(err) => {
-            tracing::warn!(error = ?err, "Redis unavailable; reading the status from PostgreSQL");
+            tracing::warn!(error = %format_args!("{err:#}"), "Redis unavailable; reading the status from PostgreSQL");
             false
         }
     };
