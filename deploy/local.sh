@@ -27,6 +27,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE=${ALLOT_LOCAL_STATE:-$ROOT/.allot}
+mkdir -p "$STATE" && STATE=$(cd "$STATE" && pwd)  # absolute: the services run from elsewhere
 OFFSET=${ALLOT_LOCAL_PORT_OFFSET:-0}
 [[ $OFFSET =~ ^[0-9]+$ ]] && ((OFFSET < 9000)) || {
   echo "error: ALLOT_LOCAL_PORT_OFFSET must be a number below 9000" >&2
