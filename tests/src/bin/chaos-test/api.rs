@@ -18,6 +18,9 @@ pub enum Answer {
     Accepted(Uuid),
     /// 503 `unavailable` with `Retry-After`; `queue_full` when the broker refused the publish.
     Refused { queue_full: bool },
+    /// 200 `rejected` `out_of_stock` with `"final": true`: the API's sold-out short-circuit, a
+    /// final answer that records nothing (no transaction id).
+    SoldOut,
     /// 422 `invalid_body`, for the deliberately bad requests.
     Invalid,
     /// No HTTP answer (the API is down or restarting).
@@ -96,6 +99,15 @@ impl Api {
                 Answer::Refused {
                     queue_full: message.contains("too many pending"),
                 }
+            }
+            StatusCode::OK
+                if quantity > 0
+                    && json["status"] == "rejected"
+                    && json["reason"] == "out_of_stock"
+                    && json["final"] == true
+                    && json.get("transaction_id").is_none() =>
+            {
+                Answer::SoldOut
             }
             StatusCode::UNPROCESSABLE_ENTITY
                 if quantity == 0 && json["error"]["code"] == "invalid_body" =>

@@ -22,6 +22,9 @@ pub struct Ledger {
     pub demand: HashMap<i64, u64>,
     pub refused: u64,
     pub queue_full: u64,
+    pub sold_out: u64,
+    /// Sold-out answers per product.
+    pub sold_out_answers: HashMap<i64, u64>,
     pub invalid: u64,
     pub no_answer: u64,
     /// Slowest 503 seen during a marked outage.
@@ -61,6 +64,10 @@ impl Ledger {
                     self.slowest_outage_refusal = self.slowest_outage_refusal.max(sent.elapsed());
                 }
             }
+            Answer::SoldOut => {
+                self.sold_out += 1;
+                *self.sold_out_answers.entry(product).or_default() += 1;
+            }
             Answer::Invalid => self.invalid += 1,
             Answer::Unanswered => self.no_answer += 1,
             Answer::Unexpected(what) => self.violations.push(format!("unexpected answer: {what}")),
@@ -77,6 +84,7 @@ impl Ledger {
             accepted: self.accepted.len() as u64,
             refused: self.refused,
             queue_full: self.queue_full,
+            sold_out: self.sold_out,
             invalid: self.invalid,
             no_answer: self.no_answer,
         }
@@ -89,6 +97,7 @@ pub struct Counts {
     pub accepted: u64,
     pub refused: u64,
     pub queue_full: u64,
+    pub sold_out: u64,
     pub invalid: u64,
     pub no_answer: u64,
 }
@@ -99,6 +108,7 @@ impl Counts {
             accepted: self.accepted - before.accepted,
             refused: self.refused - before.refused,
             queue_full: self.queue_full - before.queue_full,
+            sold_out: self.sold_out - before.sold_out,
             invalid: self.invalid - before.invalid,
             no_answer: self.no_answer - before.no_answer,
         }
@@ -109,8 +119,13 @@ impl std::fmt::Display for Counts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "202 {}, 503 {} (queue full {}), 422 {}, no answer {}",
-            self.accepted, self.refused, self.queue_full, self.invalid, self.no_answer
+            "202 {}, 503 {} (queue full {}), 200 sold out {}, 422 {}, no answer {}",
+            self.accepted,
+            self.refused,
+            self.queue_full,
+            self.sold_out,
+            self.invalid,
+            self.no_answer
         )
     }
 }
@@ -169,13 +184,17 @@ async fn buyer(
         let answer = api
             .add_to_cart(user_base + n as i64, product, quantity)
             .await;
-        let pause = matches!(answer, Answer::Unanswered | Answer::Refused { .. });
+        let pause = matches!(
+            answer,
+            Answer::Unanswered | Answer::Refused { .. } | Answer::SoldOut
+        );
         ledger
             .lock()
             .expect("ledger lock")
             .record(product, sent, answer);
         if pause {
-            // What a well-behaved client does with a 503 or a refused connection (shortened).
+            // What a well-behaved client does with a 503, a refused connection or a sold-out
+            // product (shortened): waits a little before trying again.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -8,10 +8,13 @@ use crate::broker::Broker;
 use crate::check::{self, Catalogue};
 use crate::load::{Counts, Ledger, Load};
 use crate::services::Services;
+use allot_shared::ProductId;
 use allot_shared::amqp::Topology;
+use allot_shared::partition::partition_for;
 use anyhow::{Context as _, Result, bail};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +33,9 @@ pub struct System {
     pub ledger: Arc<Mutex<Ledger>>,
     pub catalogue: Catalogue,
     pub products: Arc<[i64]>,
+    /// One product per partition that the load never buys, with more stock than any run
+    /// sells: the faults probe allot with them, so their requests are never answered sold-out.
+    pub probes: Vec<i64>,
     pub topology: Topology,
     load: Option<Load>,
     pub clients: usize,
@@ -42,7 +48,9 @@ pub struct System {
 pub struct Phase {
     counts: Counts,
     /// Accepted requests per product before the phase.
-    demand: std::collections::HashMap<i64, u64>,
+    demand: HashMap<i64, u64>,
+    /// Sold-out answers per product before the phase.
+    sold_out: HashMap<i64, u64>,
     started: Instant,
 }
 
@@ -127,6 +135,7 @@ impl System {
                 cursed_stock: 0,
             },
             products: Arc::from(Vec::new()),
+            probes: Vec::new(),
             topology,
             load: None,
             clients: args.clients,
@@ -156,6 +165,19 @@ impl System {
                 break id;
             } // else an unused product: the next id lands in the right partition
         };
+        let probe_stock = 1_000_000;
+        let mut covered = HashSet::new();
+        while covered.len() < usize::from(PARTITIONS) {
+            let id = system
+                .api
+                .create_product("chaos probe", probe_stock)
+                .await?;
+            let product = ProductId::try_from(id).map_err(anyhow::Error::msg)?;
+            if covered.insert(partition_for(product, PARTITIONS)) {
+                system.catalogue.supply.insert(id, probe_stock);
+                system.probes.push(id);
+            } // else an unused product: its partition already has a probe
+        }
         system.catalogue.cursed = cursed;
         system.catalogue.cursed_stock = cursed_stock;
         system.products = Arc::from(products);
@@ -237,9 +259,10 @@ impl System {
                 .get_mut(product)
                 .expect("a sale product") += self.restock;
         }
-        let (counts, demand) = {
+        let (counts, demand, sold_out) = {
             let ledger = self.ledger.lock().expect("ledger");
-            (ledger.counts(), ledger.demand.clone())
+            let sold_out = ledger.sold_out_answers.clone();
+            (ledger.counts(), ledger.demand.clone(), sold_out)
         };
         println!(
             "\n[{}] {name}: restocked {} units of each of {} products; {} clients buying",
@@ -258,23 +281,30 @@ impl System {
         Ok(Phase {
             counts,
             demand,
+            sold_out,
             started: Instant::now(),
         })
     }
 
-    /// Keeps the load on until this phase's demand exceeds its restock for every product, stops it, waits until
-    /// every accepted request is decided and checks the promises. Returns the violations.
+    /// Keeps the load on until every sale product sold out in this phase (its 202s cover the
+    /// restock, and either exceed it or the API has begun answering sold-out), stops it, waits
+    /// until every accepted request is decided and checks the promises. Returns the violations.
     pub async fn end(&mut self, phase: Phase) -> Result<Vec<String>> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let short = {
                 let ledger = self.ledger.lock().expect("ledger");
-                // Every phase sells out: its own demand exceeds its restock, so at its end the
-                // stock is 0 and units sold == min(demand, supply) holds exactly.
-                self.catalogue.supply.keys().any(|product| {
-                    let now = ledger.demand.get(product).copied().unwrap_or(0);
-                    let before = phase.demand.get(product).copied().unwrap_or(0);
-                    now - before < self.restock as u64 + 5
+                // Every phase sells out: its own demand reaches its restock, so at its end the
+                // stock is 0 and units sold == min(demand, supply) is tested at its edge.
+                let this_phase = |of: &HashMap<i64, u64>, before: &HashMap<i64, u64>, product| {
+                    of.get(product).copied().unwrap_or(0)
+                        - before.get(product).copied().unwrap_or(0)
+                };
+                self.products.iter().any(|product| {
+                    let demand = this_phase(&ledger.demand, &phase.demand, product);
+                    let sold_out = this_phase(&ledger.sold_out_answers, &phase.sold_out, product);
+                    let restock = self.restock as u64;
+                    demand < restock || (demand < restock + 5 && sold_out == 0)
                 })
             };
             if !short || Instant::now() > deadline {

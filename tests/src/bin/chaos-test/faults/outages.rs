@@ -55,14 +55,16 @@ async fn outage(
     let refuses = service != Service::Postgres;
     system.ledger.lock().expect("ledger").mark_outage(refuses);
     let down_since = Instant::now();
-    let (mut probes, mut slowest) = (0, Duration::ZERO);
+    let (mut probes, mut sold_out, mut slowest) = (0, 0, Duration::ZERO);
     while down_since.elapsed() < down_for {
         let sent = Instant::now();
-        let answer = system.api.add_to_cart(1, system.products[0], 1).await;
+        let answer = system.api.add_to_cart(1, system.probes[0], 1).await;
         let took = sent.elapsed();
         probes += 1;
         match (&answer, refuses) {
             (Answer::Refused { .. }, true) => slowest = slowest.max(took),
+            // A sold-out product is answered from memory, final, with nothing to publish.
+            (Answer::SoldOut, _) => sold_out += 1,
             // Deciding pauses while PostgreSQL is down: the bounded queues may fill.
             (Answer::Accepted(_) | Answer::Refused { queue_full: true }, false) => {}
             _ => violations.push(format!(
@@ -76,7 +78,7 @@ async fn outage(
             .ledger
             .lock()
             .expect("ledger")
-            .record(system.products[0], sent, answer);
+            .record(system.probes[0], sent, answer);
         // Reads of decided transactions fall back to whichever store is up.
         if let Some(id) = decided {
             match system.api.transaction(id).await {
@@ -91,7 +93,8 @@ async fn outage(
     system.ledger.lock().expect("ledger").mark_outage(false);
     if refuses {
         println!(
-            "    {probes} probes while down: all 503 with Retry-After, slowest {} ms",
+            "    {probes} probes while down: {} 503 with Retry-After (slowest {} ms), {sold_out} sold out (200, final), no 202",
+            probes - sold_out,
             slowest.as_millis()
         );
     } else {
@@ -102,7 +105,7 @@ async fn outage(
     // Recovery: a fresh request is accepted and decided again.
     let recovered = loop {
         let sent = Instant::now();
-        let answer = system.api.add_to_cart(2, system.products[0], 1).await;
+        let answer = system.api.add_to_cart(2, system.probes[0], 1).await;
         let id = match &answer {
             Answer::Accepted(id) => Some(*id),
             _ => None,
@@ -111,7 +114,7 @@ async fn outage(
             .ledger
             .lock()
             .expect("ledger")
-            .record(system.products[0], sent, answer);
+            .record(system.probes[0], sent, answer);
         if let Some(id) = id {
             check::wait_decided(&system.pool, &[id], Duration::from_secs(60)).await?;
             break back.elapsed();
