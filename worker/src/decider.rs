@@ -50,7 +50,7 @@ impl Decider {
 
     /// Decides one batch of a partition's messages, in order: commits every outcome in one
     /// database transaction, then publishes the statuses to Redis.
-    #[tracing::instrument(skip_all, fields(partition = %partition, size = messages.len()), err(Debug))]
+    #[tracing::instrument(skip_all, fields(partition = %partition, size = messages.len()), err(Display))]
     pub async fn process_batch(
         &self,
         partition: PartitionId,
@@ -121,7 +121,7 @@ impl Decider {
     /// transaction, if it names one, rejected as `unprocessable`, its status published. If the
     /// database refuses even that rejection, the dead letter is recorded alone (and the error
     /// logged): the partition must move on.
-    #[tracing::instrument(skip_all, fields(partition = %partition, message_id = ?message.message_id), err(Debug))]
+    #[tracing::instrument(skip_all, fields(partition = %partition, message_id = ?message.message_id), err(Display))]
     pub async fn set_aside(
         &self,
         partition: PartitionId,
