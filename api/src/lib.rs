@@ -5,6 +5,7 @@
 //! [`run`] serves a router on a listener until a shutdown future completes, so tests can bind
 //! `127.0.0.1:0` and drive a real server; `main` only reads the configuration and calls it.
 
+pub mod backlog;
 pub mod config;
 pub mod error;
 pub mod extract;

@@ -6,12 +6,16 @@
 //! a channel is one sequence of frames and confirms on the broker side: under load a single one
 //! became the accept path's bottleneck (see docs/benchmarks.md). A connection that fails is
 //! replaced by a fresh one in the background; while there is none, publishes are refused at once.
+//! While it is up, the same background task reads every partition queue's depth for the API's
+//! own bound below the broker's limit ([`crate::backlog`]).
 
+use crate::backlog::{self, Backlog};
 use allot_shared::amqp::{self, Topology};
 use allot_shared::partition::partition_for;
 use allot_shared::{PartitionId, ProductId, PurchaseRequest};
 use anyhow::Context;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -50,8 +54,9 @@ impl PublishError {
     }
 }
 
-/// The `result` label of `allot_api_publishes_total`: `confirmed`, `refused` by the broker
-/// (queue full, unroutable), or `failed` (no confirm: timeout or connection trouble).
+/// The `result` label of `allot_api_publishes_total`: `confirmed`, `refused` (queue full, by
+/// the API's bound or the broker; unroutable), or `failed` (no confirm: timeout or connection
+/// trouble).
 fn publish_result(result: &Result<(), PublishError>) -> &'static str {
     match result {
         Ok(()) => "confirmed",
@@ -68,6 +73,7 @@ pub struct Publisher {
     /// The next channel to use (modulo their number).
     next: AtomicUsize,
     topology: Topology,
+    backlog: Arc<Backlog>,
     confirm_timeout: Duration,
     reconnect: tokio::task::JoinHandle<()>,
 }
@@ -111,21 +117,26 @@ impl Link {
     }
 }
 
-/// Replaces a link that went down, for as long as the API runs.
+/// Replaces a link that went down, and reads the queue depths while it is up, for as long as
+/// the API runs.
 async fn keep_connected(
     url: String,
     topology: Topology,
     channels: usize,
     link: Arc<RwLock<Arc<Link>>>,
+    backlog: Arc<Backlog>,
 ) {
     let mut pause = Duration::from_millis(100);
+    let mut probe = None;
     loop {
-        let up = link.read().expect("publisher link lock").is_up();
-        if up {
+        let current = link.read().expect("publisher link lock").clone();
+        if current.is_up() {
             pause = Duration::from_millis(100);
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            read_depths(&current, &topology, &backlog, &mut probe).await;
+            tokio::time::sleep(backlog::POLL_EVERY).await;
             continue;
         }
+        probe = None;
         match Link::open(&url, &topology, channels).await {
             Ok(fresh) => {
                 let old = std::mem::replace(
@@ -139,6 +150,47 @@ async fn keep_connected(
                 tracing::warn!(error = %format_args!("{err:#}"), retry_in = ?pause, "RabbitMQ unreachable; reconnecting");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Reads every partition queue's depth (a passive declare on a channel of its own: a failed one
+/// closes its channel) into `backlog`.
+async fn read_depths(
+    link: &Link,
+    topology: &Topology,
+    backlog: &Backlog,
+    probe: &mut Option<Channel>,
+) {
+    if !probe
+        .as_ref()
+        .is_some_and(|channel| channel.status().connected())
+    {
+        *probe = link.connection.create_channel().await.ok();
+    }
+    let Some(channel) = probe.as_ref() else {
+        return;
+    };
+    for partition in topology.partitions() {
+        let read = backlog.begin_read(partition);
+        let queue = channel
+            .queue_declare(
+                topology.queue(partition).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match queue {
+            Ok(queue) => backlog.end_read(read, Some(i64::from(queue.message_count()))),
+            Err(err) => {
+                backlog.end_read(read, None);
+                tracing::debug!(error = %err, "could not read a queue's depth");
+                *probe = None;
+                return;
             }
         }
     }
@@ -160,16 +212,19 @@ impl Publisher {
     ) -> anyhow::Result<Self> {
         let link = Link::open(url, &topology, channels).await?;
         let link = Arc::new(RwLock::new(Arc::new(link)));
+        let backlog = Arc::new(Backlog::new(topology.partitions, topology.max_length));
         let reconnect = tokio::spawn(keep_connected(
             url.to_owned(),
             topology.clone(),
             channels,
             link.clone(),
+            backlog.clone(),
         ));
         Ok(Self {
             link,
             next: AtomicUsize::new(0),
             topology,
+            backlog,
             confirm_timeout,
             reconnect,
         })
@@ -194,7 +249,25 @@ impl Publisher {
             let turn = self.next.fetch_add(1, Ordering::Relaxed);
             link.channels[turn % link.channels.len()].clone()
         };
-        let queue = self.topology.queue(self.partition_of(request.product_id));
+        let partition = self.partition_of(request.product_id);
+        let place = self
+            .backlog
+            .reserve(partition)
+            .ok_or(PublishError::QueueFull)?;
+        let result = self.send_and_confirm(&channel, partition, request).await;
+        if result.is_ok() || result.as_ref().is_err_and(PublishError::is_ambiguous) {
+            place.keep(); // stored, or perhaps stored
+        }
+        result
+    }
+
+    async fn send_and_confirm(
+        &self,
+        channel: &Channel,
+        partition: PartitionId,
+        request: &PurchaseRequest,
+    ) -> Result<(), PublishError> {
+        let queue = self.topology.queue(partition);
         let properties = BasicProperties::default()
             .with_delivery_mode(2) // persistent
             .with_content_type("application/json".into())

@@ -1,0 +1,187 @@
+//! The API's own bound on each partition queue, below RabbitMQ's `x-max-length`.
+//!
+//! The partition queues are bounded by the broker (`x-max-length` with `reject-publish`), and a
+//! refused publish becomes a 503. But a quorum queue applies that limit loosely, and in a chaos
+//! test run against RabbitMQ 3.10.8 one message published just as its queue reached the limit
+//! was confirmed and never stored: a 202 for a request no worker ever saw. So the API does not
+//! lean on the broker's limit; it refuses first, and the broker's limit stays as the backstop.
+//!
+//! Per partition it keeps an estimate of the queue's depth: the depth last read from the broker
+//! (a passive declare every [`POLL_EVERY`], see [`crate::publisher`]) plus the publishes this API
+//! reserved since. A publish reserves a place before it is sent and gives it back if the broker
+//! refused it; it is refused at once when the estimate reaches the limit minus a margin of a
+//! fifth (the margin absorbs what the estimate cannot see: requests in flight when the depth
+//! was read, and other API instances' publishes between two reads).
+
+use allot_shared::PartitionId;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// How often the publisher reads the depth of every partition queue.
+pub const POLL_EVERY: Duration = Duration::from_millis(100);
+
+/// The depth estimates of every partition queue.
+#[derive(Debug)]
+pub struct Backlog {
+    /// Estimates above this refuse further publishes.
+    bound: i64,
+    partitions: Vec<Mutex<Estimate>>,
+}
+
+#[derive(Debug, Default)]
+struct Estimate {
+    /// The depth the broker reported at the last read.
+    read: i64,
+    /// Places reserved and not given back since the last read was sent.
+    reserved: i64,
+    /// How many reads were sent: a place reserved before a read was sent is in that read's
+    /// count if it was stored, and in nothing if it was not, so it is not given back again.
+    reads: u64,
+}
+
+/// A reserved place in a partition queue; given back when dropped unless [`Place::keep`] was
+/// called (the broker stored the message, or may have).
+#[must_use]
+pub struct Place<'a> {
+    estimate: &'a Mutex<Estimate>,
+    reads: u64,
+    kept: bool,
+}
+
+impl Place<'_> {
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            let mut estimate = lock(self.estimate);
+            if estimate.reads == self.reads {
+                estimate.reserved -= 1;
+            }
+        }
+    }
+}
+
+fn lock(estimate: &Mutex<Estimate>) -> std::sync::MutexGuard<'_, Estimate> {
+    estimate
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A depth read on its way: what it will replace.
+pub struct Read {
+    partition: PartitionId,
+    reserved: i64,
+}
+
+impl Backlog {
+    /// Estimates for `partitions` queues whose broker limit is `max_length`.
+    pub fn new(partitions: u16, max_length: i64) -> Backlog {
+        Backlog {
+            bound: max_length - max_length / 5,
+            partitions: (0..partitions).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn of(&self, partition: PartitionId) -> &Mutex<Estimate> {
+        &self.partitions[usize::from(partition.0)]
+    }
+
+    /// The estimated depth of `partition`'s queue.
+    pub fn estimate(&self, partition: PartitionId) -> i64 {
+        let estimate = lock(self.of(partition));
+        estimate.read + estimate.reserved
+    }
+
+    /// Reserves a place in `partition`'s queue, or `None` if it is (estimated) full.
+    pub fn reserve(&self, partition: PartitionId) -> Option<Place<'_>> {
+        let cell = self.of(partition);
+        let mut estimate = lock(cell);
+        if estimate.read + estimate.reserved >= self.bound {
+            return None;
+        }
+        estimate.reserved += 1;
+        Some(Place {
+            estimate: cell,
+            reads: estimate.reads,
+            kept: false,
+        })
+    }
+
+    /// Call just before sending a passive declare of `partition`'s queue.
+    pub fn begin_read(&self, partition: PartitionId) -> Read {
+        let mut estimate = lock(self.of(partition));
+        estimate.reads += 1;
+        Read {
+            partition,
+            reserved: estimate.reserved,
+        }
+    }
+
+    /// Records the depth the broker answered to `read` (`None` if the read failed: the
+    /// reservations it would have replaced are forgotten until the next read counts them).
+    pub fn end_read(&self, read: Read, depth: Option<i64>) {
+        let mut estimate = lock(self.of(read.partition));
+        if let Some(depth) = depth {
+            estimate.read = depth;
+        }
+        estimate.reserved -= read.reserved;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: PartitionId = PartitionId(1);
+
+    #[test]
+    fn refuses_at_the_bound_and_gives_back_what_was_refused() {
+        let backlog = Backlog::new(4, 10); // bound 8
+        let places: Vec<_> = (0..8).map(|_| backlog.reserve(P).unwrap()).collect();
+        assert!(backlog.reserve(P).is_none());
+        assert_eq!(backlog.estimate(P), 8, "a refusal reserves nothing");
+        assert!(
+            backlog.reserve(PartitionId(0)).is_some(),
+            "partitions are separate"
+        );
+        drop(places); // none kept: every publish was refused by the broker
+        assert_eq!(backlog.estimate(P), 0);
+    }
+
+    #[test]
+    fn a_read_replaces_what_it_includes() {
+        let backlog = Backlog::new(4, 10);
+        for _ in 0..3 {
+            backlog.reserve(P).unwrap().keep();
+        }
+        let read = backlog.begin_read(P);
+        backlog.reserve(P).unwrap().keep(); // published while the read was on its way
+        backlog.end_read(read, Some(2)); // a worker took one of the three
+        assert_eq!(backlog.estimate(P), 3);
+    }
+
+    #[test]
+    fn a_refused_publish_counted_by_a_read_is_not_given_back_twice() {
+        let backlog = Backlog::new(4, 10);
+        let refused = backlog.reserve(P).unwrap();
+        let read = backlog.begin_read(P);
+        backlog.end_read(read, Some(0)); // the broker did not store it
+        drop(refused);
+        assert_eq!(backlog.estimate(P), 0);
+        let read = backlog.begin_read(P);
+        backlog.end_read(read, None); // a failed read keeps the last depth
+        assert_eq!(backlog.estimate(P), 0);
+    }
+
+    #[test]
+    fn small_limits_are_kept_exactly() {
+        let backlog = Backlog::new(1, 2);
+        backlog.reserve(PartitionId(0)).unwrap().keep();
+        backlog.reserve(PartitionId(0)).unwrap().keep();
+        assert!(backlog.reserve(PartitionId(0)).is_none());
+    }
+}
