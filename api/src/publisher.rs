@@ -14,8 +14,7 @@ use allot_shared::amqp::{self, Topology};
 use allot_shared::partition::partition_for;
 use allot_shared::{PartitionId, ProductId, PurchaseRequest};
 use anyhow::Context;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -174,18 +173,8 @@ async fn read_depths(
     };
     for partition in topology.partitions() {
         let read = backlog.begin_read(partition);
-        let queue = channel
-            .queue_declare(
-                topology.queue(partition).as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match queue {
-            Ok(queue) => backlog.end_read(read, Some(i64::from(queue.message_count()))),
+        match topology.depth(channel, partition).await {
+            Ok(depth) => backlog.end_read(read, Some(i64::from(depth))),
             Err(err) => {
                 backlog.end_read(read, None);
                 tracing::debug!(error = %err, "could not read a queue's depth");

@@ -43,6 +43,22 @@ impl Topology {
         (0..self.partitions).map(PartitionId)
     }
 
+    /// How many messages wait (ready, not delivered and unacked) in `partition`'s queue: a
+    /// passive declare. One that fails (the queue is missing) closes `channel`.
+    pub async fn depth(&self, channel: &Channel, partition: PartitionId) -> lapin::Result<u32> {
+        let queue = channel
+            .queue_declare(
+                self.queue(partition).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(queue.message_count())
+    }
+
     /// The queue arguments. Every declarer must pass exactly these: RabbitMQ closes the channel
     /// (PRECONDITION_FAILED) when a queue is redeclared with other arguments.
     fn arguments(&self) -> FieldTable {

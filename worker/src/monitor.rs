@@ -7,8 +7,6 @@
 use crate::persist::BatchOutcome;
 use allot_shared::amqp::Topology;
 use lapin::Connection;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -42,18 +40,9 @@ pub async fn watch_queue_depths(
 
 async fn probe(channel: &lapin::Channel, topology: &Topology) -> lapin::Result<()> {
     for partition in topology.partitions() {
-        let queue = channel
-            .queue_declare(
-                topology.queue(partition).as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let depth = topology.depth(channel, partition).await?;
         metrics::gauge!("allot_queue_depth", "partition" => partition.to_string())
-            .set(f64::from(queue.message_count()));
+            .set(f64::from(depth));
     }
     Ok(())
 }

@@ -22,9 +22,8 @@ pub struct Ledger {
     pub demand: HashMap<i64, u64>,
     pub refused: u64,
     pub queue_full: u64,
-    pub sold_out: u64,
     /// Sold-out answers per product.
-    pub sold_out_answers: HashMap<i64, u64>,
+    pub sold_out: HashMap<i64, u64>,
     pub invalid: u64,
     pub no_answer: u64,
     /// Slowest 503 seen during a marked outage.
@@ -64,10 +63,7 @@ impl Ledger {
                     self.slowest_outage_refusal = self.slowest_outage_refusal.max(sent.elapsed());
                 }
             }
-            Answer::SoldOut => {
-                self.sold_out += 1;
-                *self.sold_out_answers.entry(product).or_default() += 1;
-            }
+            Answer::SoldOut => *self.sold_out.entry(product).or_default() += 1,
             Answer::Invalid => self.invalid += 1,
             Answer::Unanswered => self.no_answer += 1,
             Answer::Unexpected(what) => self.violations.push(format!("unexpected answer: {what}")),
@@ -84,7 +80,7 @@ impl Ledger {
             accepted: self.accepted.len() as u64,
             refused: self.refused,
             queue_full: self.queue_full,
-            sold_out: self.sold_out,
+            sold_out: self.sold_out.values().sum(),
             invalid: self.invalid,
             no_answer: self.no_answer,
         }

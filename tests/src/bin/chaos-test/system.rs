@@ -184,6 +184,22 @@ impl System {
         Ok(system)
     }
 
+    /// Orders one unit of `product` for `user`, records the answer in the ledger and returns
+    /// the transaction id if it was accepted.
+    pub async fn order(&self, user: i64, product: i64) -> Option<uuid::Uuid> {
+        let sent = Instant::now();
+        let answer = self.api.add_to_cart(user, product, 1).await;
+        let id = match answer {
+            crate::api::Answer::Accepted(id) => Some(id),
+            _ => None,
+        };
+        self.ledger
+            .lock()
+            .expect("ledger")
+            .record(product, sent, answer);
+        id
+    }
+
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&mut self, deadline: Duration) -> Result<Duration> {
         let started = Instant::now();
@@ -261,8 +277,11 @@ impl System {
         }
         let (counts, demand, sold_out) = {
             let ledger = self.ledger.lock().expect("ledger");
-            let sold_out = ledger.sold_out_answers.clone();
-            (ledger.counts(), ledger.demand.clone(), sold_out)
+            (
+                ledger.counts(),
+                ledger.demand.clone(),
+                ledger.sold_out.clone(),
+            )
         };
         println!(
             "\n[{}] {name}: restocked {} units of each of {} products; {} clients buying",
@@ -302,7 +321,7 @@ impl System {
                 };
                 self.products.iter().any(|product| {
                     let demand = this_phase(&ledger.demand, &phase.demand, product);
-                    let sold_out = this_phase(&ledger.sold_out_answers, &phase.sold_out, product);
+                    let sold_out = this_phase(&ledger.sold_out, &phase.sold_out, product);
                     let restock = self.restock as u64;
                     demand < restock || (demand < restock + 5 && sold_out == 0)
                 })

@@ -104,18 +104,7 @@ async fn outage(
     let back = Instant::now();
     // Recovery: a fresh request is accepted and decided again.
     let recovered = loop {
-        let sent = Instant::now();
-        let answer = system.api.add_to_cart(2, system.probes[0], 1).await;
-        let id = match &answer {
-            Answer::Accepted(id) => Some(*id),
-            _ => None,
-        };
-        system
-            .ledger
-            .lock()
-            .expect("ledger")
-            .record(system.probes[0], sent, answer);
-        if let Some(id) = id {
+        if let Some(id) = system.order(2, system.probes[0]).await {
             check::wait_decided(&system.pool, &[id], Duration::from_secs(60)).await?;
             break back.elapsed();
         }

@@ -2,7 +2,6 @@
 //! restarted (SIGTERM).
 
 use super::under_load;
-use crate::api::Answer;
 use crate::apps::Role;
 use crate::check;
 use crate::system::System;
@@ -44,18 +43,7 @@ async fn every_partition_decides(system: &System, deadline: Duration) -> Result<
     let mut ids = Vec::new();
     for (n, &product) in system.probes.iter().enumerate() {
         loop {
-            let sent = Instant::now();
-            let answer = system.api.add_to_cart(3 + n as i64, product, 1).await;
-            let id = match answer {
-                Answer::Accepted(id) => Some(id),
-                _ => None,
-            };
-            system
-                .ledger
-                .lock()
-                .expect("ledger")
-                .record(product, sent, answer);
-            if let Some(id) = id {
+            if let Some(id) = system.order(3 + n as i64, product).await {
                 ids.push(id);
                 break;
             }
