@@ -40,6 +40,19 @@ pub struct ApiConfig {
     #[arg(long, env = "ALLOT_PUBLISH_CHANNELS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub publish_channels: u16,
 
+    /// Most purchase requests one broker message carries. The requests that arrive for a
+    /// partition while its previous message is in flight travel together in the next one.
+    #[arg(long, env = "ALLOT_ENVELOPE_MAX_REQUESTS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub envelope_max_requests: u32,
+
+    /// Most bytes of one broker message's body (a single request always fits).
+    #[arg(long, env = "ALLOT_ENVELOPE_MAX_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub envelope_max_bytes: u32,
+
+    /// Messages of one partition in flight at once (published, confirm awaited).
+    #[arg(long, env = "ALLOT_ENVELOPES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub envelopes_in_flight: u16,
+
     /// How often the set of sold-out products is re-read from PostgreSQL (milliseconds); a
     /// request for a sold-out product is answered at once, without the broker. 0 switches the
     /// short-circuit off.
@@ -54,6 +67,14 @@ pub struct ApiConfig {
 impl ApiConfig {
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.confirm_timeout_ms)
+    }
+
+    pub fn envelope_limits(&self) -> crate::intake::EnvelopeLimits {
+        crate::intake::EnvelopeLimits {
+            max_requests: self.envelope_max_requests as usize,
+            max_bytes: self.envelope_max_bytes as usize,
+            in_flight: usize::from(self.envelopes_in_flight),
+        }
     }
 
     /// The sold-out refresh period, or `None` when the short-circuit is off.

@@ -1,21 +1,24 @@
-//! `allot-api`: the HTTP front of allot. It validates purchase requests, records them as
-//! pending in Redis, publishes them to their partition queue and answers 202 once RabbitMQ
-//! confirmed; it serves transaction statuses and the product catalogue.
+//! `allot-api`: the HTTP front of allot. It validates purchase requests and hands them to the
+//! [`intake`], which gathers each partition's requests into batch envelopes, records them as
+//! pending in Redis and publishes them; each request is answered 202 once RabbitMQ confirmed
+//! its message. It serves transaction statuses (waiting for the decision on request, woken by
+//! the worker's notifications, see [`decisions`]) and the product catalogue.
 //!
 //! [`run`] serves a router on a listener until a shutdown future completes, so tests can bind
 //! `127.0.0.1:0` and drive a real server; `main` only reads the configuration and calls it.
 
 pub mod backlog;
 pub mod config;
+pub mod decisions;
 pub mod error;
 pub mod extract;
+pub mod intake;
 pub mod observe;
 pub mod openapi;
 pub mod publisher;
 pub mod routes;
 pub mod sold_out;
 pub mod state;
-pub mod statuses;
 
 pub use config::ApiConfig;
 pub use state::AppState;

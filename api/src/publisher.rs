@@ -1,8 +1,9 @@
-//! Publishing accepted requests to their partition queue, with publisher confirms: a request
-//! counts as accepted only once RabbitMQ confirmed it stored the (persistent) message.
+//! Publishing batch envelopes to their partition queue, with publisher confirms: the requests
+//! of a message count as accepted only once RabbitMQ confirmed it stored the (persistent)
+//! message. [`crate::intake`] decides what goes into a message.
 //!
-//! Request handlers share a few confirm-mode channels, taken in turn; each handler awaits its
-//! own confirm, so confirms are pipelined rather than serialised. More than one channel because
+//! The partitions' intake lanes share a few confirm-mode channels, taken in turn; each awaits
+//! its own confirm, so confirms are pipelined rather than serialised. More than one channel because
 //! a channel is one sequence of frames and confirms on the broker side: under load a single one
 //! became the accept path's bottleneck (see docs/benchmarks.md). A connection that fails is
 //! replaced by a fresh one in the background; while there is none, publishes are refused at once.
@@ -11,10 +12,12 @@
 
 use crate::backlog::{self, Backlog};
 use allot_shared::amqp::{self, Topology};
+use allot_shared::message::{COUNT_HEADER, ENVELOPE_TYPE};
 use allot_shared::partition::partition_for;
-use allot_shared::{PartitionId, ProductId, PurchaseRequest};
+use allot_shared::{PartitionId, ProductId};
 use anyhow::Context;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -219,16 +222,27 @@ impl Publisher {
         })
     }
 
-    /// Publishes `request` as a persistent message to its partition's queue and waits for the
-    /// broker's confirm.
-    pub async fn publish(&self, request: &PurchaseRequest) -> Result<(), PublishError> {
-        let result = self.publish_confirmed(request).await;
+    /// Publishes `body`, a batch envelope of `requests` requests (see
+    /// [`allot_shared::message`]), as one persistent message to `partition`'s queue and waits
+    /// for the broker's confirm.
+    pub async fn publish(
+        &self,
+        partition: PartitionId,
+        body: &[u8],
+        requests: usize,
+    ) -> Result<(), PublishError> {
+        let result = self.publish_confirmed(partition, body, requests).await;
         metrics::counter!("allot_api_publishes_total", "result" => publish_result(&result))
             .increment(1);
         result
     }
 
-    async fn publish_confirmed(&self, request: &PurchaseRequest) -> Result<(), PublishError> {
+    async fn publish_confirmed(
+        &self,
+        partition: PartitionId,
+        body: &[u8],
+        requests: usize,
+    ) -> Result<(), PublishError> {
         let channel = {
             let link = self.link.read().expect("publisher link lock");
             if !link.is_up() {
@@ -238,12 +252,13 @@ impl Publisher {
             let turn = self.next.fetch_add(1, Ordering::Relaxed);
             link.channels[turn % link.channels.len()].clone()
         };
-        let partition = self.partition_of(request.product_id);
         let place = self
             .backlog
             .reserve(partition)
             .ok_or(PublishError::QueueFull)?;
-        let result = self.send_and_confirm(&channel, partition, request).await;
+        let result = self
+            .send_and_confirm(&channel, partition, body, requests)
+            .await;
         if result.is_ok() || result.as_ref().is_err_and(PublishError::is_ambiguous) {
             place.keep(); // stored, or perhaps stored
         }
@@ -254,14 +269,21 @@ impl Publisher {
         &self,
         channel: &Channel,
         partition: PartitionId,
-        request: &PurchaseRequest,
+        body: &[u8],
+        requests: usize,
     ) -> Result<(), PublishError> {
         let queue = self.topology.queue(partition);
+        let mut headers = FieldTable::default();
+        headers.insert(
+            COUNT_HEADER.into(),
+            AMQPValue::LongLongInt(i64::try_from(requests).unwrap_or(i64::MAX)),
+        );
         let properties = BasicProperties::default()
             .with_delivery_mode(2) // persistent
             .with_content_type("application/json".into())
-            .with_message_id(request.transaction_id.to_string().into());
-        let payload = request.to_json();
+            .with_type(ENVELOPE_TYPE.into())
+            .with_message_id(uuid::Uuid::now_v7().to_string().into())
+            .with_headers(headers);
         let deadline = tokio::time::Instant::now() + self.confirm_timeout;
         let send = channel.basic_publish(
             "".into(),
@@ -270,7 +292,7 @@ impl Publisher {
                 mandatory: true,
                 ..BasicPublishOptions::default()
             },
-            &payload,
+            body,
             properties,
         );
         let confirm = match tokio::time::timeout_at(deadline, send).await {
@@ -288,6 +310,11 @@ impl Publisher {
                 unreachable!("the publish channel is in confirm mode")
             }
         }
+    }
+
+    /// Every partition this publisher serves.
+    pub fn partitions(&self) -> impl Iterator<Item = PartitionId> + use<> {
+        self.topology.partitions()
     }
 
     /// The partition that decides `product`.

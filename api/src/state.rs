@@ -1,9 +1,11 @@
 //! What every request handler shares.
 
 use crate::config::ApiConfig;
+use crate::decisions::Decisions;
+use crate::intake::Intake;
 use crate::publisher::Publisher;
 use crate::sold_out::SoldOut;
-use crate::statuses::StatusStore;
+use allot_shared::status_store::StatusStore;
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
@@ -16,8 +18,12 @@ pub struct AppState {
     pub pool: PgPool,
     /// Redis: transaction statuses.
     pub statuses: StatusStore,
-    /// RabbitMQ: where accepted requests go.
+    /// RabbitMQ: where accepted requests go, in batch envelopes.
     pub publisher: Arc<Publisher>,
+    /// The one step from a validated request to accepted or refused.
+    pub intake: Arc<Intake>,
+    /// Waiters on decisions, woken by the worker's notifications.
+    pub decisions: Arc<Decisions>,
     /// Products sold out at the last refresh, answered without the broker.
     pub sold_out: Arc<SoldOut>,
     /// How often `sold_out` is refreshed; `None`: never (the short-circuit is off).
@@ -48,10 +54,25 @@ impl AppState {
             usize::from(config.publish_channels),
         )
         .await?;
+        let publisher = Arc::new(publisher);
+        let statuses = StatusStore::new(redis, config.common.redis_prefix.clone());
+        let intake = Intake::start(
+            publisher.clone(),
+            statuses.clone(),
+            pool.clone(),
+            config.envelope_limits(),
+        );
+        let decisions = Arc::new(Decisions::default());
+        let notifications = redis::Client::open(config.common.redis_url.as_str())?;
+        decisions
+            .clone()
+            .spawn_listener(notifications, &config.common.redis_prefix);
         Ok(Self {
             pool,
-            statuses: StatusStore::new(redis, config.common.redis_prefix.clone()),
-            publisher: Arc::new(publisher),
+            statuses,
+            publisher,
+            intake: Arc::new(intake),
+            decisions,
             sold_out: Arc::default(),
             sold_out_refresh: config.sold_out_refresh(),
             admin_token: config.admin_token.as_str().into(),

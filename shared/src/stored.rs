@@ -107,44 +107,57 @@ pub async fn fetch_one<'e>(
         .await
 }
 
-/// Records `request` as rejected (`not_accepted`) unless it was decided already, and says which.
+/// Records each of `requests` as rejected (`not_accepted`) unless it was decided already, in
+/// one statement, and says for each which (in the order of `requests`).
 ///
-/// The API calls this when it answers 503 for a request whose publish may have reached the
-/// broker anyway (the confirm timed out or the connection dropped after sending). The primary
+/// The API calls this when it answers 503 for the requests of a message the broker may have
+/// stored anyway (the confirm timed out or the connection dropped after sending). The primary
 /// key on the transaction id arbitrates between this and a worker deciding the same request:
 /// whichever row is committed first stands. If this one does, a worker that later receives the
 /// message finds a stored outcome and replays it, so the refused request can never take stock.
 /// If a worker was first, the request was taken after all.
 pub async fn withdraw<'e>(
     executor: impl PgExecutor<'e>,
-    request: &crate::PurchaseRequest,
+    requests: &[crate::PurchaseRequest],
     partition: crate::PartitionId,
     at: DateTime<Utc>,
-) -> sqlx::Result<Withdrawal> {
-    let inserted = sqlx::query(
-        "INSERT INTO transactions (id, user_id, product_id, quantity, status, reason, partition, \
-                                   created_at, decided_at) \
-         VALUES ($1, $2, $3, $4, 'rejected', $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+) -> sqlx::Result<Vec<Withdrawal>> {
+    let ids: Vec<Uuid> = requests.iter().map(|r| r.transaction_id.0).collect();
+    let users: Vec<i64> = requests.iter().map(|r| r.user_id.get()).collect();
+    let products: Vec<i64> = requests.iter().map(|r| r.product_id.get()).collect();
+    let quantities: Vec<i64> = requests.iter().map(|r| r.quantity.get()).collect();
+    let created: Vec<DateTime<Utc>> = requests.iter().map(|r| r.created_at).collect();
+    let withdrawn: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO transactions (id, user_id, product_id, quantity, created_at, status, reason, \
+                                   partition, decided_at) \
+         SELECT u.*, 'rejected', $6, $7, $8 \
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::timestamptz[]) AS u \
+         ON CONFLICT (id) DO NOTHING RETURNING id",
     )
-    .bind(request.transaction_id.0)
-    .bind(request.user_id.get())
-    .bind(request.product_id.get())
-    .bind(request.quantity.get())
+    .bind(&ids)
+    .bind(&users)
+    .bind(&products)
+    .bind(&quantities)
+    .bind(&created)
     .bind(crate::RejectReason::NotAccepted.as_str())
     .bind(i32::from(partition.0))
-    .bind(request.created_at)
     .bind(at)
-    .execute(executor)
-    .await?
-    .rows_affected();
-    Ok(if inserted == 1 {
-        Withdrawal::Withdrawn
-    } else {
-        Withdrawal::AlreadyDecided
-    })
+    .fetch_all(executor)
+    .await?;
+    let withdrawn: std::collections::HashSet<Uuid> = withdrawn.into_iter().collect();
+    Ok(ids
+        .iter()
+        .map(|id| {
+            if withdrawn.contains(id) {
+                Withdrawal::Withdrawn
+            } else {
+                Withdrawal::AlreadyDecided
+            }
+        })
+        .collect())
 }
 
-/// What [`withdraw`] found.
+/// What [`withdraw`] found for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Withdrawal {
     /// The request is now recorded as not accepted; no worker will ever sell it.

@@ -350,9 +350,45 @@ impl TestApp {
         .await
     }
 
+    /// Publishes `requests` in one batch envelope, as the API does, under `message_id`.
+    pub async fn publish_envelope(
+        &self,
+        partition: PartitionId,
+        requests: &[&[u8]],
+        message_id: &str,
+    ) {
+        let body = allot_shared::message::envelope(requests.iter().copied());
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            allot_shared::message::COUNT_HEADER.into(),
+            lapin::types::AMQPValue::LongLongInt(requests.len() as i64),
+        );
+        let properties = lapin::BasicProperties::default()
+            .with_type(allot_shared::message::ENVELOPE_TYPE.into())
+            .with_headers(headers);
+        self.publish_with(partition, &body, Some(message_id), properties)
+            .await;
+    }
+
     /// Publishes a raw message to a partition queue, persistent and confirmed, as a
     /// misbehaving (or retrying) publisher would.
     pub async fn publish_raw(&self, partition: PartitionId, body: &[u8], message_id: Option<&str>) {
+        self.publish_with(
+            partition,
+            body,
+            message_id,
+            lapin::BasicProperties::default(),
+        )
+        .await;
+    }
+
+    async fn publish_with(
+        &self,
+        partition: PartitionId,
+        body: &[u8],
+        message_id: Option<&str>,
+        properties: lapin::BasicProperties,
+    ) {
         let connection =
             allot_shared::amqp::connect(&self.api_config.common.amqp_url, "allot-tests-publisher")
                 .await
@@ -363,7 +399,7 @@ impl TestApp {
             .await
             .unwrap();
         let queue = self.api_config.common.topology().queue(partition);
-        let mut properties = lapin::BasicProperties::default().with_delivery_mode(2);
+        let mut properties = properties.with_delivery_mode(2);
         if let Some(id) = message_id {
             properties = properties.with_message_id(id.into());
         }

@@ -10,9 +10,11 @@ mod helpers;
 
 mod api_contract;
 mod docs;
+mod envelopes;
 mod observability;
 mod pipeline;
 mod poison;
 mod sold_out;
 mod unconfirmed;
+mod waiting;
 mod watch;

@@ -109,7 +109,9 @@ async fn requests_accepted_while_no_worker_runs_are_decided_once_one_starts(pool
     let mut app = spawn_app(pool, Options::without_worker()).await;
     let product = app.create_product("queued", 3).await;
     let ids = join_all((1..=6).map(|user| app.buy(user, product, 1))).await;
-    assert_eq!(app.queue_depth(partition_of(product)).await, 6);
+    // Concurrent requests of one partition share messages (batch envelopes): 1 to 6 of them.
+    let depth = app.queue_depth(partition_of(product)).await;
+    assert!((1..=6).contains(&depth), "6 requests in {depth} messages");
     assert_eq!(app.transaction(ids[0]).await["status"], "pending");
 
     app.start_worker(Arc::new(SystemClock));

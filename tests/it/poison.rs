@@ -56,12 +56,16 @@ async fn a_message_that_fails_every_time_is_set_aside_and_its_partition_moves_on
         5,
         "nothing sold from the cursed product"
     );
-    let (message_id, error): (Option<String>, String) =
-        sqlx::query_as("SELECT message_id, error FROM dead_letters")
+    let (message_id, body, error): (Option<String>, Vec<u8>, String) =
+        sqlx::query_as("SELECT message_id, body, error FROM dead_letters")
             .fetch_one(&app.pool)
             .await
             .unwrap();
-    assert_eq!(message_id, Some(poisoned.to_string()));
+    // The item alone, under its envelope's message id and its place in it.
+    let message_id = message_id.expect("an envelope item has an id");
+    assert!(message_id.contains('#'), "{message_id}");
+    let item: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(item["transaction_id"], poisoned.to_string());
     assert!(error.contains("is cursed"), "the reason is kept: {error}");
     assert_eq!(app.count("SELECT count(*) FROM transactions").await, 3);
     // Operators see it: one message set aside, on the worker's /metrics.

@@ -19,13 +19,13 @@ async fn a_withdrawn_request_is_never_sold_when_its_message_arrives(pool: PgPool
 
     let withdrawal = stored::withdraw(
         &app.pool,
-        &refused,
+        std::slice::from_ref(&refused),
         partition_of(product),
         SystemClock.now(),
     )
     .await
     .unwrap();
-    assert_eq!(withdrawal, Withdrawal::Withdrawn);
+    assert_eq!(withdrawal, [Withdrawal::Withdrawn]);
 
     // The broker had stored the message after all; a worker now receives it.
     let decider = app.decider(Arc::new(SystemClock), chrono_tz::UTC);
@@ -64,13 +64,20 @@ async fn a_request_a_worker_decided_first_cannot_be_withdrawn(pool: PgPool) {
         .await
         .unwrap();
 
-    let withdrawal = stored::withdraw(&app.pool, &sold, partition_of(product), SystemClock.now())
-        .await
-        .unwrap();
+    // One message carried both: the one decided first was accepted, its batch-mate withdrawn.
+    let undecided = request(2, product, 1);
+    let withdrawal = stored::withdraw(
+        &app.pool,
+        &[sold.clone(), undecided.clone()],
+        partition_of(product),
+        SystemClock.now(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         withdrawal,
-        Withdrawal::AlreadyDecided,
-        "the API must then answer 202"
+        [Withdrawal::AlreadyDecided, Withdrawal::Withdrawn],
+        "the API must then answer 202 for the first, 503 for the second"
     );
     assert_eq!(
         app.count("SELECT count(*) FROM transactions WHERE status = 'succeeded'")

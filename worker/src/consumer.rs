@@ -1,7 +1,7 @@
-//! The consumer loop of one partition: take what has arrived (up to a batch), let the
-//! [`Decider`] process it, retrying until it succeeds (or setting aside a message that fails
-//! every time, see [`crate::poison`]), then ack the whole batch at once (`multiple`). Never an
-//! ack before the commit.
+//! The consumer loop of one partition: take what has arrived (up to a batch), unpack the batch
+//! envelopes into their requests, in order, let the [`Decider`] process them, retrying until it
+//! succeeds (or setting aside, alone, a request that fails every time, see [`crate::poison`]),
+//! then ack the whole batch at once (`multiple`). Never an ack before the commit.
 //!
 //! The queue has single-active-consumer: when several worker replicas run, RabbitMQ delivers a
 //! partition to one of them and keeps the others' consumers as standbys.
@@ -10,11 +10,12 @@ use crate::decider::{Decider, Message};
 use crate::poison::{Failure, classify};
 use allot_shared::PartitionId;
 use allot_shared::amqp::Topology;
+use allot_shared::message::{self, COUNT_HEADER, ENVELOPE_TYPE};
 use anyhow::Context;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,7 +93,8 @@ async fn subscribe(
 }
 
 /// Waits for the next message, then takes whatever else arrives within the linger time, up to
-/// the batch size. `Ok(None)` when the consumer ended.
+/// the batch size in requests (a message's envelope may carry many; the batch may end a message
+/// past the size). `Ok(None)` when the consumer ended.
 async fn next_batch(
     consumer: &mut Consumer,
     settings: BatchSettings,
@@ -100,9 +102,11 @@ async fn next_batch(
     let Some(first) = consumer.next().await else {
         return Ok(None);
     };
-    let mut batch = vec![first?];
+    let first = first?;
+    let mut requests = requests_in(&first);
+    let mut batch = vec![first];
     let deadline = tokio::time::Instant::now() + settings.linger;
-    while batch.len() < settings.max_size {
+    while requests < settings.max_size {
         let next = match futures::FutureExt::now_or_never(consumer.next()) {
             Some(next) => next,
             None if settings.linger.is_zero() => break,
@@ -112,11 +116,63 @@ async fn next_batch(
             },
         };
         match next {
-            Some(delivery) => batch.push(delivery?),
+            Some(delivery) => {
+                let delivery = delivery?;
+                requests += requests_in(&delivery);
+                batch.push(delivery);
+            }
             None => break,
         }
     }
     Ok(Some(batch))
+}
+
+/// The items of a batch of deliveries, in order: each envelope's requests (see
+/// [`allot_shared::message::items`]), each with the id it is set aside under.
+fn items_of(deliveries: &[Delivery]) -> Vec<(&[u8], Option<String>)> {
+    let mut items = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str());
+        let is_envelope = delivery
+            .properties
+            .kind()
+            .as_ref()
+            .map(|kind| kind.as_str())
+            == Some(ENVELOPE_TYPE);
+        let parts = if is_envelope {
+            message::items(&delivery.data)
+        } else {
+            vec![delivery.data.as_slice()]
+        };
+        for (index, body) in parts.into_iter().enumerate() {
+            let id = if is_envelope {
+                message_id.map(|id| format!("{id}#{index}"))
+            } else {
+                message_id.map(str::to_owned)
+            };
+            items.push((body, id));
+        }
+    }
+    items
+}
+
+/// How many requests a delivery carries, as its envelope's header says (1 without one).
+fn requests_in(delivery: &Delivery) -> usize {
+    let count = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(COUNT_HEADER))
+        .and_then(|value| match value {
+            AMQPValue::LongLongInt(n) => usize::try_from(*n).ok(),
+            AMQPValue::LongInt(n) => usize::try_from(*n).ok(),
+            _ => None,
+        });
+    count.unwrap_or(1).max(1)
 }
 
 /// How often a batch, or a single message once a batch was split, may fail deterministically
@@ -134,8 +190,8 @@ enum Attempts {
 }
 
 /// Processes a batch until it is decided. Transient failures are retried forever with a
-/// capped backoff; a batch that keeps failing deterministically is split and retried message
-/// by message (in order), and a message that still keeps failing is set aside (dead letter,
+/// capped backoff; a batch that keeps failing deterministically is split and retried request
+/// by request (in order), and a request that still keeps failing is set aside (dead letter,
 /// transaction rejected as `unprocessable`), so the partition moves on. Returns `false` if
 /// shutdown came first: the batch stays unacked and is redelivered.
 async fn process_until_done(
@@ -144,11 +200,12 @@ async fn process_until_done(
     deliveries: &[Delivery],
     shutdown: &CancellationToken,
 ) -> bool {
-    let messages: Vec<Message<'_>> = deliveries
+    let items = items_of(deliveries);
+    let messages: Vec<Message<'_>> = items
         .iter()
-        .map(|d| Message {
-            body: &d.data,
-            message_id: d.properties.message_id().as_ref().map(|id| id.as_str()),
+        .map(|(body, id)| Message {
+            body,
+            message_id: id.as_deref(),
         })
         .collect();
     let err = match attempt(decider, partition, &messages, shutdown).await {

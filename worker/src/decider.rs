@@ -7,7 +7,7 @@
 use crate::persist::{self, BatchOutcome, DeadLetter};
 use crate::poison::{self, Failure};
 use allot_shared::clock::to_stored_precision;
-use allot_shared::status_store::transaction_key;
+use allot_shared::status_store::StatusStore;
 use allot_shared::{Clock, PartitionId, PurchaseRequest, TransactionView};
 use anyhow::Context;
 use chrono_tz::Tz;
@@ -15,7 +15,10 @@ use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::sync::Arc;
 
-/// One message as received: its body and AMQP `message_id`.
+/// One item to decide: one request's JSON as received (an item of a batch envelope, see
+/// [`allot_shared::message`]), and the id it is recorded under if it is set aside
+/// (`<AMQP message_id>#<index>` for an envelope's item, the `message_id` itself for a message
+/// that is not an envelope, whose id may then name its transaction).
 #[derive(Debug, Clone, Copy)]
 pub struct Message<'a> {
     pub body: &'a [u8],
@@ -25,8 +28,7 @@ pub struct Message<'a> {
 /// Everything needed to decide batches; shared by all partition consumers of a process.
 pub struct Decider {
     pool: PgPool,
-    redis: ConnectionManager,
-    redis_prefix: String,
+    statuses: StatusStore,
     clock: Arc<dyn Clock>,
     timezone: Tz,
 }
@@ -41,8 +43,7 @@ impl Decider {
     ) -> Self {
         Self {
             pool,
-            redis,
-            redis_prefix,
+            statuses: StatusStore::new(redis, redis_prefix),
             clock,
             timezone,
         }
@@ -164,22 +165,10 @@ impl Decider {
         Ok(())
     }
 
-    /// Overwrites each transaction's status in Redis with its final one, in one pipeline.
+    /// Overwrites each transaction's status in Redis with its final one and announces the
+    /// batch to the API, in one pipeline.
     async fn publish_statuses(&self, views: &[TransactionView]) -> anyhow::Result<()> {
-        if views.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        for view in views {
-            let json = serde_json::to_string(view).context("failed to serialise a status")?;
-            pipe.set(
-                transaction_key(&self.redis_prefix, view.transaction_id),
-                json,
-            )
-            .ignore();
-        }
-        pipe.query_async::<()>(&mut self.redis.clone()).await?;
-        Ok(())
+        self.statuses.record_decided(views).await
     }
 }
 

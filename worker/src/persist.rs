@@ -249,7 +249,8 @@ async fn insert_dead_letters(
 ) -> anyhow::Result<()> {
     for letter in dead_letters {
         sqlx::query(
-            "INSERT INTO dead_letters (partition, message_id, body, error) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO dead_letters (partition, message_id, body, error) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (message_id) DO NOTHING",
         )
         .bind(i32::from(partition.0))
         .bind(&letter.message_id)

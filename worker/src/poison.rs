@@ -99,7 +99,8 @@ pub async fn record_set_aside(
 ) -> anyhow::Result<Option<StoredTransaction>> {
     let mut tx = pool.begin().await.context("failed to begin")?;
     sqlx::query(
-        "INSERT INTO dead_letters (partition, message_id, body, error) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO dead_letters (partition, message_id, body, error) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (message_id) DO NOTHING",
     )
     .bind(i32::from(partition.0))
     .bind(&letter.message_id)

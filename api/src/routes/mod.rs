@@ -11,10 +11,10 @@ mod products;
 mod stats;
 mod watch;
 
-pub use orders::{Accepted, AddToCart};
+pub use orders::{Accepted, AddToCart, read_transaction};
 pub use products::{Product, ProductPage};
 pub use stats::Stats;
-pub use watch::{CHECK_EVERY, WATCH_LIMIT};
+pub use watch::WATCH_LIMIT;
 
 use crate::error::ApiError;
 use crate::observe;

@@ -1,20 +1,23 @@
 //! Buying: `POST /api/v1/order/addToCart` and `GET /api/v1/transaction/{id}`.
 
+use crate::decisions::{preference_applied, preferred_wait};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{self, AppJson};
-use crate::publisher::PublishError;
+use crate::intake::Refusal;
 use crate::sold_out::SoldOutAnswer;
 use crate::state::AppState;
-use allot_shared::stored::{self, Withdrawal};
+use allot_shared::stored;
 use allot_shared::{Clock, SystemClock};
 use allot_shared::{
     ProductId, PurchaseRequest, Quantity, Status, TransactionId, TransactionView, UserId,
 };
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// The body of `addToCart`. The newtypes reject zero, negative and out-of-range values.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -33,16 +36,15 @@ pub struct Accepted {
 }
 
 /// Validates; answers a request for a sold-out product at once with its final outcome (see
-/// [`crate::sold_out`]); otherwise records the transaction as pending, publishes it and waits
-/// for the broker's confirm; only then answers 202. If the request cannot be confirmed it is
-/// not accepted: 503 with `Retry-After`, and its pending record is removed. If the broker may
-/// have stored it anyway (no confirm in time, or the connection dropped after sending), the
-/// request is also withdrawn in PostgreSQL so that no worker can sell it, unless a worker
-/// already did, in which case it was accepted after all and is answered 202.
+/// [`crate::sold_out`]); otherwise hands the request to the [`crate::intake`], which answers
+/// once the broker confirmed the message that carries it (202), or refused it (503 with
+/// `Retry-After`; nothing was accepted). With `Prefer: wait=N` an accepted request's answer is
+/// held until it is decided (200 with the final transaction) or N seconds passed (202).
 #[utoipa::path(post, path = "/api/v1/order/addToCart", tag = crate::openapi::ORDERS,
     request_body = AddToCart,
+    params(("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer until the transaction is final, at most N seconds (capped at 10)")),
     responses(
-        (status = 200, description = "Sold out: rejected `out_of_stock` at once, final, nothing recorded", body = SoldOutAnswer),
+        (status = 200, description = "Final at once: sold out (rejected `out_of_stock`, nothing recorded, a `SoldOutAnswer`), or, with `Prefer: wait`, the transaction decided within the wait (a `TransactionView`, with `Preference-Applied`)", body = SoldOutAnswer),
         (status = 202, description = "Accepted: RabbitMQ confirmed the request; poll the transaction", body = Accepted,
             headers(("location" = String, description = "/api/v1/transaction/{id}"))),
         (status = 400, description = "`malformed_json`", body = ErrorBody),
@@ -54,6 +56,7 @@ pub struct Accepted {
 #[tracing::instrument(skip_all, fields(product_id = %body.product_id, transaction_id))]
 pub async fn add_to_cart(
     State(state): State<AppState>,
+    headers: HeaderMap,
     AppJson(body): AppJson<AddToCart>,
 ) -> Result<Response, ApiError> {
     if body.quantity.get() > state.max_quantity {
@@ -73,40 +76,22 @@ pub async fn add_to_cart(
         quantity: body.quantity,
         created_at: SystemClock.now(),
     };
-    tracing::Span::current().record(
-        "transaction_id",
-        tracing::field::display(request.transaction_id),
-    );
+    let id = request.transaction_id;
+    tracing::Span::current().record("transaction_id", tracing::field::display(id));
+    let wait = preferred_wait(&headers);
+    // Registered before the publish, so the decision cannot be announced before we listen.
+    let waiter = wait.map(|_| state.decisions.wait_for(id));
+    state.intake.accept(request).await.map_err(refusal_error)?;
 
-    // Pending first, then the publish; not both at once. Running them concurrently gained no
-    // throughput with the CPU saturated (docs/benchmarks.md), and it turned every Redis
-    // timeout under overload into a confirmed message that had to be withdrawn in PostgreSQL,
-    // which exhausted the pool and cascaded into seconds-long 503s.
-    state
-        .statuses
-        .record_pending(&TransactionView::pending(&request))
-        .await
-        .map_err(|err| {
-            tracing::warn!(error = %format_args!("{err:#}"), "refusing a request: Redis is unavailable");
-            ApiError::unavailable(
-                "the status store is unavailable; the request was not accepted, try again",
-                1,
-            )
-        })?;
-    if let Err(err) = state.publisher.publish(&request).await {
-        if err.is_ambiguous()
-            && withdraw(&state, &request).await == Some(Withdrawal::AlreadyDecided)
-        {
-            tracing::info!("unconfirmed publish was stored and decided after all: accepted");
-        } else {
-            state.statuses.forget(request.transaction_id).await;
-            return Err(publish_error(err));
+    if let (Some(secs), Some(waiter)) = (wait, waiter) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        if let Some(view) = waiter.until_final(&state, deadline).await {
+            return Ok((StatusCode::OK, [preference_applied(secs)], Json(view)).into_response());
         }
     }
-
-    let location = format!("/api/v1/transaction/{}", request.transaction_id);
+    let location = format!("/api/v1/transaction/{id}");
     let accepted = Accepted {
-        transaction_id: request.transaction_id,
+        transaction_id: id,
         status: Status::Pending,
     };
     Ok((
@@ -117,35 +102,22 @@ pub async fn add_to_cart(
         .into_response())
 }
 
-/// Withdraws a request whose publish may have reached the broker unconfirmed (see
-/// [`stored::withdraw`]). `None` if the database could not be asked: the 503 then stays
-/// ambiguous, the one case where a refused request may still be decided.
-async fn withdraw(state: &AppState, request: &PurchaseRequest) -> Option<Withdrawal> {
-    let partition = state.publisher.partition_of(request.product_id);
-    match stored::withdraw(&state.pool, request, partition, SystemClock.now()).await {
-        Ok(withdrawal) => Some(withdrawal),
-        Err(err) => {
-            tracing::error!(error = %err, "could not withdraw an unconfirmed request; it may still be decided");
-            None
-        }
-    }
-}
-
-fn publish_error(err: PublishError) -> ApiError {
-    tracing::warn!(error = %err, "refusing a request: the broker did not confirm it");
-    match err {
-        PublishError::QueueFull => ApiError::unavailable(
+fn refusal_error(refusal: Refusal) -> ApiError {
+    let retry_after = refusal.retry_after_secs();
+    match refusal {
+        Refusal::QueueFull => ApiError::unavailable(
             "too many pending orders for this product's partition; the request was not accepted, try again",
-            1,
+            retry_after,
         ),
-        PublishError::Timeout
-        | PublishError::Disconnected
-        | PublishError::Unreachable(_)
-        | PublishError::ConfirmLost(_) => ApiError::unavailable(
+        Refusal::BrokerUnavailable => ApiError::unavailable(
             "the order queue is unavailable; the request was not accepted, try again",
-            2,
+            retry_after,
         ),
-        PublishError::Unroutable(queue) => {
+        Refusal::StoreUnavailable => ApiError::unavailable(
+            "the status store is unavailable; the request was not accepted, try again",
+            retry_after,
+        ),
+        Refusal::Unroutable(queue) => {
             ApiError::Internal(anyhow::anyhow!("queue {queue} does not exist"))
         }
     }
@@ -153,9 +125,12 @@ fn publish_error(err: PublishError) -> ApiError {
 
 /// The status of a transaction: from Redis, or from PostgreSQL when Redis has none (or is
 /// down). 404 only when neither knows it and Redis answered; if Redis is down and the
-/// database has no decided row, the transaction may still be pending, so 503.
+/// database has no decided row, the transaction may still be pending, so 503. With
+/// `Prefer: wait=N`, a pending transaction's answer is held until it is final or N seconds
+/// passed.
 #[utoipa::path(get, path = "/api/v1/transaction/{id}", tag = crate::openapi::ORDERS,
-    params(("id" = uuid::Uuid, Path, description = "The transaction id")),
+    params(("id" = uuid::Uuid, Path, description = "The transaction id"),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold a pending answer until the transaction is final, at most N seconds (capped at 10)")),
     responses(
         (status = 200, description = "The transaction: `pending`, or final with its order number or reason", body = TransactionView),
         (status = 400, description = "`invalid_id`: not a UUID", body = ErrorBody),
@@ -166,10 +141,30 @@ fn publish_error(err: PublishError) -> ApiError {
 pub async fn get_transaction(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
-) -> Result<Json<TransactionView>, ApiError> {
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let id = extract::transaction_id(&raw_id)?;
+    let Some(secs) = preferred_wait(&headers) else {
+        return Ok(Json(read_transaction(&state, id).await?).into_response());
+    };
+    let waiter = state.decisions.wait_for(id);
+    let view = read_transaction(&state, id).await?;
+    let view = if view.status == Status::Pending {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        waiter.until_final(&state, deadline).await.unwrap_or(view)
+    } else {
+        view
+    };
+    Ok(([preference_applied(secs)], Json(view)).into_response())
+}
+
+/// The transaction as `GET /api/v1/transaction/{id}` answers it (without waiting).
+pub async fn read_transaction(
+    state: &AppState,
+    id: TransactionId,
+) -> Result<TransactionView, ApiError> {
     let redis_answered = match state.statuses.get(id).await {
-        Ok(Some(view)) => return Ok(Json(view)),
+        Ok(Some(view)) => return Ok(view),
         Ok(None) => true,
         Err(err) => {
             tracing::warn!(error = %format_args!("{err:#}"), "Redis unavailable; reading the status from PostgreSQL");
@@ -177,7 +172,7 @@ pub async fn get_transaction(
         }
     };
     match stored::fetch_one(&state.pool, id).await? {
-        Some(row) => Ok(Json(row.to_view()?)),
+        Some(row) => Ok(row.to_view()?),
         None if redis_answered => Err(ApiError::NotFound(format!("no transaction {id}"))),
         None => Err(ApiError::unavailable(
             "the status store is unavailable; try again",

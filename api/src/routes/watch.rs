@@ -3,23 +3,22 @@
 //! time its status changes, and ends once it is final. Bounded: it also ends after
 //! [`WATCH_LIMIT`] or when the server shuts down; a client (EventSource) then reconnects.
 //!
-//! The stream reads the same store as `GET /api/v1/transaction/{id}`, every [`CHECK_EVERY`]:
-//! one Redis `GET` per watcher and check, cheap next to the polling it replaces.
+//! The stream is woken by the worker's decision notifications ([`crate::decisions`]), with the
+//! same fallback to reading the store as `Prefer: wait`.
 
 use crate::error::{ApiError, ErrorBody};
-use crate::routes::orders;
+use crate::extract;
+use crate::routes::read_transaction;
 use crate::state::AppState;
-use allot_shared::{Status, TransactionId, TransactionView};
+use allot_shared::{Status, TransactionView};
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// The longest one stream lasts.
 pub const WATCH_LIMIT: Duration = Duration::from_secs(60);
-/// How often the status is read while it is pending.
-pub const CHECK_EVERY: Duration = Duration::from_millis(100);
 
 #[utoipa::path(get, path = "/api/v1/transaction/{id}/events", tag = crate::openapi::ORDERS,
     params(("id" = uuid::Uuid, Path, description = "The transaction id")),
@@ -34,63 +33,28 @@ pub async fn transaction_events(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, axum::Error>>>, ApiError> {
-    // Errors (bad id, unknown id) are answered before the stream starts, as plain JSON errors.
-    let first = lookup(&state, &raw_id).await?;
-    let watch = Watch {
-        deadline: Instant::now() + WATCH_LIMIT,
-        id: first.transaction_id,
-        last: None,
-        next: Some(first),
-        state,
-    };
-    Ok(
-        Sse::new(futures::stream::unfold(watch, Watch::next_event))
-            .keep_alive(KeepAlive::default()),
-    )
-}
-
-/// One watcher's progress.
-struct Watch {
-    state: AppState,
-    id: TransactionId,
-    /// The view to send next, if already known.
-    next: Option<TransactionView>,
-    /// The last status sent; `Some(final)` ends the stream.
-    last: Option<Status>,
-    deadline: Instant,
-}
-
-impl Watch {
-    /// The next `status` event: the next view whose status differs from the last one sent.
-    async fn next_event(mut self) -> Option<(Result<Event, axum::Error>, Self)> {
-        if self.last.is_some_and(|status| status != Status::Pending) {
+    let id = extract::transaction_id(&raw_id)?;
+    // Registered before the first read, so the decision cannot slip between the two.
+    let waiter = state.decisions.wait_for(id);
+    // Errors (unknown id, Redis down) are answered before the stream starts, as JSON errors.
+    let first = read_transaction(&state, id).await?;
+    let first_is_final = first.status != Status::Pending;
+    let deadline = Instant::now() + WATCH_LIMIT;
+    let first = futures::stream::once(std::future::ready(status_event(&first)));
+    let last = futures::stream::once(async move {
+        if first_is_final {
             return None;
         }
-        loop {
-            if let Some(view) = self.next.take()
-                && Some(view.status) != self.last
-            {
-                self.last = Some(view.status);
-                let event = Event::default()
-                    .event("status")
-                    .json_data(&view)
-                    .map_err(axum::Error::new);
-                return Some((event, self));
-            }
-            tokio::select! {
-                () = self.state.shutdown.cancelled() => return None,
-                () = tokio::time::sleep_until(self.deadline) => return None,
-                () = tokio::time::sleep(CHECK_EVERY) => {}
-            }
-            // A failed read (Redis down, transaction still pending) is retried at the next check.
-            self.next = lookup(&self.state, &self.id.to_string()).await.ok();
-        }
-    }
+        let view = waiter.until_final(&state, deadline).await?;
+        Some(status_event(&view))
+    })
+    .filter_map(std::future::ready);
+    Ok(Sse::new(first.chain(last)).keep_alive(KeepAlive::default()))
 }
 
-/// The transaction as `GET /api/v1/transaction/{id}` answers it.
-async fn lookup(state: &AppState, raw_id: &str) -> Result<TransactionView, ApiError> {
-    orders::get_transaction(State(state.clone()), Path(raw_id.to_owned()))
-        .await
-        .map(|json| json.0)
+fn status_event(view: &TransactionView) -> Result<Event, axum::Error> {
+    Event::default()
+        .event("status")
+        .json_data(view)
+        .map_err(axum::Error::new)
 }
