@@ -767,7 +767,8 @@ run_bench() {
     --amqp-url "amqp://guest:guest@127.0.0.1:$RMQ_PORT/allot-bench" \
     --naive-database-url "postgres://postgres@127.0.0.1:$PG_PORT/allot_bench_naive" \
     --reference-addr "$BENCH_REFERENCE_ADDR" \
-    --api-pid "$(app_pid bench-api)" --worker-pid "$(app_pid bench-worker)" "$@" || status=$?
+    --api-pid "$(app_pid bench-api)" --worker-pid "$(app_pid bench-worker)" \
+    --worker-url "http://$BENCH_WORKER_ADDR" "$@" || status=$?
   if ((status != 0)); then
     show_logs "$(app_log bench-api)" "$(app_log bench-worker)"
   fi

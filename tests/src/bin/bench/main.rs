@@ -81,6 +81,9 @@ struct Args {
     /// pid of allot-worker, to sample its memory.
     #[arg(long)]
     worker_pid: Option<u32>,
+    /// The worker's HTTP server (its `/metrics` tells the requests per database transaction).
+    #[arg(long)]
+    worker_url: Option<String>,
     /// Partitions allot runs with (one accept-scenario product per partition).
     #[arg(long, env = "ALLOT_PARTITIONS", default_value_t = 16)]
     partitions: u16,
@@ -254,6 +257,7 @@ async fn run(args: Args) -> Result<Vec<String>> {
         Ok(count) => println!("order numbers: {count} checked, gapless from 00001 each day"),
         Err(err) => bench.expect(false, format!("{err:#}")),
     }
+    report::batching(&args.base_url, args.worker_url.as_deref()).await;
     report::memory(&memory);
     report::targets(&references, &accept, &flash, &wide, &memory);
     Ok(bench.failures)

@@ -190,3 +190,39 @@ pub fn targets(references: &[(Kind, Tally)], a: &Accept, f: &Flash, w: &Wide, me
         "  (reference rates: bare {bare:.0}/s, axum+confirmed publish {publish:.0}/s, naive {naive:.0}/s)"
     );
 }
+
+/// The batching, as allot's own metrics count it: the mean number of requests per broker
+/// message (the API's `allot_api_envelope_requests`) and per database transaction (the
+/// worker's `allot_worker_batch_size`), over the whole run.
+pub async fn batching(api_url: &str, worker_url: Option<&str>) {
+    let mean = |metrics: &str, name: &str| -> Option<(f64, f64)> {
+        let value = |series: String| {
+            metrics
+                .lines()
+                .find(|line| line.starts_with(&series))
+                .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        };
+        Some((
+            value(format!("{name}_sum "))?,
+            value(format!("{name}_count "))?,
+        ))
+    };
+    let fetch = |url: String| async move { reqwest::get(&url).await.ok()?.text().await.ok() };
+    if let Some(metrics) = fetch(format!("{}/metrics", api_url.trim_end_matches('/'))).await
+        && let Some((requests, messages)) = mean(&metrics, "allot_api_envelope_requests")
+    {
+        println!(
+            "batching: {requests:.0} requests in {messages:.0} broker messages, {:.1} per message",
+            requests / messages.max(1.0)
+        );
+    }
+    if let Some(url) = worker_url
+        && let Some(metrics) = fetch(format!("{}/metrics", url.trim_end_matches('/'))).await
+        && let Some((requests, batches)) = mean(&metrics, "allot_worker_batch_size")
+    {
+        println!(
+            "batching: {requests:.0} requests in {batches:.0} database transactions, {:.1} per transaction",
+            requests / batches.max(1.0)
+        );
+    }
+}
