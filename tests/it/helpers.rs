@@ -283,6 +283,22 @@ impl TestApp {
             .expect("POST is answered")
     }
 
+    /// Sends `body` as is, with exactly the given headers (reqwest adds none but `host`,
+    /// `accept` and `content-length`).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> Response {
+        let mut request = self.client.request(method, self.url(path)).body(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("the request is answered")
+    }
+
     pub async fn add_to_cart(&self, user_id: i64, product_id: i64, quantity: i64) -> Response {
         self.post_json(
             "/api/v1/order/addToCart",

@@ -17,6 +17,7 @@ pub use stats::Stats;
 pub use watch::{CHECK_EVERY, WATCH_LIMIT};
 
 use crate::error::ApiError;
+use crate::extract;
 use crate::observe;
 use crate::openapi::{ApiDoc, DOCS_PATH, DOCUMENT_PATH};
 use crate::state::AppState;
@@ -63,7 +64,8 @@ pub fn router(state: AppState) -> Router {
     let docs = SwaggerUi::new(DOCS_PATH)
         .url(DOCUMENT_PATH, document)
         .config(utoipa_swagger_ui::Config::default().validator_url("none"));
-    api.route_layer(middleware::from_fn(observe::track_requests))
+    api.route_layer(middleware::from_fn(extract::decodable_path_params))
+        .route_layer(middleware::from_fn(observe::track_requests))
         .route("/", get(page::index))
         .merge(docs)
         .fallback(not_found)

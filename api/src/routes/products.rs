@@ -2,10 +2,10 @@
 //! reads their remaining stock.
 
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{self, Admin, AppJson, AppQuery};
+use crate::extract::{self, Admin, AppJson, AppPath, AppQuery};
 use crate::state::AppState;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
@@ -127,7 +127,7 @@ pub async fn create(
 pub async fn restock(
     _: Admin,
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
+    AppPath(raw_id): AppPath<String>,
     AppJson(body): AppJson<Restock>,
 ) -> Result<Json<Product>, ApiError> {
     let id = extract::product_id(&raw_id)?;
@@ -203,7 +203,7 @@ pub async fn list(
     ))]
 pub async fn get(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
+    AppPath(raw_id): AppPath<String>,
 ) -> Result<Json<Product>, ApiError> {
     let id = extract::product_id(&raw_id)?;
     fetch(&state, id.get())
