@@ -150,3 +150,41 @@ async fn a_path_id_that_is_not_utf8_is_400_invalid_id_in_the_error_shape(pool: s
 
     app.shutdown().await;
 }
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn unknown_files_under_the_docs_are_404_not_found_in_the_error_shape(pool: sqlx::PgPool) {
+    let app = spawn_app(pool, Options::without_worker()).await;
+
+    for path in [
+        "/docs/nope",
+        "/docs/nope.js",
+        "/docs/swagger-ui.css/x",
+        "/docs/%FF",
+        "/api-docs/nope",
+        "/api-docs/openapi.json/x",
+        "/api-docs/",
+    ] {
+        let response = app.get(path).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "GET {path}");
+        assert_error(response, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    for (method, path) in [
+        (Method::POST, "/docs/swagger-ui.css"),
+        (Method::DELETE, "/docs/"),
+        (Method::POST, "/api-docs/openapi.json"),
+        (Method::POST, "/"),
+    ] {
+        let response = app.send(method.clone(), path, &[JSON], "{}").await;
+        assert_error(
+            response,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        )
+        .await;
+    }
+    // The files themselves are still served as they are.
+    let response = app.get("/docs/swagger-ui.css").await;
+    assert_eq!(response.status(), StatusCode::OK);
+
+    app.shutdown().await;
+}

@@ -23,7 +23,7 @@ use crate::openapi::{ApiDoc, DOCS_PATH, DOCUMENT_PATH};
 use crate::state::AppState;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{Method, StatusCode};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{BoxError, Router, middleware};
@@ -64,12 +64,14 @@ pub fn router(state: AppState) -> Router {
     let docs = SwaggerUi::new(DOCS_PATH)
         .url(DOCUMENT_PATH, document)
         .config(utoipa_swagger_ui::Config::default().validator_url("none"));
+    let docs = Router::from(docs).layer(middleware::map_response(no_such_doc_file));
     api.route_layer(middleware::from_fn(extract::decodable_path_params))
         .route_layer(middleware::from_fn(observe::track_requests))
         .route("/", get(page::index))
         .merge(docs)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::map_response(in_error_shape))
         .layer(
             ServiceBuilder::new()
                 .layer(middleware::from_fn(observe::drop_insane_request_id))
@@ -94,6 +96,39 @@ async fn not_found(method: Method) -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+/// Swagger UI reads the file name under `/docs/` with axum's `Path`, so a name that is not
+/// UTF-8 once decoded gets a plain-text 400: no such file exists, so it is our 404.
+async fn no_such_doc_file(response: Response) -> Response {
+    if response.status() == StatusCode::BAD_REQUEST && !is_json(&response) {
+        ApiError::NotFound("no such file".into()).into_response()
+    } else {
+        response
+    }
+}
+
+/// The fallback behind the fallbacks: routers merged in whole (Swagger UI's, which serves its
+/// files under `/docs/`) answer an unknown path with a bare 404 of their own, which our
+/// `fallback` never sees. Any 404 or 405 that is not already JSON gets our shape here, for
+/// every route, nested router and static asset.
+async fn in_error_shape(response: Response) -> Response {
+    match response.status() {
+        StatusCode::NOT_FOUND if !is_json(&response) => {
+            ApiError::NotFound("no such file".into()).into_response()
+        }
+        StatusCode::METHOD_NOT_ALLOWED if !is_json(&response) => {
+            ApiError::MethodNotAllowed.into_response()
+        }
+        _ => response,
+    }
+}
+
+fn is_json(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"))
 }
 
 async fn timeout_response(err: BoxError) -> ApiError {
