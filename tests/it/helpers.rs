@@ -55,6 +55,8 @@ pub struct Options {
     /// short-circuit: the other tests check what the worker decides for every request, even
     /// for a product already sold out.
     pub sold_out_refresh_ms: u64,
+    /// The API's `ALLOT_MAX_QUANTITY`.
+    pub max_quantity: i64,
 }
 
 impl Default for Options {
@@ -65,6 +67,7 @@ impl Default for Options {
             queue_max_length: 100_000,
             confirm_timeout_ms: 3000,
             sold_out_refresh_ms: 0,
+            max_quantity: 10,
         }
     }
 }
@@ -130,6 +133,7 @@ pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
     api_config.admin_token = ADMIN_TOKEN.into();
     api_config.confirm_timeout_ms = options.confirm_timeout_ms;
     api_config.sold_out_refresh_ms = options.sold_out_refresh_ms;
+    api_config.max_quantity = options.max_quantity;
     let mut worker_config = WorkerConfig::parse_from(["allot-worker"]);
     worker_config.common = api_config.common.clone();
 

@@ -19,7 +19,7 @@ pub use watch::{CHECK_EVERY, WATCH_LIMIT};
 use crate::error::ApiError;
 use crate::extract;
 use crate::observe;
-use crate::openapi::{ApiDoc, DOCS_PATH, DOCUMENT_PATH};
+use crate::openapi::{ApiDoc, ConfiguredLimits, DOCS_PATH, DOCUMENT_PATH};
 use crate::state::AppState;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
@@ -33,7 +33,7 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-use utoipa::OpenApi;
+use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
@@ -43,9 +43,10 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// No request may take longer; keeps graceful shutdown bounded.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The documented JSON API: the router and its OpenAPI document.
-pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// The documented JSON API: the router and its OpenAPI document, with the limits of `state`'s
+/// configuration ([`ConfiguredLimits`]).
+pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(orders::add_to_cart))
         .routes(routes!(orders::get_transaction))
         .routes(routes!(watch::transaction_events))
@@ -56,11 +57,13 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(health::metrics))
-        .split_for_parts()
+        .split_for_parts();
+    ConfiguredLimits::of(state).modify(&mut document);
+    (router, document)
 }
 
 pub fn router(state: AppState) -> Router {
-    let (api, document) = api();
+    let (api, document) = api(&state);
     let docs = SwaggerUi::new(DOCS_PATH)
         .url(DOCUMENT_PATH, document)
         .config(utoipa_swagger_ui::Config::default().validator_url("none"));

@@ -25,8 +25,16 @@ pub struct Product {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProduct {
-    /// 1 to 200 characters after trimming, no control characters.
-    #[schema(example = "Limited sneaker")]
+    /// 1 to 200 characters, no control characters, not only whitespace; stored without
+    /// leading and trailing whitespace.
+    // The pattern is what `create` checks besides the length, in a syntax ECMAScript and
+    // Python share: no control character (Unicode `Cc`, what `char::is_control` tests) and at
+    // least one character that is neither control nor whitespace (`char::is_whitespace`).
+    #[schema(
+        example = "Limited sneaker",
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub name: String,
     /// Units for sale, 0 to 10^12.
     #[schema(minimum = 0, maximum = 1_000_000_000_000_i64, example = 100)]
@@ -76,16 +84,23 @@ pub async fn create(
     State(state): State<AppState>,
     AppJson(body): AppJson<NewProduct>,
 ) -> Result<(StatusCode, Json<Product>), ApiError> {
-    let name = body.name.trim();
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+    // Checked as sent, so the limits are the ones the document states (NAME_PATTERN): a
+    // padded name does not get past the length limit, nor a tab past the control characters.
+    if body.name.chars().count() > MAX_NAME_CHARS {
         return Err(ApiError::InvalidBody(format!(
             "name must have 1 to {MAX_NAME_CHARS} characters"
         )));
     }
     // PostgreSQL text cannot hold NUL; no name needs any control character.
-    if name.chars().any(char::is_control) {
+    if body.name.chars().any(char::is_control) {
         return Err(ApiError::InvalidBody(
             "name may not contain control characters".into(),
+        ));
+    }
+    let name = body.name.trim();
+    if name.is_empty() {
+        return Err(ApiError::InvalidBody(
+            "name must have a character other than whitespace".into(),
         ));
     }
     if !(0..=MAX_STOCK).contains(&body.stock) {
