@@ -263,3 +263,38 @@ async fn the_document_states_the_limits_the_server_enforces_configured_ones_incl
     }
     app.shutdown().await;
 }
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn every_operation_is_described_for_api_users(pool: sqlx::PgPool) {
+    let app = spawn_app(pool, Options::without_worker()).await;
+    let doc = document(&app).await;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let summary = operation["summary"].as_str().unwrap_or_default();
+            assert!(!summary.is_empty(), "{method} {path} has a summary");
+            let description = operation["description"].as_str().unwrap_or_default();
+            // What rustdoc means, not what an API user reads.
+            for internal in ["[`", "crate::", "newtype", "Self"] {
+                assert!(
+                    !summary.contains(internal) && !description.contains(internal),
+                    "{method} {path} mentions {internal:?}: {summary} {description}"
+                );
+            }
+        }
+    }
+    // The event stream is documented as a stream, not as one JSON document.
+    let events = &doc["paths"]["/api/v1/transaction/{id}/events"]["get"]["responses"]["200"];
+    let content = events["content"].as_object().unwrap();
+    assert_eq!(
+        content.keys().collect::<Vec<_>>(),
+        ["text/event-stream"],
+        "{events}"
+    );
+    assert_eq!(content["text/event-stream"]["schema"]["type"], "string");
+    let description = events["description"].as_str().unwrap();
+    assert!(
+        description.contains("event: status") && description.contains("data:"),
+        "{description}"
+    );
+    app.shutdown().await;
+}

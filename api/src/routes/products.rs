@@ -69,6 +69,7 @@ pub struct ProductPage {
 }
 
 #[utoipa::path(post, path = "/api/v1/products", tag = crate::openapi::PRODUCTS,
+    summary = "Create a product (staff)",
     request_body = NewProduct,
     security(("admin_token" = [])),
     responses(
@@ -127,6 +128,8 @@ pub async fn create(
 /// Adds stock. Safe while a sale runs: the update waits for the row lock a deciding batch holds,
 /// so neither overwrites the other.
 #[utoipa::path(post, path = "/api/v1/products/{id}/restock", tag = crate::openapi::PRODUCTS,
+    summary = "Add stock to a product (staff)",
+    description = "Adds `quantity` units; the stock may not exceed 10^12. Safe while a sale of the product runs: no update is lost and nothing is oversold. A product that was sold out is on sale again at once.",
     params(("id" = i64, Path, minimum = 1, description = "The product id")),
     request_body = Restock,
     security(("admin_token" = [])),
@@ -179,6 +182,7 @@ pub async fn restock(
 }
 
 #[utoipa::path(get, path = "/api/v1/products", tag = crate::openapi::PRODUCTS,
+    summary = "List products with their remaining stock, a page at a time",
     params(ListQuery),
     responses(
         (status = 200, description = "One page of products in id order, with their remaining stock", body = ProductPage),
@@ -210,6 +214,7 @@ pub async fn list(
 }
 
 #[utoipa::path(get, path = "/api/v1/products/{id}", tag = crate::openapi::PRODUCTS,
+    summary = "Read a product and its remaining stock",
     params(("id" = i64, Path, minimum = 1, description = "The product id")),
     responses(
         (status = 200, description = "The product and its remaining stock", body = Product),
