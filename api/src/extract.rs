@@ -1,19 +1,30 @@
-//! Extractors whose rejections speak our error shape: [`AppJson`] for bodies, [`AppQuery`] for
-//! query strings, [`Admin`] for the staff's bearer token, and parsers for path ids.
+//! Extractors whose rejections speak our error shape: [`AppJson`] for bodies, [`AppPath`] for
+//! path parameters, [`AppQuery`] for query strings, [`Admin`] for the staff's bearer token, and
+//! parsers for path ids. [`decodable_path_params`] makes sure no handler, whichever path
+//! extractor it uses, ever sees a path parameter that is not valid UTF-8.
 
 use crate::error::ApiError;
 use crate::state::AppState;
 use allot_shared::{ProductId, TransactionId};
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
-use axum::http::StatusCode;
-use axum::http::header::AUTHORIZATION;
+use axum::body::Bytes;
+use axum::extract::rejection::{
+    BytesRejection, JsonRejection, PathRejection, QueryRejection, RawPathParamsRejection,
+};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, RawPathParams, Request};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::request::Parts;
-use serde::de::DeserializeOwned;
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::de::{DeserializeOwned, IgnoredAny};
 
-/// `Json<T>` with our error shape: malformed JSON 400, wrong shape 422, wrong content type
-/// 415, too large 413.
+/// `Json<T>` with our error shape: wrong content type 415, too large 413, malformed JSON 400,
+/// anything but a JSON object 422, wrong fields 422.
+///
+/// Every body of the API is an object. serde's derived structs also accept the positional
+/// form (`[7, 1, 1]` for `{"user_id": 7, "product_id": 1, "quantity": 1}`), which
+/// `deny_unknown_fields` does not stop, so the top level is checked before deserialising.
 #[derive(Debug)]
 pub struct AppJson<T>(pub T);
 
@@ -21,10 +32,54 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AppJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(AppJson(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        if !declares_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
         }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(body_rejection)?;
+        if !starts_an_object(&bytes) {
+            // Malformed JSON stays a 400 whatever its first character; valid JSON that is not
+            // an object is the wrong shape.
+            let _: Json<IgnoredAny> = Json::from_bytes(&bytes).map_err(json_rejection)?;
+            return Err(ApiError::InvalidBody(
+                "the body must be a JSON object".into(),
+            ));
+        }
+        Json::<T>::from_bytes(&bytes)
+            .map(|Json(value)| AppJson(value))
+            .map_err(json_rejection)
+    }
+}
+
+/// Whether the request declares exactly one `Content-Type`, `application/json` (parameters
+/// such as `charset` allowed). Stricter than axum's `Json`, which also takes any
+/// `application/*+json`: the API documents `application/json` only, and a body declared as,
+/// say, `application/merge-patch+json` asks for semantics it does not have.
+fn declares_json(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(CONTENT_TYPE).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => value.to_str().is_ok_and(|value| {
+            let essence = value.split(';').next().unwrap_or_default().trim();
+            essence.eq_ignore_ascii_case("application/json")
+        }),
+        _ => false,
+    }
+}
+
+/// Whether the first character after JSON whitespace opens an object.
+fn starts_an_object(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .find(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
+        .is_some_and(|&byte| byte == b'{')
+}
+
+fn body_rejection(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge
+    } else {
+        ApiError::MalformedJson(rejection.body_text())
     }
 }
 
@@ -35,6 +90,45 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
         JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType,
         other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
         other => ApiError::MalformedJson(other.body_text()),
+    }
+}
+
+/// `Path<T>` with our error shape: every path parameter of the API is an id, so any rejection
+/// is 400 `invalid_id`.
+#[derive(Debug)]
+pub struct AppPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for AppPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(value)| AppPath(value))
+            .map_err(|rejection: PathRejection| match rejection {
+                PathRejection::MissingPathParams(err) => ApiError::Internal(anyhow::anyhow!(
+                    "a handler reads path parameters its route does not have: {}",
+                    err.body_text()
+                )),
+                other => ApiError::InvalidId(other.body_text()),
+            })
+    }
+}
+
+/// Refuses, with 400 `invalid_id`, a request whose path parameters are not valid UTF-8 once
+/// percent-decoded (`/api/v1/products/%FF`), before any handler runs. Installed as a route
+/// layer on every documented route, so it holds for handlers that read their id with axum's
+/// own `Path` too, whose rejection would be plain text.
+pub async fn decodable_path_params(
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match params {
+        Err(RawPathParamsRejection::InvalidUtf8InPathParam(err)) => {
+            ApiError::InvalidId(err.body_text()).into_response()
+        }
+        _ => next.run(request).await,
     }
 }
 

@@ -3,6 +3,9 @@
 //! routes the server has. Served at `/api-docs/openapi.json`, with Swagger UI at `/docs` (its
 //! files are compiled in: the page works without internet access).
 
+use crate::state::AppState;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -49,6 +52,47 @@ impl Modify for AdminToken {
         components.add_security_scheme(
             ADMIN_TOKEN,
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The limits that come from the configuration, written into the document a server serves, so
+/// that generated clients and fuzzers refuse what this server refuses: a quantity above
+/// `ALLOT_MAX_QUANTITY` is documented as invalid, not as up to 2^63 - 1.
+pub struct ConfiguredLimits {
+    /// `ALLOT_MAX_QUANTITY`.
+    pub max_quantity: i64,
+}
+
+impl ConfiguredLimits {
+    pub fn of(state: &AppState) -> Self {
+        Self {
+            max_quantity: state.max_quantity,
+        }
+    }
+}
+
+impl Modify for ConfiguredLimits {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let add_to_cart = openapi
+            .components
+            .as_mut()
+            .and_then(|components| components.schemas.get_mut("AddToCart"));
+        let Some(RefOr::T(Schema::Object(add_to_cart))) = add_to_cart else {
+            panic!("the document has the AddToCart schema");
+        };
+        add_to_cart.properties.insert(
+            "quantity".into(),
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                .minimum(Some(1))
+                .maximum(Some(self.max_quantity))
+                .description(Some(format!(
+                    "How many units: 1 to {} (this server's ALLOT_MAX_QUANTITY)",
+                    self.max_quantity
+                )))
+                .into(),
         );
     }
 }

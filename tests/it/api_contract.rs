@@ -643,6 +643,11 @@ async fn create_product_refuses_invalid_bodies_with_422(pool: sqlx::PgPool) {
         json!({"name": "\t\n", "stock": 5}),
         json!({"name": "x".repeat(201), "stock": 5}),
         json!({"name": "é".repeat(201), "stock": 5}),
+        // The limits hold for the name as sent, as the document states them: padding does
+        // not get a name past the length, nor a tab past the control characters.
+        json!({"name": format!(" {}", "x".repeat(200)), "stock": 5}),
+        json!({"name": "\tWidget", "stock": 5}),
+        json!({"name": "Widget\n", "stock": 5}),
         // PostgreSQL text cannot store NUL (the insert failed: a 500); no control
         // character belongs in a name.
         json!({"name": "Wid\u{0}get", "stock": 5}),

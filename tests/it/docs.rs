@@ -169,3 +169,132 @@ async fn the_web_page_is_served_at_the_root(pool: sqlx::PgPool) {
     }
     app.shutdown().await;
 }
+
+/// The schema at `schema`, following a `$ref` into the components.
+fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema["$ref"].as_str() {
+        Some(reference) => {
+            let name = reference
+                .strip_prefix("#/components/schemas/")
+                .expect("a component reference");
+            &doc["components"]["schemas"][name]
+        }
+        None => schema,
+    }
+}
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn the_document_states_the_limits_the_server_enforces_configured_ones_included(
+    pool: sqlx::PgPool,
+) {
+    let app = spawn_app(
+        pool,
+        Options {
+            max_quantity: 3,
+            ..Options::without_worker()
+        },
+    )
+    .await;
+    let doc = document(&app).await;
+    let add_to_cart = resolve(
+        &doc,
+        &doc["paths"]["/api/v1/order/addToCart"]["post"]["requestBody"]["content"]["application/json"]
+            ["schema"],
+    );
+    let quantity = &add_to_cart["properties"]["quantity"];
+    assert_eq!(quantity["minimum"], 1, "{quantity}");
+    assert_eq!(quantity["maximum"], 3, "the configured maximum: {quantity}");
+
+    // Every field of addToCart at its documented minimum, then at its maximum, is accepted;
+    // one past either, in any field, is refused.
+    let fields: Vec<(&str, i128, i128)> = add_to_cart["properties"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, schema)| {
+            let schema = resolve(&doc, schema);
+            let bound = |key: &str| {
+                schema[key]
+                    .as_i64()
+                    .map(i128::from)
+                    .unwrap_or_else(|| panic!("{name} has an integer {key}: {schema}"))
+            };
+            (name.as_str(), bound("minimum"), bound("maximum"))
+        })
+        .collect();
+    let body = |pick: &dyn Fn(&str, i128, i128) -> i128| {
+        let fields: Vec<String> = fields
+            .iter()
+            .map(|&(name, min, max)| format!("\"{name}\": {}", pick(name, min, max)))
+            .collect();
+        format!("{{{}}}", fields.join(", "))
+    };
+    for valid in [body(&|_, min, _| min), body(&|_, _, max| max)] {
+        let response = app
+            .send(
+                Method::POST,
+                "/api/v1/order/addToCart",
+                &[("content-type", "application/json")],
+                valid.clone(),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED, "{valid}");
+    }
+    for &(field, _, _) in &fields {
+        for past in [
+            body(&|name, min, _| if name == field { min - 1 } else { min }),
+            body(&|name, min, max| if name == field { max + 1 } else { min }),
+        ] {
+            let response = app
+                .send(
+                    Method::POST,
+                    "/api/v1/order/addToCart",
+                    &[("content-type", "application/json")],
+                    past.clone(),
+                )
+                .await;
+            assert_eq!(
+                response.status(),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{past}"
+            );
+            assert_error(response, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body").await;
+        }
+    }
+    app.shutdown().await;
+}
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn every_operation_is_described_for_api_users(pool: sqlx::PgPool) {
+    let app = spawn_app(pool, Options::without_worker()).await;
+    let doc = document(&app).await;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let summary = operation["summary"].as_str().unwrap_or_default();
+            assert!(!summary.is_empty(), "{method} {path} has a summary");
+            let description = operation["description"].as_str().unwrap_or_default();
+            // What rustdoc means, not what an API user reads.
+            for internal in ["[`", "crate::", "newtype", "Self"] {
+                assert!(
+                    !summary.contains(internal) && !description.contains(internal),
+                    "{method} {path} mentions {internal:?}: {summary} {description}"
+                );
+            }
+        }
+    }
+    // The event stream is documented as a stream, not as one JSON document.
+    let events = &doc["paths"]["/api/v1/transaction/{id}/events"]["get"]["responses"]["200"];
+    let content = events["content"].as_object().unwrap();
+    assert_eq!(
+        content.keys().collect::<Vec<_>>(),
+        ["text/event-stream"],
+        "{events}"
+    );
+    assert_eq!(content["text/event-stream"]["schema"]["type"], "string");
+    let description = events["description"].as_str().unwrap();
+    assert!(
+        description.contains("event: status") && description.contains("data:"),
+        "{description}"
+    );
+    app.shutdown().await;
+}

@@ -55,6 +55,8 @@ pub struct Options {
     /// short-circuit: the other tests check what the worker decides for every request, even
     /// for a product already sold out.
     pub sold_out_refresh_ms: u64,
+    /// The API's `ALLOT_MAX_QUANTITY`.
+    pub max_quantity: i64,
 }
 
 impl Default for Options {
@@ -65,6 +67,7 @@ impl Default for Options {
             queue_max_length: 100_000,
             confirm_timeout_ms: 3000,
             sold_out_refresh_ms: 0,
+            max_quantity: 10,
         }
     }
 }
@@ -130,6 +133,7 @@ pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
     api_config.admin_token = ADMIN_TOKEN.into();
     api_config.confirm_timeout_ms = options.confirm_timeout_ms;
     api_config.sold_out_refresh_ms = options.sold_out_refresh_ms;
+    api_config.max_quantity = options.max_quantity;
     let mut worker_config = WorkerConfig::parse_from(["allot-worker"]);
     worker_config.common = api_config.common.clone();
 
@@ -281,6 +285,22 @@ impl TestApp {
             .send()
             .await
             .expect("POST is answered")
+    }
+
+    /// Sends `body` as is, with exactly the given headers (reqwest adds none but `host`,
+    /// `accept` and `content-length`).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> Response {
+        let mut request = self.client.request(method, self.url(path)).body(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("the request is answered")
     }
 
     pub async fn add_to_cart(&self, user_id: i64, product_id: i64, quantity: i64) -> Response {

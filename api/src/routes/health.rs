@@ -10,12 +10,14 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 #[utoipa::path(get, path = "/healthz", tag = crate::openapi::OPERATIONS,
+    summary = "Liveness: the process runs",
     responses((status = 200, description = "The process runs", body = Object, example = json!({"status": "ok"}))))]
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 #[utoipa::path(get, path = "/readyz", tag = crate::openapi::OPERATIONS,
+    summary = "Readiness: the database, Redis and the broker are reachable",
     responses(
         (status = 200, description = "Database, Redis and broker reachable", body = Object,
             example = json!({"status": "ready", "checks": {"database": "ok", "redis": "ok", "broker": "ok"}})),
@@ -43,6 +45,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
 }
 
 #[utoipa::path(get, path = "/metrics", tag = crate::openapi::OPERATIONS,
+    summary = "Prometheus metrics",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     observe::render(&state.metrics)

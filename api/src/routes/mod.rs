@@ -17,12 +17,13 @@ pub use stats::Stats;
 pub use watch::WATCH_LIMIT;
 
 use crate::error::ApiError;
+use crate::extract;
 use crate::observe;
-use crate::openapi::{ApiDoc, DOCS_PATH, DOCUMENT_PATH};
+use crate::openapi::{ApiDoc, ConfiguredLimits, DOCS_PATH, DOCUMENT_PATH};
 use crate::state::AppState;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{Method, StatusCode};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{BoxError, Router, middleware};
@@ -32,7 +33,7 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-use utoipa::OpenApi;
+use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
@@ -42,9 +43,10 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// No request may take longer; keeps graceful shutdown bounded.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The documented JSON API: the router and its OpenAPI document.
-pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// The documented JSON API: the router and its OpenAPI document, with the limits of `state`'s
+/// configuration ([`ConfiguredLimits`]).
+pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(orders::add_to_cart))
         .routes(routes!(orders::get_transaction))
         .routes(routes!(watch::transaction_events))
@@ -55,19 +57,24 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(health::metrics))
-        .split_for_parts()
+        .split_for_parts();
+    ConfiguredLimits::of(state).modify(&mut document);
+    (router, document)
 }
 
 pub fn router(state: AppState) -> Router {
-    let (api, document) = api();
+    let (api, document) = api(&state);
     let docs = SwaggerUi::new(DOCS_PATH)
         .url(DOCUMENT_PATH, document)
         .config(utoipa_swagger_ui::Config::default().validator_url("none"));
-    api.route_layer(middleware::from_fn(observe::track_requests))
+    let docs = Router::from(docs).layer(middleware::map_response(no_such_doc_file));
+    api.route_layer(middleware::from_fn(extract::decodable_path_params))
+        .route_layer(middleware::from_fn(observe::track_requests))
         .route("/", get(page::index))
         .merge(docs)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::map_response(in_error_shape))
         .layer(
             ServiceBuilder::new()
                 .layer(middleware::from_fn(observe::drop_insane_request_id))
@@ -92,6 +99,39 @@ async fn not_found(method: Method) -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+/// Swagger UI reads the file name under `/docs/` with axum's `Path`, so a name that is not
+/// UTF-8 once decoded gets a plain-text 400: no such file exists, so it is our 404.
+async fn no_such_doc_file(response: Response) -> Response {
+    if response.status() == StatusCode::BAD_REQUEST && !is_json(&response) {
+        ApiError::NotFound("no such file".into()).into_response()
+    } else {
+        response
+    }
+}
+
+/// The fallback behind the fallbacks: routers merged in whole (Swagger UI's, which serves its
+/// files under `/docs/`) answer an unknown path with a bare 404 of their own, which our
+/// `fallback` never sees. Any 404 or 405 that is not already JSON gets our shape here, for
+/// every route, nested router and static asset.
+async fn in_error_shape(response: Response) -> Response {
+    match response.status() {
+        StatusCode::NOT_FOUND if !is_json(&response) => {
+            ApiError::NotFound("no such file".into()).into_response()
+        }
+        StatusCode::METHOD_NOT_ALLOWED if !is_json(&response) => {
+            ApiError::MethodNotAllowed.into_response()
+        }
+        _ => response,
+    }
+}
+
+fn is_json(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"))
 }
 
 async fn timeout_response(err: BoxError) -> ApiError {

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// The body of `addToCart`. The newtypes reject zero, negative and out-of-range values.
+/// A purchase request: who buys how many units of which product. Every field is a positive
+/// integer; `quantity` is at most the server's `ALLOT_MAX_QUANTITY`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddToCart {
@@ -52,7 +53,16 @@ pub struct Accepted {
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`invalid_body`: missing, unknown or out-of-range field", body = ErrorBody),
         (status = 503, description = "`unavailable`: not accepted, retry after `Retry-After`", body = ErrorBody),
-    ))]
+    ),
+    summary = "Ask to buy units of a product",
+    description = "Answers `202` with a transaction id once the request is stored for processing; \
+        follow it with `GET /api/v1/transaction/{id}` (or watch its `/events`) until it is `succeeded` \
+        with an order number or `rejected` with a reason. From a `202` on, the request reaches exactly \
+        one final outcome. A product already sold out is answered `200` at once with the final rejection \
+        (`out_of_stock`), and nothing is recorded. `503` with `Retry-After` means the request was not \
+        accepted and will not be sold: retry later. Bad input is refused with a 4xx and nothing is recorded. \
+        With `Prefer: wait=N` (at most 10 s) the answer is held until the request is decided: `200` with the \
+        final transaction and `Preference-Applied`, or the usual `202` once N seconds passed.")]
 #[tracing::instrument(skip_all, fields(product_id = %body.product_id, transaction_id))]
 pub async fn add_to_cart(
     State(state): State<AppState>,
@@ -136,7 +146,13 @@ fn refusal_error(refusal: Refusal) -> ApiError {
         (status = 400, description = "`invalid_id`: not a UUID", body = ErrorBody),
         (status = 404, description = "`not_found`: allot never accepted this id", body = ErrorBody),
         (status = 503, description = "`unavailable`: Redis is down and the transaction is not decided", body = ErrorBody),
-    ))]
+    ),
+    summary = "Follow a purchase request",
+    description = "The transaction: `pending` until it is decided, then `succeeded` with its order number \
+        or `rejected` with its reason, and final from then on. `404` if allot never accepted this id; an id \
+        answered `202` never becomes `404`. `503` if the status store is unavailable and the transaction is \
+        not decided yet: try again. With `Prefer: wait=N` (at most 10 s) a pending answer is held until the \
+        transaction is final or N seconds passed.")]
 #[tracing::instrument(skip_all, fields(transaction_id = %raw_id))]
 pub async fn get_transaction(
     State(state): State<AppState>,

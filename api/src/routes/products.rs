@@ -2,10 +2,10 @@
 //! reads their remaining stock.
 
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{self, Admin, AppJson, AppQuery};
+use crate::extract::{self, Admin, AppJson, AppPath, AppQuery};
 use crate::state::AppState;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
@@ -25,8 +25,16 @@ pub struct Product {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProduct {
-    /// 1 to 200 characters after trimming, no control characters.
-    #[schema(example = "Limited sneaker")]
+    /// 1 to 200 characters, no control characters, not only whitespace; stored without
+    /// leading and trailing whitespace.
+    // The pattern is what `create` checks besides the length, in a syntax ECMAScript and
+    // Python share: no control character (Unicode `Cc`, what `char::is_control` tests) and at
+    // least one character that is neither control nor whitespace (`char::is_whitespace`).
+    #[schema(
+        example = "Limited sneaker",
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub name: String,
     /// Units for sale, 0 to 10^12.
     #[schema(minimum = 0, maximum = 1_000_000_000_000_i64, example = 100)]
@@ -61,6 +69,7 @@ pub struct ProductPage {
 }
 
 #[utoipa::path(post, path = "/api/v1/products", tag = crate::openapi::PRODUCTS,
+    summary = "Create a product (staff)",
     request_body = NewProduct,
     security(("admin_token" = [])),
     responses(
@@ -76,16 +85,23 @@ pub async fn create(
     State(state): State<AppState>,
     AppJson(body): AppJson<NewProduct>,
 ) -> Result<(StatusCode, Json<Product>), ApiError> {
-    let name = body.name.trim();
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+    // Checked as sent, so the limits are the ones the document states (NAME_PATTERN): a
+    // padded name does not get past the length limit, nor a tab past the control characters.
+    if body.name.chars().count() > MAX_NAME_CHARS {
         return Err(ApiError::InvalidBody(format!(
             "name must have 1 to {MAX_NAME_CHARS} characters"
         )));
     }
     // PostgreSQL text cannot hold NUL; no name needs any control character.
-    if name.chars().any(char::is_control) {
+    if body.name.chars().any(char::is_control) {
         return Err(ApiError::InvalidBody(
             "name may not contain control characters".into(),
+        ));
+    }
+    let name = body.name.trim();
+    if name.is_empty() {
+        return Err(ApiError::InvalidBody(
+            "name must have a character other than whitespace".into(),
         ));
     }
     if !(0..=MAX_STOCK).contains(&body.stock) {
@@ -112,6 +128,8 @@ pub async fn create(
 /// Adds stock. Safe while a sale runs: the update waits for the row lock a deciding batch holds,
 /// so neither overwrites the other.
 #[utoipa::path(post, path = "/api/v1/products/{id}/restock", tag = crate::openapi::PRODUCTS,
+    summary = "Add stock to a product (staff)",
+    description = "Adds `quantity` units; the stock may not exceed 10^12. Safe while a sale of the product runs: no update is lost and nothing is oversold. A product that was sold out is on sale again at once.",
     params(("id" = i64, Path, minimum = 1, description = "The product id")),
     request_body = Restock,
     security(("admin_token" = [])),
@@ -127,7 +145,7 @@ pub async fn create(
 pub async fn restock(
     _: Admin,
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
+    AppPath(raw_id): AppPath<String>,
     AppJson(body): AppJson<Restock>,
 ) -> Result<Json<Product>, ApiError> {
     let id = extract::product_id(&raw_id)?;
@@ -164,6 +182,7 @@ pub async fn restock(
 }
 
 #[utoipa::path(get, path = "/api/v1/products", tag = crate::openapi::PRODUCTS,
+    summary = "List products with their remaining stock, a page at a time",
     params(ListQuery),
     responses(
         (status = 200, description = "One page of products in id order, with their remaining stock", body = ProductPage),
@@ -195,6 +214,7 @@ pub async fn list(
 }
 
 #[utoipa::path(get, path = "/api/v1/products/{id}", tag = crate::openapi::PRODUCTS,
+    summary = "Read a product and its remaining stock",
     params(("id" = i64, Path, minimum = 1, description = "The product id")),
     responses(
         (status = 200, description = "The product and its remaining stock", body = Product),
@@ -203,7 +223,7 @@ pub async fn list(
     ))]
 pub async fn get(
     State(state): State<AppState>,
-    Path(raw_id): Path<String>,
+    AppPath(raw_id): AppPath<String>,
 ) -> Result<Json<Product>, ApiError> {
     let id = extract::product_id(&raw_id)?;
     fetch(&state, id.get())

@@ -18,6 +18,7 @@ pub struct Stats {
 }
 
 #[utoipa::path(get, path = "/api/v1/stats", tag = crate::openapi::OPERATIONS,
+    summary = "The number of orders of the latest day with orders",
     responses((status = 200, description = "Orders decided on the latest day with orders", body = Stats)))]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiError> {
     let latest: Option<(NaiveDate, i64)> =

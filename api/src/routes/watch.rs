@@ -21,10 +21,16 @@ use tokio::time::Instant;
 pub const WATCH_LIMIT: Duration = Duration::from_secs(60);
 
 #[utoipa::path(get, path = "/api/v1/transaction/{id}/events", tag = crate::openapi::ORDERS,
+    summary = "Watch a purchase request until it is final (Server-Sent Events)",
     params(("id" = uuid::Uuid, Path, description = "The transaction id")),
     responses(
-        (status = 200, description = "`text/event-stream`: one `status` event (data: the transaction as JSON) now and at each change; \
-            the stream ends when the status is final, or after 60 s", content_type = "text/event-stream", body = TransactionView),
+        (status = 200, description = "A stream of Server-Sent Events (`text/event-stream`), not one JSON document. \
+            Each event is `event: status` with one `data:` line holding the transaction as JSON (the `TransactionView` \
+            schema, as `GET /api/v1/transaction/{id}` answers it): one at once, another each time the status changes. \
+            The stream ends after the final status, or after 60 s (an `EventSource` then reconnects); comment lines \
+            (`:`) keep the connection alive.",
+            content_type = "text/event-stream", body = String,
+            example = json!("event: status\ndata: {\"transaction_id\":\"0191b3c4-8f2e-7000-8000-000000000000\",\"status\":\"succeeded\",\"user_id\":7,\"product_id\":1,\"quantity\":1,\"order_number\":\"20261122-00001\",\"created_at\":\"2026-11-22T02:28:41.098247Z\",\"decided_at\":\"2026-11-22T02:28:41.106334Z\"}\n\n")),
         (status = 400, description = "`invalid_id`: not a UUID", body = ErrorBody),
         (status = 404, description = "`not_found`: allot never accepted this id", body = ErrorBody),
         (status = 503, description = "`unavailable`: Redis is down and the transaction is not decided", body = ErrorBody),
