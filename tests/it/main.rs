@@ -15,5 +15,6 @@ mod observability;
 mod pipeline;
 mod poison;
 mod sold_out;
+mod sweep;
 mod unconfirmed;
 mod watch;
