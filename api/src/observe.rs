@@ -99,6 +99,20 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// Installs the metrics recorder (see [`allot_shared::metrics::install`]) and registers the
+/// API's counters whose label values are known in advance at 0, so that `/metrics` shows
+/// them from the start: a rate or an alert on `allot_api_publishes_total{result="failed"}`
+/// needs the series before the first failure, not only after it.
+pub fn install_metrics() -> PrometheusHandle {
+    let handle = allot_shared::metrics::install();
+    // The `result` labels of `Publisher::publish`.
+    for result in ["confirmed", "refused", "failed"] {
+        // `increment(0)`, not `absolute(0)`: the registry is per process, and may already count.
+        metrics::counter!("allot_api_publishes_total", "result" => result).increment(0);
+    }
+    handle
+}
+
 /// Counts a request no route matched (the router's fallback).
 pub fn count_unmatched(method: &Method, status: StatusCode) {
     metrics::counter!("allot_api_requests_total", "method" => method_label(method), "route" => "unmatched", "status" => status.as_str().to_owned())

@@ -77,7 +77,7 @@ impl AppState {
             sold_out_refresh: config.sold_out_refresh(),
             admin_token: config.admin_token.as_str().into(),
             max_quantity: config.max_quantity,
-            metrics: allot_shared::metrics::install(),
+            metrics: crate::observe::install_metrics(),
             shutdown: CancellationToken::new(),
         })
     }

@@ -16,6 +16,7 @@ mod observability;
 mod pipeline;
 mod poison;
 mod sold_out;
+mod sweep;
 mod unconfirmed;
 mod waiting;
 mod watch;

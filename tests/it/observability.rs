@@ -53,6 +53,48 @@ const COMMITS: &str = "allot_worker_commit_duration_seconds_count";
 // The integration tests may share one process (cargo test), and so one metrics registry: the
 // assertions are on increases, at least by what this test caused.
 
+/// Whether `metrics` has the sample `series` (`name{labels}` exactly as rendered).
+fn has_series(metrics: &str, series: &str) -> bool {
+    metrics.lines().any(|line| {
+        line.strip_prefix(series)
+            .is_some_and(|rest| rest.starts_with(' '))
+    })
+}
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn the_counters_of_the_readme_are_exported_before_anything_happened(pool: sqlx::PgPool) {
+    let app = spawn_app(pool, Options::default()).await;
+    // Before any order, publish or decision: each series is there (at 0 in a process of its
+    // own, as under nextest), so rates and alerts have a series from the start.
+    let api = api_metrics(&app).await;
+    for series in [
+        r#"allot_api_publishes_total{result="confirmed"}"#,
+        r#"allot_api_publishes_total{result="refused"}"#,
+        r#"allot_api_publishes_total{result="failed"}"#,
+    ] {
+        assert!(
+            has_series(&api, series),
+            "API /metrics has {series}:\n{api}"
+        );
+    }
+    let worker = worker_metrics(&app).await;
+    for series in [
+        r#"allot_worker_decisions_total{outcome="succeeded"}"#,
+        r#"allot_worker_decisions_total{outcome="rejected"}"#,
+        r#"allot_worker_decisions_total{outcome="replayed"}"#,
+        r#"allot_worker_decisions_total{outcome="dead_lettered"}"#,
+        "allot_worker_set_aside_total",
+        BATCHES,
+        COMMITS,
+    ] {
+        assert!(
+            has_series(&worker, series),
+            "worker /metrics has {series}:\n{worker}"
+        );
+    }
+    app.shutdown().await;
+}
+
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn api_metrics_count_requests_by_route_and_status_publishes_and_accept_latency(
     pool: sqlx::PgPool,

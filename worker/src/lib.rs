@@ -63,7 +63,7 @@ pub async fn serve(
         pool: pool.clone(),
         redis: redis.clone(),
         broker_up: broker_up.clone(),
-        metrics: allot_shared::metrics::install(),
+        metrics: monitor::install_metrics(),
     };
     let decider = Arc::new(Decider::new(
         pool,

@@ -7,11 +7,31 @@
 use crate::persist::BatchOutcome;
 use allot_shared::amqp::Topology;
 use lapin::Connection;
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// How often the depths are read.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// The `outcome` labels of `allot_worker_decisions_total`.
+const OUTCOMES: [&str; 4] = ["succeeded", "rejected", "replayed", "dead_lettered"];
+
+/// Installs the metrics recorder (see [`allot_shared::metrics::install`]) and registers the
+/// worker's counters and unlabelled histograms, so that `/metrics` shows them from the start,
+/// at 0 (an alert on `allot_worker_set_aside_total` needs the series before the first poison
+/// message). The queue depths are not: a depth of 0 before the first probe would be a guess.
+pub fn install_metrics() -> PrometheusHandle {
+    let handle = allot_shared::metrics::install();
+    // `increment(0)`, not `absolute(0)`: the registry is per process, and may already count.
+    for outcome in OUTCOMES {
+        metrics::counter!("allot_worker_decisions_total", "outcome" => outcome).increment(0);
+    }
+    metrics::counter!("allot_worker_set_aside_total").increment(0);
+    // Registered (an empty histogram renders its buckets at 0), nothing recorded.
+    let _ = metrics::histogram!("allot_worker_batch_size");
+    let _ = metrics::histogram!("allot_worker_commit_duration_seconds");
+    handle
+}
 
 /// Reads every partition's depth until `stop` is cancelled. Failures (broker restarting) are
 /// logged at debug level and retried on a fresh channel at the next probe.
@@ -54,12 +74,13 @@ pub fn record_batch(outcome: &BatchOutcome, size: usize, commit_started: Instant
     metrics::histogram!("allot_worker_batch_size").record(size as f64);
     metrics::histogram!("allot_worker_commit_duration_seconds")
         .record(commit_started.elapsed().as_secs_f64());
-    for (label, count) in [
-        ("succeeded", outcome.succeeded),
-        ("rejected", outcome.rejected),
-        ("replayed", outcome.replayed),
-        ("dead_lettered", outcome.dead_lettered),
-    ] {
+    let counts = [
+        outcome.succeeded,
+        outcome.rejected,
+        outcome.replayed,
+        outcome.dead_lettered,
+    ];
+    for (label, count) in OUTCOMES.into_iter().zip(counts) {
         metrics::counter!("allot_worker_decisions_total", "outcome" => label)
             .increment(count as u64);
     }

@@ -1,0 +1,133 @@
+//! The operations of the served OpenAPI document, as much of them as the sweep needs to build
+//! a valid request and then break it: parameters, body fields with their limits, security, the
+//! documented response statuses.
+
+use serde_json::Value;
+use std::collections::BTreeSet;
+
+/// What a value must be, as the document states it.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    Integer {
+        min: Option<i128>,
+        max: Option<i128>,
+    },
+    Uuid,
+    String {
+        max_length: Option<usize>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Field {
+    pub name: String,
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+pub struct Operation {
+    pub method: String,
+    /// `/api/v1/products/{id}`
+    pub template: String,
+    pub path_params: Vec<Field>,
+    pub query_params: Vec<Field>,
+    /// The JSON body's fields, in the order the schema lists them (serde's positional order
+    /// is the struct's; the sweep only needs some order).
+    pub body: Option<Vec<Field>>,
+    /// Needs the admin token.
+    pub secured: bool,
+    pub statuses: BTreeSet<u16>,
+}
+
+/// Every operation of `doc`.
+pub fn operations(doc: &Value) -> Vec<Operation> {
+    let mut operations = Vec::new();
+    for (template, item) in doc["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("a path item") {
+            let parameters = operation["parameters"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let params_in = |location: &str| -> Vec<Field> {
+                parameters
+                    .iter()
+                    .filter(|param| param["in"] == location)
+                    .map(|param| Field {
+                        name: param["name"].as_str().expect("a name").to_owned(),
+                        kind: kind(doc, &param["schema"]),
+                    })
+                    .collect()
+            };
+            let body = operation["requestBody"]["content"]["application/json"]["schema"]
+                .as_object()
+                .map(|_| {
+                    let schema = resolve(
+                        doc,
+                        &operation["requestBody"]["content"]["application/json"]["schema"],
+                    );
+                    schema["properties"]
+                        .as_object()
+                        .expect("a body schema has properties")
+                        .iter()
+                        .map(|(name, property)| Field {
+                            name: name.clone(),
+                            kind: kind(doc, property),
+                        })
+                        .collect()
+                });
+            operations.push(Operation {
+                method: method.to_uppercase(),
+                template: template.clone(),
+                path_params: params_in("path"),
+                query_params: params_in("query"),
+                body,
+                secured: operation["security"]
+                    .as_array()
+                    .is_some_and(|schemes| !schemes.is_empty()),
+                statuses: operation["responses"]
+                    .as_object()
+                    .expect("responses")
+                    .keys()
+                    .map(|status| status.parse().expect("a numeric status"))
+                    .collect(),
+            });
+        }
+    }
+    operations
+}
+
+fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema["$ref"].as_str() {
+        Some(reference) => {
+            let name = reference
+                .strip_prefix("#/components/schemas/")
+                .expect("a component reference");
+            &doc["components"]["schemas"][name]
+        }
+        None => schema,
+    }
+}
+
+fn kind(doc: &Value, schema: &Value) -> Kind {
+    let schema = resolve(doc, schema);
+    let bound = |key: &str| schema[key].as_i64().map(i128::from);
+    let types: Vec<&str> = match &schema["type"] {
+        Value::String(one) => vec![one.as_str()],
+        Value::Array(many) => many.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    if types.contains(&"integer") {
+        Kind::Integer {
+            min: bound("minimum"),
+            max: bound("maximum"),
+        }
+    } else if schema["format"] == "uuid" {
+        Kind::Uuid
+    } else if types.contains(&"string") {
+        Kind::String {
+            max_length: schema["maxLength"].as_u64().map(|n| n as usize),
+        }
+    } else {
+        panic!("the sweep does not know the schema {schema}")
+    }
+}
