@@ -7,11 +7,14 @@
 //! lean on the broker's limit; it refuses first, and the broker's limit stays as the backstop.
 //!
 //! Per partition it keeps an estimate of the queue's depth: the depth last read from the broker
-//! (a passive declare every [`POLL_EVERY`], see [`crate::publisher`]) plus the publishes this API
-//! reserved since. A publish reserves a place before it is sent and gives it back if the broker
-//! refused it; it is refused at once when the estimate reaches the limit minus a margin of a
-//! fifth (the margin absorbs what the estimate cannot see: requests in flight when the depth
-//! was read, and other API instances' publishes between two reads).
+//! (a passive declare every [`POLL_EVERY`], see [`crate::publisher`]), plus this API's publishes
+//! still awaiting their confirm, plus those confirmed since that read was sent. (A read only
+//! replaces what was confirmed before it was sent: a publish still on its way when the broker
+//! answered may not be in the answer, and it stays counted.) A publish reserves a place (one
+//! per message, whatever the number of requests it carries) before it is sent and gives it back
+//! if the broker refused it; it is refused at once when the estimate reaches the limit minus a
+//! margin of a fifth (the margin absorbs what the estimate cannot see: other API instances'
+//! publishes between two reads).
 
 use allot_shared::PartitionId;
 use std::sync::Mutex;
@@ -32,11 +35,16 @@ pub struct Backlog {
 struct Estimate {
     /// The depth the broker reported at the last read.
     read: i64,
-    /// Places reserved and not given back since the last read was sent.
-    reserved: i64,
-    /// How many reads were sent: a place reserved before a read was sent is in that read's
-    /// count if it was stored, and in nothing if it was not, so it is not given back again.
-    reads: u64,
+    /// Places reserved whose publish is still on its way (no confirm yet).
+    in_flight: i64,
+    /// Places kept (confirmed, or perhaps stored) since the last read was sent.
+    kept: i64,
+}
+
+impl Estimate {
+    fn depth(&self) -> i64 {
+        self.read + self.in_flight + self.kept
+    }
 }
 
 /// A reserved place in a partition queue; given back when dropped unless [`Place::keep`] was
@@ -44,7 +52,6 @@ struct Estimate {
 #[must_use]
 pub struct Place<'a> {
     estimate: &'a Mutex<Estimate>,
-    reads: u64,
     kept: bool,
 }
 
@@ -56,11 +63,10 @@ impl Place<'_> {
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        if !self.kept {
-            let mut estimate = lock(self.estimate);
-            if estimate.reads == self.reads {
-                estimate.reserved -= 1;
-            }
+        let mut estimate = lock(self.estimate);
+        estimate.in_flight -= 1;
+        if self.kept {
+            estimate.kept += 1;
         }
     }
 }
@@ -74,7 +80,8 @@ fn lock(estimate: &Mutex<Estimate>) -> std::sync::MutexGuard<'_, Estimate> {
 /// A depth read on its way: what it will replace.
 pub struct Read {
     partition: PartitionId,
-    reserved: i64,
+    /// Places kept before the read was sent: the broker's answer counts them.
+    kept: i64,
 }
 
 impl Backlog {
@@ -92,43 +99,42 @@ impl Backlog {
 
     /// The estimated depth of `partition`'s queue.
     pub fn estimate(&self, partition: PartitionId) -> i64 {
-        let estimate = lock(self.of(partition));
-        estimate.read + estimate.reserved
+        lock(self.of(partition)).depth()
     }
 
     /// Reserves a place in `partition`'s queue, or `None` if it is (estimated) full.
     pub fn reserve(&self, partition: PartitionId) -> Option<Place<'_>> {
         let cell = self.of(partition);
         let mut estimate = lock(cell);
-        if estimate.read + estimate.reserved >= self.bound {
+        if estimate.depth() >= self.bound {
             return None;
         }
-        estimate.reserved += 1;
+        estimate.in_flight += 1;
         Some(Place {
             estimate: cell,
-            reads: estimate.reads,
             kept: false,
         })
     }
 
     /// Call just before sending a passive declare of `partition`'s queue.
     pub fn begin_read(&self, partition: PartitionId) -> Read {
-        let mut estimate = lock(self.of(partition));
-        estimate.reads += 1;
+        let estimate = lock(self.of(partition));
         Read {
             partition,
-            reserved: estimate.reserved,
+            kept: estimate.kept,
         }
     }
 
     /// Records the depth the broker answered to `read` (`None` if the read failed: the
-    /// reservations it would have replaced are forgotten until the next read counts them).
+    /// estimate stays as it is until the next read). A message confirmed while the read was on
+    /// its way may be counted twice until the next read: the estimate errs on the full side,
+    /// never on the empty one.
     pub fn end_read(&self, read: Read, depth: Option<i64>) {
         let mut estimate = lock(self.of(read.partition));
         if let Some(depth) = depth {
             estimate.read = depth;
+            estimate.kept -= read.kept;
         }
-        estimate.reserved -= read.reserved;
     }
 }
 
@@ -153,28 +159,44 @@ mod tests {
     }
 
     #[test]
-    fn a_read_replaces_what_it_includes() {
+    fn a_read_replaces_what_was_kept_before_it_was_sent() {
         let backlog = Backlog::new(4, 10);
         for _ in 0..3 {
             backlog.reserve(P).unwrap().keep();
         }
         let read = backlog.begin_read(P);
-        backlog.reserve(P).unwrap().keep(); // published while the read was on its way
+        backlog.reserve(P).unwrap().keep(); // confirmed while the read was on its way
         backlog.end_read(read, Some(2)); // a worker took one of the three
         assert_eq!(backlog.estimate(P), 3);
     }
 
     #[test]
-    fn a_refused_publish_counted_by_a_read_is_not_given_back_twice() {
+    fn a_publish_in_flight_during_a_read_still_counts_after_it() {
+        let backlog = Backlog::new(4, 10);
+        backlog.reserve(P).unwrap().keep();
+        let second = backlog.reserve(P).unwrap(); // sent, not yet confirmed
+        let read = backlog.begin_read(P);
+        backlog.end_read(read, Some(1)); // the broker had only the first
+        assert_eq!(backlog.estimate(P), 2, "the second is still counted");
+        second.keep();
+        assert_eq!(backlog.estimate(P), 2);
+        let read = backlog.begin_read(P);
+        backlog.end_read(read, Some(2));
+        assert_eq!(backlog.estimate(P), 2);
+    }
+
+    #[test]
+    fn a_refused_publish_is_given_back_once_and_a_failed_read_changes_nothing() {
         let backlog = Backlog::new(4, 10);
         let refused = backlog.reserve(P).unwrap();
         let read = backlog.begin_read(P);
         backlog.end_read(read, Some(0)); // the broker did not store it
         drop(refused);
         assert_eq!(backlog.estimate(P), 0);
+        backlog.reserve(P).unwrap().keep();
         let read = backlog.begin_read(P);
-        backlog.end_read(read, None); // a failed read keeps the last depth
-        assert_eq!(backlog.estimate(P), 0);
+        backlog.end_read(read, None); // a failed read keeps the estimate
+        assert_eq!(backlog.estimate(P), 1);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Regressions of bad input that used to be accepted or answered outside the error shape:
 //! bodies that are JSON but not objects (serde's positional form wrote), path ids that are not
 //! UTF-8 once decoded (axum's plain-text 400), unknown files under the docs (a bare 404).
-//! `sweep.rs` generates many more; these pin the cases that were found.
+//! The generated sweep (`sweep/`) tries many more; these pin the cases that were found.
 
 use crate::helpers::{ADMIN_TOKEN, Options, TestApp, assert_error, spawn_app};
 use reqwest::{Method, StatusCode};
