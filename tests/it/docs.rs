@@ -2,7 +2,7 @@
 //! router's routes and methods, documents every error in our one shape, and the pages are
 //! served from the binary.
 
-use crate::helpers::{Options, TestApp, assert_error, spawn_app};
+use crate::helpers::{Options, TestApp, assert_error, resolve_schema, spawn_app};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -170,19 +170,6 @@ async fn the_web_page_is_served_at_the_root(pool: sqlx::PgPool) {
     app.shutdown().await;
 }
 
-/// The schema at `schema`, following a `$ref` into the components.
-fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
-    match schema["$ref"].as_str() {
-        Some(reference) => {
-            let name = reference
-                .strip_prefix("#/components/schemas/")
-                .expect("a component reference");
-            &doc["components"]["schemas"][name]
-        }
-        None => schema,
-    }
-}
-
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn the_document_states_the_limits_the_server_enforces_configured_ones_included(
     pool: sqlx::PgPool,
@@ -196,7 +183,7 @@ async fn the_document_states_the_limits_the_server_enforces_configured_ones_incl
     )
     .await;
     let doc = document(&app).await;
-    let add_to_cart = resolve(
+    let add_to_cart = resolve_schema(
         &doc,
         &doc["paths"]["/api/v1/order/addToCart"]["post"]["requestBody"]["content"]["application/json"]
             ["schema"],
@@ -212,7 +199,7 @@ async fn the_document_states_the_limits_the_server_enforces_configured_ones_incl
         .unwrap()
         .iter()
         .map(|(name, schema)| {
-            let schema = resolve(&doc, schema);
+            let schema = resolve_schema(&doc, schema);
             let bound = |key: &str| {
                 schema[key]
                     .as_i64()

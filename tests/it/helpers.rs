@@ -615,3 +615,16 @@ pub async fn order_seqs(pool: &PgPool, day: &str) -> Vec<i64> {
         .await
         .unwrap()
 }
+
+/// The schema at `schema` in the OpenAPI document `doc`, following a `$ref` into the components.
+pub fn resolve_schema<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema["$ref"].as_str() {
+        Some(reference) => {
+            let name = reference
+                .strip_prefix("#/components/schemas/")
+                .expect("a component reference");
+            &doc["components"]["schemas"][name]
+        }
+        None => schema,
+    }
+}

@@ -2,6 +2,7 @@
 //! a valid request and then break it: parameters, body fields with their limits, security, the
 //! documented response statuses.
 
+use crate::helpers::resolve_schema;
 use serde_json::Value;
 use std::collections::BTreeSet;
 
@@ -61,7 +62,7 @@ pub fn operations(doc: &Value) -> Vec<Operation> {
             let body = operation["requestBody"]["content"]["application/json"]["schema"]
                 .as_object()
                 .map(|_| {
-                    let schema = resolve(
+                    let schema = resolve_schema(
                         doc,
                         &operation["requestBody"]["content"]["application/json"]["schema"],
                     );
@@ -96,20 +97,8 @@ pub fn operations(doc: &Value) -> Vec<Operation> {
     operations
 }
 
-fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
-    match schema["$ref"].as_str() {
-        Some(reference) => {
-            let name = reference
-                .strip_prefix("#/components/schemas/")
-                .expect("a component reference");
-            &doc["components"]["schemas"][name]
-        }
-        None => schema,
-    }
-}
-
 fn kind(doc: &Value, schema: &Value) -> Kind {
-    let schema = resolve(doc, schema);
+    let schema = resolve_schema(doc, schema);
     let bound = |key: &str| schema[key].as_i64().map(i128::from);
     let types: Vec<&str> = match &schema["type"] {
         Value::String(one) => vec![one.as_str()],
