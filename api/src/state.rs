@@ -12,8 +12,21 @@ use sqlx::PgPool;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// Cheap to clone (one reference count): axum clones the state for every request, and for
+/// every layer that extracts it.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The state itself, behind [`AppState`].
+pub struct Shared {
     /// PostgreSQL: products, and decided transactions when Redis has no status.
     pub pool: PgPool,
     /// Redis: transaction statuses.
@@ -67,7 +80,7 @@ impl AppState {
         decisions
             .clone()
             .spawn_listener(notifications, &config.common.redis_prefix);
-        Ok(Self {
+        Ok(Self(Arc::new(Shared {
             pool,
             statuses,
             publisher,
@@ -79,6 +92,6 @@ impl AppState {
             max_quantity: config.max_quantity,
             metrics: crate::observe::install_metrics(),
             shutdown: CancellationToken::new(),
-        })
+        })))
     }
 }
