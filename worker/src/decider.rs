@@ -4,7 +4,8 @@
 //! Every step is idempotent, so a batch that failed anywhere (database down, Redis down, a
 //! crash) is simply processed again: what was committed is found and replayed.
 
-use crate::persist::{self, BatchOutcome, DeadLetter};
+use crate::group::GroupCommit;
+use crate::persist::{BatchOutcome, DeadLetter};
 use crate::poison::{self, Failure};
 use allot_shared::clock::to_stored_precision;
 use allot_shared::status_store::StatusStore;
@@ -30,7 +31,8 @@ pub struct Decider {
     pool: PgPool,
     statuses: StatusStore,
     clock: Arc<dyn Clock>,
-    timezone: Tz,
+    /// Commits the batches of all partitions that are ready at once.
+    group: GroupCommit,
 }
 
 impl Decider {
@@ -42,15 +44,16 @@ impl Decider {
         timezone: Tz,
     ) -> Self {
         Self {
+            group: GroupCommit::start(pool.clone(), clock.clone(), timezone),
             pool,
             statuses: StatusStore::new(redis, redis_prefix),
             clock,
-            timezone,
         }
     }
 
     /// Decides one batch of a partition's messages, in order: commits every outcome in one
-    /// database transaction, then publishes the statuses to Redis.
+    /// database transaction (shared with the batches other partitions have ready, see
+    /// [`crate::group`]), then publishes the statuses to Redis.
     #[tracing::instrument(skip_all, fields(partition = %partition, size = messages.len()), err(Display))]
     pub async fn process_batch(
         &self,
@@ -61,19 +64,12 @@ impl Decider {
         for letter in &dead_letters {
             tracing::warn!(message_id = ?letter.message_id, error = %letter.error, "dead-lettering an unparseable message");
         }
-        let decided_at = self.clock.now();
-        let day = decided_at.with_timezone(&self.timezone).date_naive();
         let commit_started = std::time::Instant::now();
-        let committed = persist::commit_batch(
-            &self.pool,
-            partition,
-            &requests,
-            &dead_letters,
-            decided_at,
-            day,
-        )
-        .await
-        .with_context(|| format!("failed to commit batch for partition {partition}"))?;
+        let (committed, decided_at) = self
+            .group
+            .commit(partition, requests, dead_letters.clone())
+            .await
+            .with_context(|| format!("failed to commit batch for partition {partition}"))?;
         crate::monitor::record_batch(&committed.outcome, messages.len(), commit_started);
         let mut views = committed.views;
         views.extend(

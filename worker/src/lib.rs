@@ -9,6 +9,7 @@ pub mod config;
 pub mod consumer;
 pub mod core;
 pub mod decider;
+pub mod group;
 pub mod http;
 pub mod monitor;
 pub mod persist;

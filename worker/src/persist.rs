@@ -1,7 +1,7 @@
-//! One batch, one PostgreSQL transaction: lock the batch's product rows, load the outcomes
-//! already stored for its transaction ids, decide (in the pure core), reserve order numbers,
-//! write stock, outcomes and dead letters, commit. Nothing of a batch is visible unless all of
-//! it is.
+//! One group of batches (one batch per partition, see [`crate::group`]), one PostgreSQL
+//! transaction: lock the product rows, load the outcomes already stored for the transaction
+//! ids, decide each batch (in the pure core), reserve order numbers, write stock, outcomes and
+//! dead letters, commit. Nothing of a batch is visible unless all of it is.
 //!
 //! Correctness does not rest on RabbitMQ handing a partition to one worker: product rows are
 //! locked `FOR UPDATE` (so two deciders of the same product serialize, and restocks never lose
@@ -49,42 +49,73 @@ pub struct Committed {
     pub views: Vec<TransactionView>,
 }
 
-/// Decides and commits one batch. `decided_at` is the batch's moment; `day` the calendar day
-/// it falls on in the configured time zone.
-pub async fn commit_batch(
+/// One partition's batch, as a part of a group commit.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub partition: PartitionId,
+    pub requests: &'a [PurchaseRequest],
+    pub dead_letters: &'a [DeadLetter],
+}
+
+/// Decides and commits the batches of several partitions in one database transaction (a group
+/// commit): one lock of the day's order counter and one WAL flush for all of them, where one
+/// transaction per batch would queue every partition behind the counter row, each holding it
+/// through its own flush. Each batch is decided by the core on its own, in the order given, so
+/// the outcome is the one of committing the batches one after the other; order numbers are
+/// handed out batch after batch in that order. Either every batch is committed or none is.
+pub async fn commit_group(
     pool: &PgPool,
-    partition: PartitionId,
-    requests: &[PurchaseRequest],
-    dead_letters: &[DeadLetter],
+    batches: &[Batch<'_>],
     decided_at: DateTime<Utc>,
     day: NaiveDate,
-) -> anyhow::Result<Committed> {
+) -> anyhow::Result<Vec<Committed>> {
     let mut tx = pool
         .begin()
         .await
         .context("failed to begin a transaction")?;
 
-    let (mut state, stored) = load_state(&mut tx, requests).await?;
+    let all: Vec<&PurchaseRequest> = batches.iter().flat_map(|b| b.requests).collect();
+    let (mut state, stored) = load_state(&mut tx, &all).await?;
     let stock_before = state.stock.clone();
-    let decisions = core::decide(&mut state, requests);
-    let first_seq = reserve_order_numbers(&mut tx, day, decisions.sold()).await?;
-    let decided = decisions.number(day, first_seq);
+    let decisions: Vec<core::Decisions> = batches
+        .iter()
+        .map(|batch| core::decide(&mut state, batch.requests))
+        .collect();
+    let sold = decisions.iter().map(core::Decisions::sold).sum();
+    let mut next_seq = reserve_order_numbers(&mut tx, day, sold).await?;
+    let decided: Vec<Vec<Decided>> = decisions
+        .iter()
+        .map(|decisions| {
+            let numbered = decisions.number(day, next_seq);
+            next_seq += decisions.sold();
+            numbered
+        })
+        .collect();
 
     write_stock(&mut tx, &stock_before, &state.stock).await?;
-    insert_transactions(&mut tx, partition, requests, &decided, decided_at).await?;
-    insert_dead_letters(&mut tx, partition, dead_letters).await?;
+    insert_transactions(&mut tx, batches, &decided, decided_at).await?;
+    for batch in batches {
+        insert_dead_letters(&mut tx, batch.partition, batch.dead_letters).await?;
+    }
     tx.commit().await.context("failed to commit")?;
 
-    let outcome = count(&decided, dead_letters.len());
-    let views = views(requests, &decided, &stored, decided_at)?;
-    Ok(Committed { outcome, views })
+    batches
+        .iter()
+        .zip(&decided)
+        .map(|(batch, decided)| {
+            Ok(Committed {
+                outcome: count(decided, batch.dead_letters.len()),
+                views: views(batch.requests, decided, &stored, decided_at)?,
+            })
+        })
+        .collect()
 }
 
 /// Locks the batch's products (in id order, so two lockers cannot deadlock) and reads their
 /// stock, then the outcomes already stored for its transaction ids.
 async fn load_state(
     conn: &mut PgConnection,
-    requests: &[PurchaseRequest],
+    requests: &[&PurchaseRequest],
 ) -> anyhow::Result<(PartitionState, HashMap<TransactionId, StoredTransaction>)> {
     let mut product_ids: Vec<i64> = requests.iter().map(|r| r.product_id.get()).collect();
     product_ids.sort_unstable();
@@ -92,6 +123,8 @@ async fn load_state(
     let rows: Vec<(i64, i64)> =
         sqlx::query_as("SELECT id, stock FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
             .bind(&product_ids)
+            // Planned for each call, as every set statement here: see `allot_shared::db`.
+            .persistent(false)
             .fetch_all(&mut *conn)
             .await
             .context("failed to lock the batch's products")?;
@@ -159,23 +192,25 @@ async fn write_stock(
     )
     .bind(&ids)
     .bind(&stock)
+    .persistent(false)
     .execute(conn)
     .await
     .context("failed to write stock")?;
     Ok(())
 }
 
-/// Inserts the batch's new outcomes in one statement.
+/// Inserts the new outcomes of every batch in one statement.
 async fn insert_transactions(
     conn: &mut PgConnection,
-    partition: PartitionId,
-    requests: &[PurchaseRequest],
-    decided: &[Decided],
+    batches: &[Batch<'_>],
+    decided: &[Vec<Decided>],
     decided_at: DateTime<Utc>,
 ) -> anyhow::Result<()> {
     let mut rows = TransactionColumns::default();
-    for (request, decision) in requests.iter().zip(decided).filter(|(_, d)| d.fresh) {
-        rows.push(request, decision.outcome);
+    for (batch, decided) in batches.iter().zip(decided) {
+        for (request, decision) in batch.requests.iter().zip(decided).filter(|(_, d)| d.fresh) {
+            rows.push(batch.partition, request, decision.outcome);
+        }
     }
     if rows.ids.is_empty() {
         return Ok(());
@@ -183,9 +218,9 @@ async fn insert_transactions(
     sqlx::query(
         "INSERT INTO transactions (id, user_id, product_id, quantity, status, reason, \
                                    order_day, order_seq, created_at, partition, decided_at) \
-         SELECT u.*, $10, $11 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], \
-                                          $5::text[], $6::text[], $7::date[], $8::bigint[], \
-                                          $9::timestamptz[]) AS u",
+         SELECT u.*, $11 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], \
+                                     $5::text[], $6::text[], $7::date[], $8::bigint[], \
+                                     $9::timestamptz[], $10::integer[]) AS u",
     )
     .bind(&rows.ids)
     .bind(&rows.user_ids)
@@ -196,7 +231,7 @@ async fn insert_transactions(
     .bind(&rows.order_days)
     .bind(&rows.order_seqs)
     .bind(&rows.created_at)
-    .bind(i32::from(partition.0))
+    .bind(&rows.partitions)
     .bind(decided_at)
     .execute(conn)
     .await
@@ -216,10 +251,12 @@ struct TransactionColumns {
     order_days: Vec<Option<NaiveDate>>,
     order_seqs: Vec<Option<i64>>,
     created_at: Vec<DateTime<Utc>>,
+    partitions: Vec<i32>,
 }
 
 impl TransactionColumns {
-    fn push(&mut self, request: &PurchaseRequest, outcome: Outcome) {
+    fn push(&mut self, partition: PartitionId, request: &PurchaseRequest, outcome: Outcome) {
+        self.partitions.push(i32::from(partition.0));
         self.ids.push(request.transaction_id.0);
         self.user_ids.push(request.user_id.get());
         self.product_ids.push(request.product_id.get());
