@@ -92,6 +92,8 @@ pub async fn fetch_many<'e>(
 ) -> sqlx::Result<Vec<StoredTransaction>> {
     sqlx::query_as(select_transactions_where!("id = ANY($1)"))
         .bind(ids)
+        // Planned for each call: see the module documentation of `crate::db`.
+        .persistent(false)
         .fetch_all(executor)
         .await
 }
