@@ -11,6 +11,7 @@
 //! 3. Flash sale on one hot product, then requests for the sold-out product, then a restock.
 //! 4. Wide catalogue: uniform random requests over many products, backlog sampled.
 //! 5. Resident memory of allot-api and allot-worker (`--api-pid`, `--worker-pid`).
+//! 6. With `--chart PATH`, the accept phases' latency percentiles as an SVG picture.
 //!
 //! Correctness (everything accepted decided, succeeded == stock, stock 0, order numbers
 //! gapless) is asserted: the exit code is 1 if any check failed. Timing targets are reported,
@@ -18,6 +19,7 @@
 //! gapless check reads every number in it. `deploy/local.sh bench` does all of this.
 
 mod admin;
+mod chart;
 mod db;
 mod load;
 mod refserver;
@@ -118,6 +120,10 @@ struct Args {
     /// works, for CI. Figures are meaningless.
     #[arg(long)]
     smoke: bool,
+    /// Write the accept phases' latency percentiles (allot against the references) to this SVG
+    /// file (`deploy/local.sh bench` writes docs/bench-latency.svg).
+    #[arg(long)]
+    chart: Option<std::path::PathBuf>,
     /// Internal: serve a reference design (the bench spawns itself with this).
     #[arg(long, value_enum, hide = true)]
     serve_reference: Option<refserver::Kind>,
@@ -283,6 +289,19 @@ async fn run(args: Args) -> Result<Vec<String>> {
     report::batching(&args.base_url, args.worker_url.as_deref()).await;
     report::memory(&memory);
     report::targets(&references, &accept, &wait, &flash, &wide, &memory);
+    if let Some(path) = &args.chart {
+        let title = format!(
+            "allot accept latency{}",
+            if args.smoke {
+                " (smoke run: figures meaningless)"
+            } else {
+                ""
+            }
+        );
+        chart::write(path, &title, &references, &accept, &wait)
+            .with_context(|| format!("writing the chart {}", path.display()))?;
+        println!("chart: {}", path.display());
+    }
     Ok(bench.failures)
 }
 
