@@ -215,3 +215,16 @@ pub fn write(
     root.present()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::percentile_label;
+
+    #[test]
+    fn the_percentile_axis_is_labelled_in_nines() {
+        assert_eq!(percentile_label(&0.0), "0 %");
+        assert_eq!(percentile_label(&1.0), "90 %");
+        assert_eq!(percentile_label(&2.0), "99 %");
+        assert_eq!(percentile_label(&3.0), "99.9 %");
+    }
+}

@@ -315,3 +315,19 @@ pub async fn batching(api_url: &str, worker_url: Option<&str>) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::sorted_ms;
+
+    #[test]
+    fn quantiles_of_sorted_values_are_nearest_rank() {
+        let micros: Vec<i64> = (1..=100).map(|i| i * 1000).collect();
+        assert_eq!(sorted_ms(&micros, 0.5), 50.0);
+        assert_eq!(sorted_ms(&micros, 0.99), 99.0);
+        assert_eq!(sorted_ms(&micros, 1.0), 100.0);
+        assert_eq!(sorted_ms(&micros, 0.0), 1.0);
+        assert_eq!(sorted_ms(&[-2000], 0.99), -2.0);
+        assert!(sorted_ms(&[], 0.99).is_nan());
+    }
+}
