@@ -779,13 +779,23 @@ run_bench() {
 
 # `deploy/local.sh bench [--smoke] [bench flags]`: the benchmark, self-contained: services,
 # release build, a fresh allot, every scenario and reference, then allot is stopped again.
+# The latency chart goes to docs/bench-latency.svg, beside docs/benchmarks.md; a smoke run's
+# (meaningless figures) to $ARTIFACTS instead; unless the flags name a --chart of their own.
 cmd_bench() {
   trap 'stop_app bench-api; stop_app bench-worker' EXIT
+  local chart=$ROOT/docs/bench-latency.svg own_chart=false arg
+  for arg in "$@"; do
+    case $arg in
+      --smoke) chart=$ARTIFACTS/bench-latency-smoke.svg ;;
+      --chart | --chart=*) own_chart=true ;;
+    esac
+  done
+  if $own_chart; then chart=; fi
   cmd_services
   ensure_cargo
   cd "$ROOT"
   build_release
-  run_bench "$(target_dir)/release" "$@"
+  run_bench "$(target_dir)/release" "$@" ${chart:+--chart "$chart"}
 }
 
 # Release binaries of allot and of its test tools (functional test, bench, chaos test). The
@@ -903,7 +913,7 @@ cmd_test() {
   run_step "[13/15] deploy/docker-compose.yml is valid" check_compose_file
   stop_functional_allot
   run_step "[14/15] benchmark smoke run (no timing assertions) on $BENCH_ADDR" \
-    run_bench "$(target_dir)/release" --smoke
+    run_bench "$(target_dir)/release" --smoke --chart "$ARTIFACTS/bench-latency-smoke.svg"
   run_step "[15/15] chaos test (short form) on its own services, ports +$CHAOS_OFFSET" run_chaos_test
   log "all test steps passed; screenshot of the web page: $ARTIFACTS/web-page.png"
   [[ ${CI:-} == true ]] || log "the services stay up for the next run; deploy/local.sh down stops them"

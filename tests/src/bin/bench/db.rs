@@ -90,6 +90,26 @@ pub async fn decisions(pool: &PgPool, first: i64, last: i64) -> Result<Decisions
     })
 }
 
+/// Accept-to-decided (microseconds) and status of each of the transactions `ids` that is
+/// stored, by id.
+pub async fn decisions_of(
+    pool: &PgPool,
+    ids: &[uuid::Uuid],
+) -> Result<std::collections::HashMap<uuid::Uuid, (i64, String)>> {
+    let rows: Vec<(uuid::Uuid, i64, String)> = sqlx::query_as(
+        "SELECT id, (extract(epoch FROM decided_at - created_at) * 1000000)::bigint, status \
+         FROM transactions WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+    .context("reading the decisions of the waited requests")?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, micros, status)| (id, (micros, status)))
+        .collect())
+}
+
 pub async fn stock(pool: &PgPool, product: i64) -> Result<i64> {
     Ok(
         sqlx::query_scalar("SELECT stock FROM products WHERE id = $1")

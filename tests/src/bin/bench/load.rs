@@ -12,8 +12,8 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{CONTENT_TYPE, HOST};
-use hyper::{Method, Request};
+use hyper::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue};
+use hyper::{HeaderMap, Method, Request};
 use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -33,6 +33,32 @@ pub struct Load {
     pub addr: SocketAddr,
     pub path: String,
     pub body: BodyFn,
+    /// Sent with every request, besides `Host` and `Content-Type`.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Keep every answer ([`Tally::answers`]), for a phase that looks at each one.
+    pub keep_answers: bool,
+}
+
+impl Load {
+    /// `body` POSTed to `path` on `addr`, with no further header, answers not kept.
+    pub fn new(addr: SocketAddr, path: &str, body: BodyFn) -> Self {
+        Self {
+            addr,
+            path: path.into(),
+            body,
+            headers: Vec::new(),
+            keep_answers: false,
+        }
+    }
+}
+
+/// One answer, kept when [`Load::keep_answers`] is set.
+pub struct Answer {
+    pub status: u16,
+    /// From the send (or the intended send, open loop) to the whole body received.
+    pub latency: Duration,
+    pub headers: HeaderMap,
+    pub body: Bytes,
 }
 
 /// What a run observed.
@@ -50,6 +76,8 @@ pub struct Tally {
     pub unsent: u64,
     /// From the first request to the last answer.
     pub elapsed: Duration,
+    /// Every answer, in no particular order; only when [`Load::keep_answers`] is set.
+    pub answers: Vec<Answer>,
 }
 
 impl Tally {
@@ -62,14 +90,27 @@ impl Tally {
             first_error: None,
             unsent: 0,
             elapsed: Duration::ZERO,
+            answers: Vec::new(),
         }
     }
 
-    fn record(&mut self, latency: Duration, status: u16, body: Bytes) {
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.latency.saturating_record(micros.max(1));
+    fn record(&mut self, latency: Duration, answered: Answered, keep: bool) {
+        let Answered {
+            status,
+            headers,
+            body,
+        } = answered;
+        self.latency.saturating_record(micros(latency));
         *self.statuses.entry(status).or_default() += 1;
-        self.samples.entry(status).or_insert(body);
+        self.samples.entry(status).or_insert_with(|| body.clone());
+        if keep {
+            self.answers.push(Answer {
+                status,
+                latency,
+                headers,
+                body,
+            });
+        }
     }
 
     fn error(&mut self, error: anyhow::Error) {
@@ -90,6 +131,7 @@ impl Tally {
             self.first_error = other.first_error;
         }
         self.unsent += other.unsent;
+        self.answers.extend(other.answers);
     }
 
     /// Answers received.
@@ -110,6 +152,20 @@ impl Tally {
     pub fn ms(&self, q: f64) -> f64 {
         self.latency.value_at_quantile(q) as f64 / 1000.0
     }
+}
+
+/// A latency in whole microseconds, at least 1 (what the histograms record).
+pub fn micros(latency: Duration) -> u64 {
+    u64::try_from(latency.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// What the server answered.
+struct Answered {
+    status: u16,
+    headers: HeaderMap,
+    body: Bytes,
 }
 
 /// One keep-alive connection.
@@ -134,18 +190,30 @@ impl Connection {
         })
     }
 
-    async fn send(&mut self, path: &str, body: Bytes) -> Result<(u16, Bytes)> {
-        let request = Request::builder()
+    async fn send(
+        &mut self,
+        path: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+    ) -> Result<Answered> {
+        let mut request = Request::builder()
             .method(Method::POST)
             .uri(path)
             .header(HOST, self.host.as_str())
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(body))?;
+            .header(CONTENT_TYPE, "application/json");
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let request = request.body(Full::new(body))?;
         self.sender.ready().await?;
         let response = self.sender.send_request(request).await?;
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok((status, body))
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Answered {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
     }
 }
 
@@ -164,15 +232,15 @@ async fn exchange(
             *connection = Some(Connection::open(load.addr).await?);
         }
         let open = connection.as_mut().expect("opened above");
-        open.send(&load.path, (load.body)(i)).await
+        open.send(&load.path, &load.headers, (load.body)(i)).await
     }
     .await;
     match result {
-        Ok((status, body)) => {
-            if status == 202 {
+        Ok(answered) => {
+            if answered.status == 202 {
                 accepted.fetch_add(1, Ordering::Relaxed);
             }
-            tally.record(since.elapsed(), status, body);
+            tally.record(since.elapsed(), answered, load.keep_answers);
         }
         Err(error) => {
             *connection = None;
@@ -271,7 +339,8 @@ pub async fn open_loop(
 
 /// Sends one request on a fresh connection (for probes such as "is it re-opened yet").
 pub async fn one(addr: SocketAddr, path: &str, body: Bytes) -> Result<(u16, Bytes)> {
-    Connection::open(addr).await?.send(path, body).await
+    let answered = Connection::open(addr).await?.send(path, &[], body).await?;
+    Ok((answered.status, answered.body))
 }
 
 /// A deterministic mixer (splitmix64), so "random" product choices repeat from run to run.

@@ -5,10 +5,13 @@
 //! 1. References, each in a child process (`bench --serve-reference KIND`): a bare axum 202,
 //!    axum + one confirmed persistent publish to a quorum queue, and the naive hot-row `UPDATE`.
 //! 2. Accept path: closed loop (fixed connections) and open loop (fixed arrival rate, latency
-//!    from the intended send time).
+//!    from the intended send time), then a closed loop at few connections (20), then requests
+//!    with `Prefer: wait=5` under the closed-loop accept load (final answer against
+//!    accept-to-decided of the same requests).
 //! 3. Flash sale on one hot product, then requests for the sold-out product, then a restock.
 //! 4. Wide catalogue: uniform random requests over many products, backlog sampled.
 //! 5. Resident memory of allot-api and allot-worker (`--api-pid`, `--worker-pid`).
+//! 6. With `--chart PATH`, the accept phases' latency percentiles as an SVG picture.
 //!
 //! Correctness (everything accepted decided, succeeded == stock, stock 0, order numbers
 //! gapless) is asserted: the exit code is 1 if any check failed. Timing targets are reported,
@@ -16,6 +19,7 @@
 //! gapless check reads every number in it. `deploy/local.sh bench` does all of this.
 
 mod admin;
+mod chart;
 mod db;
 mod load;
 mod refserver;
@@ -93,6 +97,12 @@ struct Args {
     /// Connections of the closed and open loops.
     #[arg(long, default_value_t = 100)]
     connections: usize,
+    /// Connections of the second, lightly loaded accept phase (allot and the naive design).
+    #[arg(long, default_value_t = 20)]
+    low_connections: usize,
+    /// Connections sending `Prefer: wait=5`, besides the accept load of `--connections`.
+    #[arg(long, default_value_t = 10)]
+    wait_connections: usize,
     /// Open-loop rate as a fraction of the accept scenario's closed-loop rate.
     #[arg(long, default_value_t = 0.7)]
     open_fraction: f64,
@@ -105,10 +115,15 @@ struct Args {
     /// Products of the wide catalogue.
     #[arg(long, default_value_t = 10_000)]
     wide_products: i64,
-    /// Tiny everything (1 s phases, 2,000 flash requests for 200 units, 200 products): checks
-    /// that the whole benchmark works, for CI. Figures are meaningless.
+    /// Tiny everything (1 s phases, 20 connections, 5 for the few-connection phase, 4 waiting,
+    /// 2,000 flash requests for 200 units, 200 products): checks that the whole benchmark
+    /// works, for CI. Figures are meaningless.
     #[arg(long)]
     smoke: bool,
+    /// Write the accept phases' latency percentiles (allot against the references) to this SVG
+    /// file (`deploy/local.sh bench` writes docs/bench-latency.svg).
+    #[arg(long)]
+    chart: Option<std::path::PathBuf>,
     /// Internal: serve a reference design (the bench spawns itself with this).
     #[arg(long, value_enum, hide = true)]
     serve_reference: Option<refserver::Kind>,
@@ -120,6 +135,8 @@ pub struct Settings {
     pub duration: Duration,
     pub warmup: Duration,
     pub connections: usize,
+    pub low_connections: usize,
+    pub wait_connections: usize,
     pub open_fraction: f64,
     pub flash_requests: u64,
     pub flash_stock: i64,
@@ -134,6 +151,8 @@ impl Settings {
                 duration: Duration::from_secs(1),
                 warmup: Duration::from_millis(200),
                 connections: 20,
+                low_connections: 5,
+                wait_connections: 4,
                 open_fraction: 0.5,
                 flash_requests: 2_000,
                 flash_stock: 200,
@@ -145,6 +164,8 @@ impl Settings {
             duration: Duration::from_secs(args.duration_secs),
             warmup: Duration::from_secs(2),
             connections: args.connections,
+            low_connections: args.low_connections,
+            wait_connections: args.wait_connections,
             open_fraction: args.open_fraction,
             flash_requests: args.flash_requests,
             flash_stock: args.flash_stock,
@@ -226,10 +247,12 @@ async fn run(args: Args) -> Result<Vec<String>> {
     .collect();
 
     println!(
-        "bench: {} phases of {:?}, {} connections{}",
+        "bench: {} phases of {:?}, {} connections (and {}; {} with Prefer: wait){}",
         if args.smoke { "smoke" } else { "full" },
         settings.duration,
         settings.connections,
+        settings.low_connections,
+        settings.wait_connections,
         if args.smoke {
             " (figures meaningless)"
         } else {
@@ -237,17 +260,23 @@ async fn run(args: Args) -> Result<Vec<String>> {
         }
     );
     let mut references = Vec::new();
-    for kind in [
-        refserver::Kind::Bare,
-        refserver::Kind::Publish,
-        refserver::Kind::Naive,
+    for (kind, connections) in [
+        (refserver::Kind::Bare, &[settings.connections][..]),
+        (refserver::Kind::Publish, &[settings.connections]),
+        (
+            refserver::Kind::Naive,
+            &[settings.connections, settings.low_connections],
+        ),
     ] {
-        let tally = reference(&args, kind, &settings).await?;
-        report::load_line(&format!("reference {}", kind.name()), &tally);
-        references.push((kind, tally));
+        for reference in reference(&args, kind, connections, &settings).await? {
+            report::load_line(&reference.name(), &reference.tally);
+            references.push(reference);
+        }
     }
     let accept = scenarios::accept(&mut bench, &settings).await?;
     report::accept(&accept);
+    let wait = scenarios::wait(&mut bench, &settings).await?;
+    report::wait(&wait);
     let flash = scenarios::flash(&mut bench, &settings).await?;
     report::flash(&flash);
     let wide = scenarios::wide(&mut bench, &settings).await?;
@@ -259,12 +288,31 @@ async fn run(args: Args) -> Result<Vec<String>> {
     }
     report::batching(&args.base_url, args.worker_url.as_deref()).await;
     report::memory(&memory);
-    report::targets(&references, &accept, &flash, &wide, &memory);
+    report::targets(&references, &accept, &wait, &flash, &wide, &memory);
+    if let Some(path) = &args.chart {
+        let title = format!(
+            "allot accept latency{}",
+            if args.smoke {
+                " (smoke run: figures meaningless)"
+            } else {
+                ""
+            }
+        );
+        chart::write(path, &title, &references, &accept, &wait)
+            .with_context(|| format!("writing the chart {}", path.display()))?;
+        println!("chart: {}", path.display());
+    }
     Ok(bench.failures)
 }
 
-/// Runs one reference design in a child process and loads it like allot's accept path.
-async fn reference(args: &Args, kind: refserver::Kind, s: &Settings) -> Result<load::Tally> {
+/// Runs one reference design in a child process and loads it like allot's accept path, with
+/// each of `connections` in turn (one warm-up, before the first).
+async fn reference(
+    args: &Args,
+    kind: refserver::Kind,
+    connections: &[usize],
+    s: &Settings,
+) -> Result<Vec<refserver::Measured>> {
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
         .arg("--serve-reference")
         .arg(kind.name())
@@ -293,19 +341,29 @@ async fn reference(args: &Args, kind: refserver::Kind, s: &Settings) -> Result<l
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let load = load::Load {
-        addr: args.reference_addr,
-        path: refserver::PATH.into(),
-        body: Arc::new(|i| {
+    let load = load::Load::new(
+        args.reference_addr,
+        refserver::PATH,
+        Arc::new(|i| {
             bytes::Bytes::from(format!(
                 r#"{{"user_id":{},"product_id":1,"quantity":1}}"#,
                 i + 1
             ))
         }),
-    };
+    );
     let counter = Arc::new(AtomicU64::new(0));
-    load::closed_loop(&load, s.connections, u64::MAX, s.warmup, counter.clone()).await;
-    let tally = load::closed_loop(&load, s.connections, u64::MAX, s.duration, counter).await;
+    let first = connections.first().copied().unwrap_or(s.connections);
+    load::closed_loop(&load, first, u64::MAX, s.warmup, counter.clone()).await;
+    let mut measured = Vec::new();
+    for &connections in connections {
+        let tally =
+            load::closed_loop(&load, connections, u64::MAX, s.duration, counter.clone()).await;
+        measured.push(refserver::Measured {
+            kind,
+            connections,
+            tally,
+        });
+    }
     child.kill().await.ok();
     if kind == refserver::Kind::Publish {
         let (connection, channel) = refserver::open_channel(&args.amqp_url).await?;
@@ -314,5 +372,5 @@ async fn reference(args: &Args, kind: refserver::Kind, s: &Settings) -> Result<l
             .await?;
         connection.close(200, "done".into()).await.ok();
     }
-    Ok(tally)
+    Ok(measured)
 }

@@ -45,6 +45,20 @@ impl Kind {
     }
 }
 
+/// One closed-loop measurement of a reference design.
+pub struct Measured {
+    pub kind: Kind,
+    pub connections: usize,
+    pub tally: crate::load::Tally,
+}
+
+impl Measured {
+    /// `reference naive 20 conns`.
+    pub fn name(&self) -> String {
+        format!("reference {} {} conns", self.kind.name(), self.connections)
+    }
+}
+
 /// Serves `kind` on `addr` until killed.
 pub async fn serve(kind: Kind, addr: SocketAddr, amqp_url: &str, naive_db: &str) -> Result<()> {
     let router = match kind {

@@ -3,9 +3,10 @@
 
 use crate::db::Decisions;
 use crate::load::Tally;
-use crate::refserver::Kind;
+use crate::refserver::{Kind, Measured};
 use crate::rss::Watched;
-use crate::scenarios::{Accept, Flash, Wide};
+use crate::scenarios::{Accept, Flash, WAIT_SECS, Wait, Wide};
+use hdrhistogram::Histogram;
 
 pub fn load_line(name: &str, tally: &Tally) {
     println!(
@@ -53,9 +54,56 @@ fn decisions_line(name: &str, d: &Decisions) {
 }
 
 pub fn accept(a: &Accept) {
-    load_line("accept closed loop", &a.closed);
+    load_line(
+        &format!("accept closed loop {} conns", a.connections),
+        &a.closed,
+    );
     load_line(&format!("accept open loop {:.0}/s", a.open_rate), &a.open);
     decisions_line("accept decisions", &a.decisions);
+    load_line(
+        &format!("accept closed loop {} conns", a.low_connections),
+        &a.low,
+    );
+    decisions_line(
+        &format!("accept {} conns decisions", a.low_connections),
+        &a.low_decisions,
+    );
+}
+
+/// Milliseconds at quantile `q` of a histogram of microseconds.
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// Quantile `q` of sorted values, in milliseconds.
+fn sorted_ms(sorted: &[i64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64 / 1000.0
+}
+
+pub fn wait(w: &Wait) {
+    load_line("wait phase accept load", &w.background);
+    load_line(
+        &format!("Prefer: wait={WAIT_SECS} {} conns", w.connections),
+        &w.waited,
+    );
+    println!(
+        "Prefer: wait={WAIT_SECS}: {} final (200), {} still pending after the wait (202); answer p50 {:.1} p90 {:.1} p99 {:.1} ms, accept-to-decided of the same requests p50 {:.1} p90 {:.1} p99 {:.1} ms; per final answer, answer minus accept-to-decided p50 {:.1} p99 {:.1} max {:.1} ms",
+        w.final_answers,
+        w.pending,
+        ms(&w.answer_latency, 0.5),
+        ms(&w.answer_latency, 0.9),
+        ms(&w.answer_latency, 0.99),
+        ms(&w.decided_latency, 0.5),
+        ms(&w.decided_latency, 0.9),
+        ms(&w.decided_latency, 0.99),
+        sorted_ms(&w.excess, 0.5),
+        sorted_ms(&w.excess, 0.99),
+        sorted_ms(&w.excess, 1.0),
+    );
 }
 
 pub fn flash(f: &Flash) {
@@ -95,15 +143,28 @@ fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "MISSED" }
 }
 
-/// The targets of issue 4, each computed from this run's figures.
-pub fn targets(references: &[(Kind, Tally)], a: &Accept, f: &Flash, w: &Wide, memory: &[Watched]) {
-    let rate = |kind| {
+/// The targets of issue 4 (and, for the phases issue 10 added, of issue 10), each computed
+/// from this run's figures.
+pub fn targets(
+    references: &[Measured],
+    a: &Accept,
+    wait: &Wait,
+    f: &Flash,
+    w: &Wide,
+    memory: &[Watched],
+) {
+    let rate = |kind, connections| {
         references
             .iter()
-            .find(|(k, _)| *k == kind)
-            .map_or(f64::NAN, |(_, t)| t.rate())
+            .find(|m| m.kind == kind && m.connections == connections)
+            .map_or(f64::NAN, |m| m.tally.rate())
     };
-    let (bare, publish, naive) = (rate(Kind::Bare), rate(Kind::Publish), rate(Kind::Naive));
+    let (bare, publish, naive) = (
+        rate(Kind::Bare, a.connections),
+        rate(Kind::Publish, a.connections),
+        rate(Kind::Naive, a.connections),
+    );
+    let naive_low = rate(Kind::Naive, a.low_connections);
     let accept = a.closed.rate();
     println!("\ntargets (ratios of this run's figures):");
     let row = |name: &str, value: String, goal: &str, met: bool| {
@@ -129,6 +190,19 @@ pub fn targets(references: &[(Kind, Tally)], a: &Accept, f: &Flash, w: &Wide, me
         format!("{:.1} ms", a.closed.ms(0.99)),
         "<= 20 ms",
         a.closed.ms(0.99) <= 20.0,
+    );
+    let low = a.low.rate();
+    row(
+        &format!("1. accept / naive, both at {} conns", a.low_connections),
+        format!("{:.1}x", low / naive_low),
+        ">= 3x",
+        low / naive_low >= 3.0,
+    );
+    row(
+        &format!("1. accept p99 ({} conns)", a.low_connections),
+        format!("{:.1} ms", a.low.ms(0.99)),
+        "<= 10 ms",
+        a.low.ms(0.99) <= 10.0,
     );
     let flash_rate = f.decisions.per_second;
     row(
@@ -186,8 +260,23 @@ pub fn targets(references: &[(Kind, Tally)], a: &Accept, f: &Flash, w: &Wide, me
             max < limit,
         );
     }
+    let (answer, decided) = (
+        ms(&wait.answer_latency, 0.99),
+        ms(&wait.decided_latency, 0.99),
+    );
+    row(
+        &format!("6. wait={WAIT_SECS} answer p99 - accept-to-decided p99"),
+        format!("{:+.1} ms", answer - decided),
+        "<= +5 ms",
+        !wait.answer_latency.is_empty() && answer <= decided + 5.0,
+    );
     println!(
-        "  (reference rates: bare {bare:.0}/s, axum+confirmed publish {publish:.0}/s, naive {naive:.0}/s)"
+        "     (answer p99 {answer:.1} ms, accept-to-decided p99 {decided:.1} ms of the same requests; {} final answers, {} still pending after the wait)",
+        wait.final_answers, wait.pending
+    );
+    println!(
+        "  (reference rates: bare {bare:.0}/s, axum+confirmed publish {publish:.0}/s, naive {naive:.0}/s; at {} conns: naive {naive_low:.0}/s)",
+        a.low_connections
     );
 }
 
@@ -224,5 +313,21 @@ pub async fn batching(api_url: &str, worker_url: Option<&str>) {
             "batching: {requests:.0} requests in {batches:.0} database transactions, {:.1} per transaction",
             requests / batches.max(1.0)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sorted_ms;
+
+    #[test]
+    fn quantiles_of_sorted_values_are_nearest_rank() {
+        let micros: Vec<i64> = (1..=100).map(|i| i * 1000).collect();
+        assert_eq!(sorted_ms(&micros, 0.5), 50.0);
+        assert_eq!(sorted_ms(&micros, 0.99), 99.0);
+        assert_eq!(sorted_ms(&micros, 1.0), 100.0);
+        assert_eq!(sorted_ms(&micros, 0.0), 1.0);
+        assert_eq!(sorted_ms(&[-2000], 0.99), -2.0);
+        assert!(sorted_ms(&[], 0.99).is_nan());
     }
 }

@@ -6,6 +6,7 @@ use crate::load::{self, Load, Tally};
 use crate::{Bench, Settings};
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
+use hdrhistogram::Histogram;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -19,58 +20,251 @@ const DECIDE_WITHIN: Duration = Duration::from_secs(180);
 /// one user per request.
 fn orders(addr: std::net::SocketAddr, first: i64, last: i64) -> Load {
     let span = (last - first + 1) as u64;
-    Load {
+    Load::new(
         addr,
-        path: ORDER_PATH.into(),
-        body: Arc::new(move |i| {
+        ORDER_PATH,
+        Arc::new(move |i| {
             let product = first + (load::mix(i) % span) as i64;
             Bytes::from(format!(
                 r#"{{"user_id":{},"product_id":{product},"quantity":1}}"#,
                 i + 1
             ))
         }),
-    }
-}
-
-/// Accept path: closed loop, then open loop at a fraction of the closed-loop rate, on one
-/// product per partition with endless stock.
-pub struct Accept {
-    pub closed: Tally,
-    pub open: Tally,
-    pub open_rate: f64,
-    pub decisions: Decisions,
-}
-
-pub async fn accept(bench: &mut Bench, s: &Settings) -> Result<Accept> {
-    let (first, last) = db::create_products(
-        &bench.pool,
-        "bench-accept-",
-        i64::from(s.partitions),
-        1_000_000_000,
     )
-    .await?;
-    let load = orders(bench.addr, first, last);
-    let counter = Arc::new(AtomicU64::new(0));
-    // Warm-up: connections, the broker's and PostgreSQL's caches. Not reported.
-    let warm = load::closed_loop(&load, s.connections, u64::MAX, s.warmup, counter.clone()).await;
-    let closed = load::closed_loop(&load, s.connections, u64::MAX, s.duration, counter).await;
-    let open_rate = (closed.rate() * s.open_fraction).max(10.0);
-    let open = load::open_loop(&load, s.connections, open_rate, s.duration, s.duration).await;
-    let accepted = warm.count(202) + closed.count(202) + open.count(202);
-    db::wait_decided(&bench.pool, first, last, accepted, DECIDE_WITHIN).await?;
+}
+
+/// One product per partition with endless stock, for one accept-path phase.
+async fn endless_products(bench: &Bench, s: &Settings, prefix: &str) -> Result<(i64, i64)> {
+    db::create_products(&bench.pool, prefix, i64::from(s.partitions), 1_000_000_000).await
+}
+
+/// Waits until the `accepted` requests for products `first..=last` are decided, reads their
+/// decisions, and checks that every accepted request was decided once.
+async fn decided(
+    bench: &mut Bench,
+    phase: &str,
+    (first, last): (i64, i64),
+    accepted: u64,
+) -> Result<Decisions> {
+    db::wait_decided(&bench.pool, first, last, accepted, DECIDE_WITHIN)
+        .await
+        .with_context(|| format!("{phase}: waiting for the decisions"))?;
     let decisions = db::decisions(&bench.pool, first, last).await?;
     bench.expect(
         decisions.count == accepted,
         format!(
-            "accept: {} decided for {accepted} accepted",
+            "{phase}: {} decided for {accepted} accepted",
             decisions.count
         ),
     );
+    Ok(decisions)
+}
+
+/// Accept path: closed loop, then open loop at a fraction of the closed-loop rate, on one
+/// product per partition with endless stock; then, once all that is decided, a closed loop at
+/// few connections on products of its own.
+pub struct Accept {
+    pub connections: usize,
+    pub closed: Tally,
+    pub open: Tally,
+    pub open_rate: f64,
+    pub decisions: Decisions,
+    pub low_connections: usize,
+    pub low: Tally,
+    pub low_decisions: Decisions,
+}
+
+pub async fn accept(bench: &mut Bench, s: &Settings) -> Result<Accept> {
+    let products = endless_products(bench, s, "bench-accept-").await?;
+    let load = orders(bench.addr, products.0, products.1);
+    let counter = Arc::new(AtomicU64::new(0));
+    // Warm-up: connections, the broker's and PostgreSQL's caches. Not reported.
+    let warm = load::closed_loop(&load, s.connections, u64::MAX, s.warmup, counter.clone()).await;
+    let closed =
+        load::closed_loop(&load, s.connections, u64::MAX, s.duration, counter.clone()).await;
+    let open_rate = (closed.rate() * s.open_fraction).max(10.0);
+    let open = load::open_loop(&load, s.connections, open_rate, s.duration, s.duration).await;
+    let accepted = warm.count(202) + closed.count(202) + open.count(202);
+    let decisions = decided(bench, "accept", products, accepted).await?;
+
+    // Few connections, on a system with no backlog left: the latency a lightly loaded allot
+    // gives, against the naive design at the same connections.
+    let products = endless_products(bench, s, "bench-accept-low-").await?;
+    let load = orders(bench.addr, products.0, products.1);
+    let warm = load::closed_loop(
+        &load,
+        s.low_connections,
+        u64::MAX,
+        s.warmup,
+        counter.clone(),
+    )
+    .await;
+    let low = load::closed_loop(&load, s.low_connections, u64::MAX, s.duration, counter).await;
+    let accepted = warm.count(202) + low.count(202);
+    let low_decisions = decided(bench, "accept (few connections)", products, accepted).await?;
     Ok(Accept {
+        connections: s.connections,
         closed,
         open,
         open_rate,
         decisions,
+        low_connections: s.low_connections,
+        low,
+        low_decisions,
+    })
+}
+
+/// `Prefer: wait=5` under the accept load: while the closed-loop accept load runs, a few more
+/// connections send requests that ask to wait for the decision (products of their own, on the
+/// same partitions, so their requests share envelopes and batches with the load's). Each final
+/// answer's latency is set against the accept-to-decided of the same request.
+pub struct Wait {
+    /// Connections sending `Prefer: wait=5`.
+    pub connections: usize,
+    /// The accept load they ran under (not kept for the report's targets: only context).
+    pub background: Tally,
+    /// Every answer the waiting connections got.
+    pub waited: Tally,
+    /// 200 answers with the final transaction.
+    pub final_answers: u64,
+    /// 202 answers: still pending when the wait ran out (not final answers).
+    pub pending: u64,
+    /// Microseconds from the send to the answer, of every accepted request (200 or 202; a 202
+    /// is counted at its own latency, at least the 5 s wait, since it was not final).
+    pub answer_latency: Histogram<u64>,
+    /// Accept-to-decided of the same requests, from the database, microseconds.
+    pub decided_latency: Histogram<u64>,
+    /// Per final answer, its latency minus its accept-to-decided: what answering costs after
+    /// the decision (the commit, the announcement, the HTTP answer), microseconds, sorted.
+    pub excess: Vec<i64>,
+}
+
+/// The seconds the wait phase asks for.
+pub const WAIT_SECS: u64 = 5;
+
+/// An accepted request's answer body (a `TransactionView` or the 202's `Accepted`).
+#[derive(serde::Deserialize)]
+struct Seen {
+    transaction_id: uuid::Uuid,
+    status: String,
+}
+
+pub async fn wait(bench: &mut Bench, s: &Settings) -> Result<Wait> {
+    let busy = endless_products(bench, s, "bench-wait-load-").await?;
+    let waiting = endless_products(bench, s, "bench-wait-").await?;
+    let background_load = orders(bench.addr, busy.0, busy.1);
+    let mut wait_load = orders(bench.addr, waiting.0, waiting.1);
+    wait_load.headers.push((
+        hyper::header::HeaderName::from_static("prefer"),
+        hyper::header::HeaderValue::from_str(&format!("wait={WAIT_SECS}"))?,
+    ));
+    wait_load.keep_answers = true;
+    let counter = Arc::new(AtomicU64::new(0));
+    let warm = load::closed_loop(
+        &background_load,
+        s.connections,
+        u64::MAX,
+        s.warmup,
+        counter.clone(),
+    )
+    .await;
+    let (background, waited) = tokio::join!(
+        load::closed_loop(
+            &background_load,
+            s.connections,
+            u64::MAX,
+            s.duration,
+            counter.clone()
+        ),
+        load::closed_loop(
+            &wait_load,
+            s.wait_connections,
+            u64::MAX,
+            s.duration,
+            counter
+        ),
+    );
+    decided(
+        bench,
+        "wait (accept load)",
+        busy,
+        warm.count(202) + background.count(202),
+    )
+    .await?;
+
+    let mut answer_latency = Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+    let mut seen = Vec::new();
+    for answer in &waited.answers {
+        if answer.status != 200 && answer.status != 202 {
+            continue; // refused: no transaction (counted in the statuses)
+        }
+        let Ok(body) = serde_json::from_slice::<Seen>(&answer.body) else {
+            bench.expect(
+                false,
+                format!(
+                    "wait: unreadable {} answer {}",
+                    answer.status,
+                    String::from_utf8_lossy(&answer.body)
+                ),
+            );
+            continue;
+        };
+        answer_latency.saturating_record(load::micros(answer.latency));
+        if answer.status == 200 {
+            let applied = answer
+                .headers
+                .get("preference-applied")
+                .and_then(|v| v.to_str().ok());
+            bench.expect(
+                applied == Some(&format!("wait={WAIT_SECS}")[..]) && body.status != "pending",
+                format!(
+                    "wait: a 200 answered status {:?} with Preference-Applied {applied:?}",
+                    body.status
+                ),
+            );
+        }
+        seen.push((answer.status, answer.latency, body));
+    }
+    let final_answers = waited.count(200);
+    let pending = waited.count(202);
+    let ids: Vec<uuid::Uuid> = seen.iter().map(|(_, _, b)| b.transaction_id).collect();
+    decided(bench, "wait", waiting, ids.len() as u64).await?;
+    let stored = db::decisions_of(&bench.pool, &ids).await?;
+    let mut decided_latency = Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+    let mut excess = Vec::new();
+    for (status, latency, body) in &seen {
+        let Some((to_decided, stored_status)) = stored.get(&body.transaction_id) else {
+            bench.expect(
+                false,
+                format!(
+                    "wait: {} answered {status} but never stored",
+                    body.transaction_id
+                ),
+            );
+            continue;
+        };
+        decided_latency.saturating_record(u64::try_from(*to_decided).unwrap_or(0).max(1));
+        if *status == 200 {
+            bench.expect(
+                *stored_status == body.status,
+                format!(
+                    "wait: {} answered {} but stored {stored_status}",
+                    body.transaction_id, body.status
+                ),
+            );
+            excess.push(i64::try_from(latency.as_micros()).unwrap_or(i64::MAX) - to_decided);
+        }
+    }
+    excess.sort_unstable();
+    Ok(Wait {
+        connections: s.wait_connections,
+        background,
+        waited,
+        final_answers,
+        pending,
+        answer_latency,
+        decided_latency,
+        excess,
     })
 }
 
