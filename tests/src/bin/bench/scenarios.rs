@@ -270,6 +270,8 @@ pub async fn wait(bench: &mut Bench, s: &Settings) -> Result<Wait> {
 
 /// Flash sale on one hot product, then the sold-out short-circuit, then a restock.
 pub struct Flash {
+    /// Units the product was created with.
+    pub stock: u64,
     pub sale: Tally,
     pub decisions: Decisions,
     pub sold_out: Tally,
@@ -340,6 +342,7 @@ pub async fn flash(bench: &mut Bench, s: &Settings) -> Result<Flash> {
 
     let reopened_after = restock(bench, product).await?;
     Ok(Flash {
+        stock: u64::try_from(s.flash_stock).unwrap_or(0),
         sale,
         decisions,
         sold_out,
