@@ -12,6 +12,7 @@ mod api_contract;
 mod bad_input;
 mod docs;
 mod envelopes;
+mod group_commit;
 mod observability;
 mod pipeline;
 mod poison;
