@@ -4,6 +4,7 @@
 
 use crate::helpers::*;
 use allot_shared::{SystemClock, TransactionId};
+use reqwest::StatusCode;
 use sqlx::PgPool;
 use std::sync::Arc;
 
@@ -154,5 +155,56 @@ async fn concurrent_requests_share_messages_and_are_each_decided_once(pool: PgPo
         order_seqs(&app.pool, &today()).await,
         (1..=150).collect::<Vec<i64>>()
     );
+    app.shutdown().await;
+}
+
+/// Refused publishes (`allot_api_publishes_total{result="refused"}`): messages, not requests.
+async fn refused_messages(app: &TestApp) -> f64 {
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    sample(&metrics, r#"allot_api_publishes_total{result="refused"}"#)
+}
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn a_message_refused_by_the_queue_bound_refuses_every_request_in_it(pool: PgPool) {
+    let mut app = spawn_app(
+        pool,
+        Options {
+            queue_max_length: 2,
+            ..Options::without_worker()
+        },
+    )
+    .await;
+    let product = app.create_product("bounded", 100).await;
+    let accepted = [app.buy(1, product, 1).await, app.buy(2, product, 1).await];
+    assert_eq!(app.queue_depth(partition_of(product)).await, 2, "full");
+
+    // Concurrent requests share messages; rounds until one refused message carried several
+    // (requests refused > messages refused), each round checked in full.
+    let mut refused_requests = 0.0;
+    let mut rounds = 0;
+    while refused_requests <= refused_messages(&app).await {
+        rounds += 1;
+        assert!(rounds <= 5, "no refused message carried several requests");
+        let answers =
+            futures::future::join_all((0..20).map(|user| app.add_to_cart(100 + user, product, 1)))
+                .await;
+        for response in answers {
+            assert_eq!(response.headers()["retry-after"], "1");
+            assert_error(response, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
+            refused_requests += 1.0;
+        }
+        assert_eq!(
+            app.redis_key_count().await,
+            accepted.len(),
+            "refused requests leave no pending status"
+        );
+        assert_eq!(app.total_queue_depth().await, 2, "and nothing in the queue");
+    }
+
+    // Only the two accepted requests are ever decided.
+    let views = start_and_wait(&mut app, &accepted).await;
+    assert!(views.iter().all(|view| view["status"] == "succeeded"));
+    assert_eq!(app.count("SELECT count(*) FROM transactions").await, 2);
+    assert_eq!(app.product_stock(product).await, 98);
     app.shutdown().await;
 }

@@ -87,12 +87,18 @@ async fn a_group_numbers_its_batches_one_after_the_other(pool: PgPool) {
 
     assert_eq!(committed.len(), 2);
     assert_eq!(
-        (committed[0].outcome.succeeded, committed[0].outcome.rejected),
+        (
+            committed[0].outcome.succeeded,
+            committed[0].outcome.rejected
+        ),
         (2, 1),
         "the first batch: two units, three buyers"
     );
     assert_eq!(
-        (committed[1].outcome.succeeded, committed[1].outcome.rejected),
+        (
+            committed[1].outcome.succeeded,
+            committed[1].outcome.rejected
+        ),
         (2, 0)
     );
     let expected: Vec<(uuid::Uuid, i64)> = [&first[0], &first[1], &second[0], &second[1]]
@@ -131,7 +137,10 @@ async fn a_group_with_a_batch_that_cannot_commit_commits_nothing(pool: PgPool) {
     )
     .await;
 
-    assert!(result.is_err(), "the cursed product's write fails the group");
+    assert!(
+        result.is_err(),
+        "the cursed product's write fails the group"
+    );
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM transactions")
         .fetch_one(&pool)
         .await

@@ -160,3 +160,25 @@ async fn a_lost_notification_delays_the_answer_and_never_changes_it(pool: PgPool
     );
     app.shutdown().await;
 }
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn prefer_wait_is_capped_at_ten_seconds(pool: PgPool) {
+    let app = spawn_app(pool, Options::without_worker()).await;
+    let product = app.create_product("never decided", 1).await;
+
+    let started = Instant::now();
+    let response = add_to_cart_waiting(&app, product, "wait=600").await;
+    let waited = started.elapsed();
+    assert_eq!(response.status(), StatusCode::ACCEPTED, "still pending");
+    assert_eq!(applied(&response), None, "the wait ran out");
+    assert!(
+        waited >= Duration::from_secs(10),
+        "held for the cap ({waited:?})"
+    );
+    assert!(
+        waited < Duration::from_secs(14),
+        "not for the 600 s asked ({waited:?})"
+    );
+    assert_eq!(response.json::<Value>().await.unwrap()["status"], "pending");
+    app.shutdown().await;
+}
