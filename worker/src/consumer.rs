@@ -1,36 +1,18 @@
 //! The consumer loop of one partition: take what has arrived (up to a batch), unpack the batch
-//! envelopes into their requests, in order, let the [`Decider`] process them, retrying until it
-//! succeeds (or setting aside, alone, a request that fails every time, see [`crate::poison`]),
-//! then ack the whole batch at once (`multiple`). Never an ack before the commit.
-//!
-//! The queue has single-active-consumer: when several worker replicas run, RabbitMQ delivers a
-//! partition to one of them and keeps the others' consumers as standbys.
+//! envelopes into their items, in order, let the [`Decider`] process them, retrying until it
+//! succeeds (or setting aside, alone, an item that fails every time, see [`crate::poison`]),
+//! then ack the whole batch at once (`multiple`). Never an ack before the commit. The AMQP side
+//! is [`crate::broker`].
 
-use crate::decider::{Decider, Message};
+use crate::broker::{self, BatchSettings};
+use crate::decider::{Decider, Item};
 use crate::poison::{Failure, classify};
 use allot_shared::PartitionId;
 use allot_shared::amqp::Topology;
-use allot_shared::message::{self, COUNT_HEADER, ENVELOPE_TYPE};
-use anyhow::Context;
-use futures::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Consumer};
+use lapin::Channel;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-/// How a partition consumer batches.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchSettings {
-    /// Most messages per batch.
-    pub max_size: usize,
-    /// How long to wait for more messages after the first.
-    pub linger: Duration,
-    /// Messages RabbitMQ may have in flight to this consumer.
-    pub prefetch: u16,
-}
 
 /// Consumes `partition` on its own `channel` until `shutdown` is cancelled (`Ok`) or the
 /// connection fails (`Err`). A batch being processed is finished (committed and acked) first;
@@ -43,136 +25,19 @@ pub async fn consume_partition(
     settings: BatchSettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut consumer = subscribe(&channel, &topology, partition, settings.prefetch).await?;
+    let mut subscription = broker::subscribe(&channel, &topology, partition, settings).await?;
     loop {
-        let batch = tokio::select! {
+        let deliveries = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
-            batch = next_batch(&mut consumer, settings) => batch,
+            batch = subscription.next_batch() => batch?,
         };
-        let deliveries = match batch {
-            Ok(Some(deliveries)) => deliveries,
-            Ok(None) => anyhow::bail!("the consumer of partition {partition} was cancelled"),
-            // The connection dropped: the session ends and a fresh one subscribes again.
-            // Unacked deliveries go back to the queue and are decided (idempotently) again.
-            Err(err) => {
-                return Err(anyhow::Error::new(err).context(format!(
-                    "the consumer of partition {partition} was interrupted"
-                )));
-            }
-        };
-        if !process_until_done(&decider, partition, &deliveries, &shutdown).await {
+        let items = broker::items_of(&deliveries);
+        if !process_until_done(&decider, partition, &items, &shutdown).await {
             return Ok(()); // shutting down with the batch unacked: it will be redelivered
         }
-        ack_all(partition, &deliveries).await;
+        subscription.ack(&deliveries).await;
     }
-}
-
-async fn subscribe(
-    channel: &Channel,
-    topology: &Topology,
-    partition: PartitionId,
-    prefetch: u16,
-) -> anyhow::Result<Consumer> {
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .context("failed to set the prefetch")?;
-    topology.declare_queue(channel, partition).await?;
-    let queue = topology.queue(partition);
-    let tag = format!("allot-worker-{}-{}", std::process::id(), partition);
-    channel
-        .basic_consume(
-            queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("failed to consume {queue}"))
-}
-
-/// Waits for the next message, then takes whatever else arrives within the linger time, up to
-/// the batch size in requests (a message's envelope may carry many; the batch may end a message
-/// past the size). `Ok(None)` when the consumer ended.
-async fn next_batch(
-    consumer: &mut Consumer,
-    settings: BatchSettings,
-) -> lapin::Result<Option<Vec<Delivery>>> {
-    let Some(first) = consumer.next().await else {
-        return Ok(None);
-    };
-    let first = first?;
-    let mut requests = requests_in(&first);
-    let mut batch = vec![first];
-    let deadline = tokio::time::Instant::now() + settings.linger;
-    while requests < settings.max_size {
-        let next = match futures::FutureExt::now_or_never(consumer.next()) {
-            Some(next) => next,
-            None if settings.linger.is_zero() => break,
-            None => match tokio::time::timeout_at(deadline, consumer.next()).await {
-                Ok(next) => next,
-                Err(_elapsed) => break,
-            },
-        };
-        match next {
-            Some(delivery) => {
-                let delivery = delivery?;
-                requests += requests_in(&delivery);
-                batch.push(delivery);
-            }
-            None => break,
-        }
-    }
-    Ok(Some(batch))
-}
-
-/// The items of a batch of deliveries, in order: each envelope's requests (see
-/// [`allot_shared::message::items`]), each with the id it is set aside under.
-fn items_of(deliveries: &[Delivery]) -> Vec<(&[u8], Option<String>)> {
-    let mut items = Vec::with_capacity(deliveries.len());
-    for delivery in deliveries {
-        let message_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str());
-        let is_envelope = delivery
-            .properties
-            .kind()
-            .as_ref()
-            .map(|kind| kind.as_str())
-            == Some(ENVELOPE_TYPE);
-        let parts = if is_envelope {
-            message::items(&delivery.data)
-        } else {
-            vec![delivery.data.as_slice()]
-        };
-        for (index, body) in parts.into_iter().enumerate() {
-            let id = if is_envelope {
-                message_id.map(|id| format!("{id}#{index}"))
-            } else {
-                message_id.map(str::to_owned)
-            };
-            items.push((body, id));
-        }
-    }
-    items
-}
-
-/// How many requests a delivery carries, as its envelope's header says (1 without one).
-fn requests_in(delivery: &Delivery) -> usize {
-    let count = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|headers| headers.inner().get(COUNT_HEADER))
-        .and_then(|value| match value {
-            AMQPValue::LongLongInt(n) => usize::try_from(*n).ok(),
-            AMQPValue::LongInt(n) => usize::try_from(*n).ok(),
-            _ => None,
-        });
-    count.unwrap_or(1).max(1)
 }
 
 /// How often a batch, or a single message once a batch was split, may fail deterministically
@@ -197,18 +62,10 @@ enum Attempts {
 async fn process_until_done(
     decider: &Decider,
     partition: PartitionId,
-    deliveries: &[Delivery],
+    messages: &[Item<'_>],
     shutdown: &CancellationToken,
 ) -> bool {
-    let items = items_of(deliveries);
-    let messages: Vec<Message<'_>> = items
-        .iter()
-        .map(|(body, id)| Message {
-            body,
-            message_id: id.as_deref(),
-        })
-        .collect();
-    let err = match attempt(decider, partition, &messages, shutdown).await {
+    let err = match attempt(decider, partition, messages, shutdown).await {
         Attempts::Decided => return true,
         Attempts::ShuttingDown => return false,
         Attempts::KeepsFailing(err) => err,
@@ -216,7 +73,7 @@ async fn process_until_done(
     if messages.len() > 1 {
         tracing::warn!(%partition, size = messages.len(), error = %format_args!("{err:#}"), "batch keeps failing; retrying it message by message");
     }
-    for message in &messages {
+    for message in messages {
         let err = if messages.len() == 1 {
             format!("{err:#}")
         } else {
@@ -226,7 +83,7 @@ async fn process_until_done(
                 Attempts::KeepsFailing(err) => format!("{err:#}"),
             }
         };
-        if !set_aside_until_done(decider, partition, *message, &err, shutdown).await {
+        if !set_aside_until_done(decider, partition, message, &err, shutdown).await {
             return false;
         }
     }
@@ -238,7 +95,7 @@ async fn process_until_done(
 async fn attempt(
     decider: &Decider,
     partition: PartitionId,
-    messages: &[Message<'_>],
+    messages: &[Item<'_>],
     shutdown: &CancellationToken,
 ) -> Attempts {
     let mut pause = Duration::from_millis(50);
@@ -267,7 +124,7 @@ async fn attempt(
 async fn set_aside_until_done(
     decider: &Decider,
     partition: PartitionId,
-    message: Message<'_>,
+    message: &Item<'_>,
     reason: &str,
     shutdown: &CancellationToken,
 ) -> bool {
@@ -296,23 +153,4 @@ async fn pause_or_shutdown(pause: &mut Duration, shutdown: &CancellationToken) -
     }
     *pause = (*pause * 2).min(MAX_PAUSE);
     true
-}
-
-/// Acks every delivery of the batch with one `multiple` ack on the last one.
-async fn ack_all(partition: PartitionId, deliveries: &[Delivery]) {
-    let Some(last) = deliveries.last() else {
-        return;
-    };
-    // Bounded: on a connection that died unnoticed, an ack may never complete.
-    let ack = last.acker.ack(BasicAckOptions { multiple: true });
-    match tokio::time::timeout(Duration::from_secs(5), ack).await {
-        Ok(Ok(_)) => {}
-        // The batch is committed; if the ack is lost it is redelivered and replayed.
-        Ok(Err(err)) => {
-            tracing::warn!(%partition, error = %err, "could not ack a committed batch; it will be replayed");
-        }
-        Err(_elapsed) => {
-            tracing::warn!(%partition, "acking a committed batch timed out; it will be replayed");
-        }
-    }
 }

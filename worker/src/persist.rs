@@ -1,7 +1,13 @@
-//! One batch, one PostgreSQL transaction: lock the batch's product rows, load the outcomes
-//! already stored for its transaction ids, decide (in the pure core), reserve order numbers,
-//! write stock, outcomes and dead letters, commit. Nothing of a batch is visible unless all of
-//! it is.
+//! All of the worker's SQL. The statements of one batch run in one PostgreSQL transaction,
+//! which [`crate::decider`] opens and commits around the pure core: lock the batch's product
+//! rows, load the outcomes already stored for its transaction ids, (decide), reserve order
+//! numbers, write stock, outcomes and dead letters. Nothing of a batch is visible unless all of
+//! it is. Setting an item aside ([`insert_dead_letters`], [`reject_unprocessable`]) is the
+//! other writer.
+//!
+//! Every write is idempotent: a redelivered batch finds its stored outcomes and writes no new
+//! row (see [`insert_transactions`]), dead letters are keyed by their `message_id`, and a
+//! rejection as `unprocessable` leaves a stored outcome as it is.
 //!
 //! Correctness does not rest on RabbitMQ handing a partition to one worker: product rows are
 //! locked `FOR UPDATE` (so two deciders of the same product serialize, and restocks never lose
@@ -9,83 +15,33 @@
 //! transaction id refuses a second decision (the loser's transaction rolls back and its batch
 //! is retried, when it finds and replays the winner's outcome).
 
-use crate::core::{self, Decided, PartitionState};
+use crate::core::Decided;
 use allot_shared::stored::{self, StoredTransaction};
 use allot_shared::{
-    Outcome, PartitionId, ProductId, PurchaseRequest, Status, TransactionId, TransactionView,
+    Outcome, PartitionId, ProductId, PurchaseRequest, RejectReason, Status, TransactionId,
 };
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use std::collections::HashMap;
 use uuid::Uuid;
 
-/// A message that could not be parsed into a request; it is recorded in `dead_letters`.
+/// An item that could not be decided; it is recorded in `dead_letters`.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
+    /// The item's id (`<message_id>#<index>` for an envelope's item), its key in the table.
     pub message_id: Option<String>,
     pub body: Vec<u8>,
+    /// Why: the parse error, or the database's error for an item that failed every time.
     pub error: String,
 }
 
-/// What a committed batch did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct BatchOutcome {
-    /// New sales, each with a fresh order number.
-    pub succeeded: usize,
-    /// New rejections.
-    pub rejected: usize,
-    /// Requests decided before (redelivered or duplicated messages), replayed.
-    pub replayed: usize,
-    /// Unparseable messages set aside.
-    pub dead_lettered: usize,
-}
-
-/// The result of a committed batch: its counts, and the status of every transaction it
-/// touched, to publish.
-#[derive(Debug)]
-pub struct Committed {
-    pub outcome: BatchOutcome,
-    pub views: Vec<TransactionView>,
-}
-
-/// Decides and commits one batch. `decided_at` is the batch's moment; `day` the calendar day
-/// it falls on in the configured time zone.
-pub async fn commit_batch(
-    pool: &PgPool,
-    partition: PartitionId,
-    requests: &[PurchaseRequest],
-    dead_letters: &[DeadLetter],
-    decided_at: DateTime<Utc>,
-    day: NaiveDate,
-) -> anyhow::Result<Committed> {
-    let mut tx = pool
-        .begin()
-        .await
-        .context("failed to begin a transaction")?;
-
-    let (mut state, stored) = load_state(&mut tx, requests).await?;
-    let stock_before = state.stock.clone();
-    let decisions = core::decide(&mut state, requests);
-    let first_seq = reserve_order_numbers(&mut tx, day, decisions.sold()).await?;
-    let decided = decisions.number(day, first_seq);
-
-    write_stock(&mut tx, &stock_before, &state.stock).await?;
-    insert_transactions(&mut tx, partition, requests, &decided, decided_at).await?;
-    insert_dead_letters(&mut tx, partition, dead_letters).await?;
-    tx.commit().await.context("failed to commit")?;
-
-    let outcome = count(&decided, dead_letters.len());
-    let views = views(requests, &decided, &stored, decided_at)?;
-    Ok(Committed { outcome, views })
-}
-
-/// Locks the batch's products (in id order, so two lockers cannot deadlock) and reads their
-/// stock, then the outcomes already stored for its transaction ids.
-async fn load_state(
+/// Locks the batch's products (in id order, so two lockers cannot deadlock) and returns their
+/// stock. A product missing from the result does not exist.
+pub async fn lock_stock(
     conn: &mut PgConnection,
     requests: &[PurchaseRequest],
-) -> anyhow::Result<(PartitionState, HashMap<TransactionId, StoredTransaction>)> {
+) -> anyhow::Result<HashMap<ProductId, i64>> {
     let mut product_ids: Vec<i64> = requests.iter().map(|r| r.product_id.get()).collect();
     product_ids.sort_unstable();
     product_ids.dedup();
@@ -95,29 +51,30 @@ async fn load_state(
             .fetch_all(&mut *conn)
             .await
             .context("failed to lock the batch's products")?;
-    let stock = rows
-        .into_iter()
+    rows.into_iter()
         .map(|(id, units)| Ok((ProductId::try_from(id).map_err(anyhow::Error::msg)?, units)))
-        .collect::<anyhow::Result<_>>()?;
+        .collect()
+}
 
+/// The rows already stored for the batch's transaction ids (decided by an earlier delivery of
+/// the same request, or withdrawn by the API).
+pub async fn stored_outcomes(
+    conn: &mut PgConnection,
+    requests: &[PurchaseRequest],
+) -> anyhow::Result<HashMap<TransactionId, StoredTransaction>> {
     let ids: Vec<Uuid> = requests.iter().map(|r| r.transaction_id.0).collect();
-    let stored: HashMap<TransactionId, StoredTransaction> = stored::fetch_many(&mut *conn, &ids)
+    Ok(stored::fetch_many(&mut *conn, &ids)
         .await
         .context("failed to load stored outcomes")?
         .into_iter()
         .map(|row| (TransactionId(row.id), row))
-        .collect();
-    let decided = stored
-        .iter()
-        .map(|(id, row)| Ok((*id, row.outcome()?)))
-        .collect::<anyhow::Result<_>>()?;
-    Ok((PartitionState { stock, decided }, stored))
+        .collect())
 }
 
 /// Reserves `count` consecutive order numbers of `day` and returns the first. The counter row
 /// stays locked until commit, so numbers are handed out gaplessly across all partitions; it is
 /// taken last, to keep that lock short.
-async fn reserve_order_numbers(
+pub async fn reserve_order_numbers(
     conn: &mut PgConnection,
     day: NaiveDate,
     count: i64,
@@ -140,7 +97,7 @@ async fn reserve_order_numbers(
 
 /// Writes the new stock of every product the batch sold from. The rows are locked, so writing
 /// absolute values is safe.
-async fn write_stock(
+pub async fn write_stock(
     conn: &mut PgConnection,
     before: &HashMap<ProductId, i64>,
     after: &HashMap<ProductId, i64>,
@@ -165,8 +122,11 @@ async fn write_stock(
     Ok(())
 }
 
-/// Inserts the batch's new outcomes in one statement.
-async fn insert_transactions(
+/// Inserts the batch's new outcomes (those [`Decided::fresh`]) in one statement. No
+/// `ON CONFLICT`: a transaction id stored meanwhile means another decider won a race for it
+/// (a split brain); the conflict rolls this batch back, and its retry replays the winner's
+/// outcome instead of taking stock for it a second time.
+pub async fn insert_transactions(
     conn: &mut PgConnection,
     partition: PartitionId,
     requests: &[PurchaseRequest],
@@ -242,7 +202,9 @@ impl TransactionColumns {
     }
 }
 
-async fn insert_dead_letters(
+/// Records dead letters; one already recorded under the same `message_id` (a redelivery) is
+/// left as it is.
+pub async fn insert_dead_letters(
     conn: &mut PgConnection,
     partition: PartitionId,
     dead_letters: &[DeadLetter],
@@ -263,43 +225,32 @@ async fn insert_dead_letters(
     Ok(())
 }
 
-fn count(decided: &[Decided], dead_lettered: usize) -> BatchOutcome {
-    let mut outcome = BatchOutcome {
-        dead_lettered,
-        ..BatchOutcome::default()
-    };
-    for decision in decided {
-        match (decision.fresh, decision.outcome) {
-            (false, _) => outcome.replayed += 1,
-            (true, Outcome::Succeeded(_)) => outcome.succeeded += 1,
-            (true, Outcome::Rejected(_)) => outcome.rejected += 1,
-        }
-    }
-    outcome
-}
-
-/// The status of every distinct transaction of the batch: new outcomes from this batch,
-/// replays from what is stored (so a duplicate message can never change what clients see).
-fn views(
-    requests: &[PurchaseRequest],
-    decided: &[Decided],
-    stored: &HashMap<TransactionId, StoredTransaction>,
+/// Records `request` as rejected (`unprocessable`) unless it was decided already; returns the
+/// row that stands.
+pub async fn reject_unprocessable(
+    conn: &mut PgConnection,
+    partition: PartitionId,
+    request: &PurchaseRequest,
     decided_at: DateTime<Utc>,
-) -> anyhow::Result<Vec<TransactionView>> {
-    let mut views = Vec::with_capacity(requests.len());
-    for (request, decision) in requests.iter().zip(decided) {
-        if decision.fresh {
-            views.push(TransactionView::decided(
-                request,
-                decision.outcome,
-                decided_at,
-            ));
-        } else if let Some(row) = stored.get(&request.transaction_id) {
-            views.push(row.to_view()?);
-        } // else: an in-batch duplicate of a fresh request, whose view is already there
-    }
-    // A transaction stored earlier and repeated within this batch appears once.
-    let mut seen = std::collections::HashSet::with_capacity(views.len());
-    views.retain(|view| seen.insert(view.transaction_id));
-    Ok(views)
+) -> anyhow::Result<StoredTransaction> {
+    sqlx::query(
+        "INSERT INTO transactions (id, user_id, product_id, quantity, status, reason, partition, \
+                                   created_at, decided_at) \
+         VALUES ($1, $2, $3, $4, 'rejected', $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(request.transaction_id.0)
+    .bind(request.user_id.get())
+    .bind(request.product_id.get())
+    .bind(request.quantity.get())
+    .bind(RejectReason::Unprocessable.as_str())
+    .bind(i32::from(partition.0))
+    .bind(request.created_at)
+    .bind(decided_at)
+    .execute(&mut *conn)
+    .await
+    .context("failed to record an unprocessable transaction as rejected")?;
+    stored::fetch_one(&mut *conn, request.transaction_id)
+        .await
+        .context("failed to read back an unprocessable transaction")?
+        .context("an unprocessable transaction vanished")
 }
