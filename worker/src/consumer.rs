@@ -1,22 +1,26 @@
-//! The consumer loop of one partition: take what has arrived (up to a batch), unpack the batch
-//! envelopes into their items, in order, let the [`Decider`] process them, retrying until it
-//! succeeds (or setting aside, alone, an item that fails every time, see [`crate::poison`]),
-//! then ack the whole batch at once (`multiple`). Never an ack before the commit. The AMQP side
-//! is [`crate::broker`].
+//! The path of a partition's batches, top-down in [`consume_partition`]: take the deliveries
+//! that have arrived, unpack their batch envelopes into items, decide and commit them (one
+//! PostgreSQL transaction around the pure core), publish their statuses (Redis), ack. Never an
+//! ack before the commit. A failed attempt is retried, split or set aside as the pure
+//! [`retry::next_step`] says.
+//!
+//! Beside it: [`crate::broker`] (all of AMQP), [`crate::decider`] (the steps of a batch, with
+//! all SQL in [`crate::persist`] and the decisions in [`crate::core`]).
 
 use crate::broker::{self, BatchSettings};
 use crate::decider::{Decider, Item};
-use crate::poison::{Failure, classify};
+use crate::retry::{self, Attempts, Step};
 use allot_shared::PartitionId;
 use allot_shared::amqp::Topology;
 use lapin::Channel;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Consumes `partition` on its own `channel` until `shutdown` is cancelled (`Ok`) or the
 /// connection fails (`Err`). A batch being processed is finished (committed and acked) first;
-/// one still failing is left unacked for redelivery.
+/// one still failing when shutdown comes is left unacked, to be redelivered.
 pub async fn consume_partition(
     channel: Channel,
     topology: Topology,
@@ -27,130 +31,101 @@ pub async fn consume_partition(
 ) -> anyhow::Result<()> {
     let mut subscription = broker::subscribe(&channel, &topology, partition, settings).await?;
     loop {
+        // 1. Take the deliveries that have arrived, up to a batch.
         let deliveries = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
             batch = subscription.next_batch() => batch?,
         };
+        // 2. Unpack their envelopes into items, in arrival order.
         let items = broker::items_of(&deliveries);
-        if !process_until_done(&decider, partition, &items, &shutdown).await {
-            return Ok(()); // shutting down with the batch unacked: it will be redelivered
+
+        // The whole batch is one piece; a piece that keeps failing is split into its items.
+        let mut pieces = vec![Piece::new(0..items.len())]; // a stack: the next piece is last
+        while let Some(piece) = pieces.pop() {
+            let batch = &items[piece.range.clone()];
+            // 3. Decide and commit, in one PostgreSQL transaction; 4. publish the statuses.
+            let attempt = match decider.decide_and_commit(partition, batch).await {
+                Ok(committed) => decider.publish_statuses(partition, &committed.views).await,
+                Err(err) => Err(err),
+            };
+            let Err(err) = attempt else { continue };
+            let failure = retry::classify(&err);
+            let attempts = piece.attempts.and(failure);
+            match retry::next_step(failure, attempts, batch.len()) {
+                Step::Retry { after } => {
+                    tracing::warn!(%partition, size = batch.len(), ?failure, error = %format_args!("{err:#}"), retry_in = ?after, "batch failed; it will be retried");
+                    if !pause(after, &shutdown).await {
+                        return Ok(()); // unacked: it will be redelivered
+                    }
+                    pieces.push(Piece { attempts, ..piece });
+                }
+                Step::Split => {
+                    tracing::warn!(%partition, size = batch.len(), error = %format_args!("{err:#}"), "batch keeps failing; retrying it item by item");
+                    pieces.extend(piece.range.rev().map(|index| Piece::new(index..index + 1)));
+                }
+                Step::SetAside => {
+                    for item in batch {
+                        let reason = format!("{err:#}");
+                        if !set_aside(&decider, partition, item, &reason, &shutdown).await {
+                            return Ok(()); // unacked: it will be redelivered
+                        }
+                    }
+                }
+            }
         }
+
+        // 5. Every item is committed (or set aside) and published: ack them all at once.
         subscription.ack(&deliveries).await;
     }
 }
 
-/// How often a batch, or a single message once a batch was split, may fail deterministically
-/// before it is split, or set aside.
-const DETERMINISTIC_ATTEMPTS: u32 = 3;
-/// The longest pause between two attempts.
-const MAX_PAUSE: Duration = Duration::from_secs(2);
-
-/// How a series of attempts ended.
-enum Attempts {
-    Decided,
-    ShuttingDown,
-    /// Failed deterministically [`DETERMINISTIC_ATTEMPTS`] times; the last error.
-    KeepsFailing(anyhow::Error),
+/// Consecutive items of a batch tried as one, and how they failed so far.
+struct Piece {
+    range: Range<usize>,
+    attempts: Attempts,
 }
 
-/// Processes a batch until it is decided. Transient failures are retried forever with a
-/// capped backoff; a batch that keeps failing deterministically is split and retried request
-/// by request (in order), and a request that still keeps failing is set aside (dead letter,
-/// transaction rejected as `unprocessable`), so the partition moves on. Returns `false` if
-/// shutdown came first: the batch stays unacked and is redelivered.
-async fn process_until_done(
-    decider: &Decider,
-    partition: PartitionId,
-    messages: &[Item<'_>],
-    shutdown: &CancellationToken,
-) -> bool {
-    let err = match attempt(decider, partition, messages, shutdown).await {
-        Attempts::Decided => return true,
-        Attempts::ShuttingDown => return false,
-        Attempts::KeepsFailing(err) => err,
-    };
-    if messages.len() > 1 {
-        tracing::warn!(%partition, size = messages.len(), error = %format_args!("{err:#}"), "batch keeps failing; retrying it message by message");
-    }
-    for message in messages {
-        let err = if messages.len() == 1 {
-            format!("{err:#}")
-        } else {
-            match attempt(decider, partition, std::slice::from_ref(message), shutdown).await {
-                Attempts::Decided => continue,
-                Attempts::ShuttingDown => return false,
-                Attempts::KeepsFailing(err) => format!("{err:#}"),
-            }
-        };
-        if !set_aside_until_done(decider, partition, message, &err, shutdown).await {
-            return false;
-        }
-    }
-    true
-}
-
-/// Tries `messages` as one batch until it is decided, shutdown comes, or it failed
-/// deterministically [`DETERMINISTIC_ATTEMPTS`] times.
-async fn attempt(
-    decider: &Decider,
-    partition: PartitionId,
-    messages: &[Item<'_>],
-    shutdown: &CancellationToken,
-) -> Attempts {
-    let mut pause = Duration::from_millis(50);
-    let mut deterministic = 0;
-    loop {
-        let err = match decider.process_batch(partition, messages).await {
-            Ok(_) => return Attempts::Decided,
-            Err(err) => err,
-        };
-        let failure = classify(&err);
-        if failure == Failure::Deterministic {
-            deterministic += 1;
-            if deterministic >= DETERMINISTIC_ATTEMPTS {
-                return Attempts::KeepsFailing(err);
-            }
-        }
-        tracing::warn!(%partition, ?failure, error = %format_args!("{err:#}"), retry_in = ?pause, "batch failed; it will be retried");
-        if !pause_or_shutdown(&mut pause, shutdown).await {
-            return Attempts::ShuttingDown;
+impl Piece {
+    fn new(range: Range<usize>) -> Self {
+        Self {
+            range,
+            attempts: Attempts::default(),
         }
     }
 }
 
-/// Sets `message` aside, retrying (the database may be down) until it is recorded. `false` if
+/// Sets `item` aside, retrying (the database may be down) until it is recorded. `false` if
 /// shutdown came first.
-async fn set_aside_until_done(
+async fn set_aside(
     decider: &Decider,
     partition: PartitionId,
-    message: &Item<'_>,
+    item: &Item<'_>,
     reason: &str,
     shutdown: &CancellationToken,
 ) -> bool {
-    let mut pause = Duration::from_millis(50);
+    let mut failed = 0;
     loop {
-        match decider.set_aside(partition, message, reason).await {
+        let err = match decider.set_aside(partition, item, reason).await {
             Ok(()) => {
                 crate::monitor::record_set_aside();
                 return true;
             }
-            Err(err) => {
-                tracing::warn!(%partition, error = %format_args!("{err:#}"), retry_in = ?pause, "could not set a message aside; retrying");
-            }
-        }
-        if !pause_or_shutdown(&mut pause, shutdown).await {
+            Err(err) => err,
+        };
+        failed += 1;
+        let after = retry::pause(failed);
+        tracing::warn!(%partition, error = %format_args!("{err:#}"), retry_in = ?after, "could not set an item aside; retrying");
+        if !pause(after, shutdown).await {
             return false;
         }
     }
 }
 
-/// Sleeps `pause` (then doubles it, up to [`MAX_PAUSE`]); `false` if shutdown came first.
-async fn pause_or_shutdown(pause: &mut Duration, shutdown: &CancellationToken) -> bool {
+/// Sleeps `duration`; `false` if shutdown came first.
+async fn pause(duration: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
-        () = shutdown.cancelled() => return false,
-        () = tokio::time::sleep(*pause) => {}
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(duration) => true,
     }
-    *pause = (*pause * 2).min(MAX_PAUSE);
-    true
 }

@@ -8,7 +8,8 @@
 
 use crate::core::{self, Decided, PartitionState};
 use crate::persist::{self, DeadLetter};
-use crate::poison::{self, Failure};
+use crate::poison;
+use crate::retry::{self, Failure};
 use allot_shared::status_store::StatusStore;
 use allot_shared::stored::StoredTransaction;
 use allot_shared::{Clock, Outcome, PartitionId, PurchaseRequest, TransactionId, TransactionView};
@@ -186,7 +187,7 @@ impl Decider {
             .await
         {
             Ok(stored) => stored,
-            Err(err) if request.is_some() && poison::classify(&err) == Failure::Deterministic => {
+            Err(err) if request.is_some() && retry::classify(&err) == Failure::Deterministic => {
                 tracing::error!(error = %format_args!("{err:#}"), "the database refuses even the rejection; recording the dead letter alone, the transaction stays undecided");
                 self.record_set_aside(partition, &letter, None, decided_at)
                     .await?

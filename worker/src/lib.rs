@@ -2,7 +2,7 @@
 //! path of a batch read top-down) takes the partition's requests in arrival order, in batches
 //! ([`broker`], all of AMQP), decides them with the pure [`core`] in one PostgreSQL transaction
 //! per batch ([`decider`], with all SQL in [`persist`]), publishes the statuses to Redis and
-//! acks.
+//! acks. What follows a failed attempt is the pure [`retry`] policy.
 //!
 //! [`run`] is the whole worker; `main` only reads the configuration and calls it.
 
@@ -15,6 +15,7 @@ pub mod http;
 pub mod monitor;
 pub mod persist;
 pub mod poison;
+pub mod retry;
 
 use crate::broker::BatchSettings;
 use crate::consumer::consume_partition;

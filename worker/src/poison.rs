@@ -1,12 +1,7 @@
-//! Poison items: reading the requests out of a batch's items (one that does not parse becomes a
-//! dead letter, and [`salvage`] recovers the transaction it names, to reject it), and telling a
-//! failure that passes by itself (PostgreSQL restarting, a dropped connection, a pool timeout,
-//! Redis away) from one that comes back every time (a row the database refuses to write).
-//!
-//! A transient failure is retried forever: dead-lettering because PostgreSQL is down would turn
-//! an outage into lost sales. Only a failure the database itself reports as being about the
-//! data (SQLSTATE classes 22, 23 and P0) or a stored row that cannot be read counts as
-//! deterministic; everything else is assumed to pass.
+//! Poison items: reading the requests out of a batch's items. One that does not parse becomes
+//! a dead letter, and [`salvage`] recovers the transaction it names, if any can be read, so
+//! that it is rejected (`unprocessable`) instead of staying pending. What is done with an item
+//! that parses but fails every time is the retry policy's ([`crate::retry`]).
 
 use crate::decider::Item;
 use crate::persist::DeadLetter;
@@ -14,50 +9,7 @@ use allot_shared::clock::to_stored_precision;
 use allot_shared::{ProductId, PurchaseRequest, Quantity, TransactionId, UserId};
 use chrono::{DateTime, Utc};
 
-/// Whether retrying can help.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// Connection, I/O, pool, server shutdown, serialization or Redis trouble: retry.
-    Transient,
-    /// The same input fails the same way every time.
-    Deterministic,
-}
-
-/// Classifies the error of a failed batch by the first database or Redis error in its chain.
-/// An error with neither (a stored row that does not convert, a value that does not serialise)
-/// comes from the data, so it is deterministic.
-pub fn classify(err: &anyhow::Error) -> Failure {
-    for cause in err.chain() {
-        if let Some(db) = cause.downcast_ref::<sqlx::Error>() {
-            return classify_sqlx(db);
-        }
-        if cause.downcast_ref::<redis::RedisError>().is_some() {
-            return Failure::Transient;
-        }
-    }
-    Failure::Deterministic
-}
-
-fn classify_sqlx(err: &sqlx::Error) -> Failure {
-    match err {
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            // 22 data exception, 23 integrity constraint violation, P0 raised by PL/pgSQL.
-            if ["22", "23", "P0"]
-                .iter()
-                .any(|class| code.starts_with(class))
-            {
-                Failure::Deterministic
-            } else {
-                Failure::Transient
-            }
-        }
-        sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => Failure::Deterministic,
-        _ => Failure::Transient,
-    }
-}
-
-/// What can be recovered from a message that is not a valid [`PurchaseRequest`]: enough to
+/// What can be recovered from an item that is not a valid [`PurchaseRequest`]: enough to
 /// record its transaction as rejected (an id, and a user, product and quantity the schema
 /// accepts). `None` if any of them is missing; such a message never came from allot's API,
 /// which publishes only what it validated, so no client holds its id.
@@ -142,15 +94,5 @@ mod tests {
             "the schema refuses 0"
         );
         assert!(salvage(b"{not json", Some(id), now).is_none());
-    }
-
-    #[test]
-    fn errors_without_a_database_or_redis_cause_are_deterministic() {
-        let err = anyhow::anyhow!("a stored row is inconsistent");
-        assert_eq!(classify(&err), Failure::Deterministic);
-        let err = anyhow::Error::new(sqlx::Error::PoolTimedOut).context("failed to begin");
-        assert_eq!(classify(&err), Failure::Transient);
-        let err = anyhow::Error::new(sqlx::Error::Io(std::io::Error::other("reset")));
-        assert_eq!(classify(&err), Failure::Transient);
     }
 }
