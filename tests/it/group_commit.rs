@@ -4,8 +4,8 @@
 
 use crate::helpers::{partition_of, request};
 use allot_shared::{PartitionId, PurchaseRequest, SystemClock};
+use allot_worker::decider::{Batch, commit_batches};
 use allot_worker::group::GroupCommit;
-use allot_worker::persist::{self, Batch};
 use chrono::Utc;
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -41,11 +41,11 @@ async fn curse(pool: &PgPool, product: i64) {
     .unwrap();
 }
 
-fn batch<'a>(partition: PartitionId, requests: &'a [PurchaseRequest]) -> Batch<'a> {
+fn batch(partition: PartitionId, requests: &[PurchaseRequest]) -> Batch {
     Batch {
         partition,
-        requests,
-        dead_letters: &[],
+        requests: requests.to_vec(),
+        dead_letters: Vec::new(),
     }
 }
 
@@ -73,11 +73,11 @@ async fn a_group_numbers_its_batches_one_after_the_other(pool: PgPool) {
     let first: Vec<_> = (1..=3).map(|user| request(user, a, 1)).collect();
     let second: Vec<_> = (4..=5).map(|user| request(user, b, 1)).collect();
     let now = Utc::now();
-    let committed = persist::commit_group(
+    let committed = commit_batches(
         &pool,
         &[
-            batch(partition_of(a), &first),
-            batch(partition_of(b), &second),
+            &batch(partition_of(a), &first),
+            &batch(partition_of(b), &second),
         ],
         now,
         now.date_naive(),
@@ -126,11 +126,11 @@ async fn a_group_with_a_batch_that_cannot_commit_commits_nothing(pool: PgPool) {
     let fine = vec![request(1, good, 1)];
     let poisoned = vec![request(2, cursed, 1)];
     let now = Utc::now();
-    let result = persist::commit_group(
+    let result = commit_batches(
         &pool,
         &[
-            batch(partition_of(good), &fine),
-            batch(partition_of(cursed), &poisoned),
+            &batch(partition_of(good), &fine),
+            &batch(partition_of(cursed), &poisoned),
         ],
         now,
         now.date_naive(),
@@ -164,11 +164,11 @@ async fn a_batch_that_cannot_commit_fails_alone_and_its_group_mates_commit(pool:
 
     // Sent together, so that (usually) they share a group; either way the outcome is the same.
     let (committed, failed) = tokio::join!(
-        group.commit(partition_of(good), fine.clone(), Vec::new()),
-        group.commit(partition_of(cursed), poisoned, Vec::new()),
+        group.commit(batch(partition_of(good), &fine)),
+        group.commit(batch(partition_of(cursed), &poisoned)),
     );
 
-    let (committed, _decided_at) = committed.expect("the good batch commits");
+    let committed = committed.expect("the good batch commits");
     assert_eq!(committed.outcome.succeeded, 2);
     assert!(failed.is_err(), "the cursed batch fails, alone");
     let expected: Vec<(uuid::Uuid, i64)> = fine

@@ -10,7 +10,7 @@ use allot_shared::{
 };
 use allot_worker::WorkerConfig;
 use allot_worker::decider::Decider;
-use allot_worker::decider::Message;
+use allot_worker::decider::Item;
 use chrono::Utc;
 use clap::Parser;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
@@ -579,16 +579,16 @@ pub async fn process(
     decider: &Decider,
     partition: PartitionId,
     requests: &[PurchaseRequest],
-) -> anyhow::Result<allot_worker::persist::BatchOutcome> {
+) -> anyhow::Result<allot_worker::decider::BatchOutcome> {
     let bodies: Vec<Vec<u8>> = requests.iter().map(PurchaseRequest::to_json).collect();
-    let messages: Vec<Message<'_>> = bodies
+    let items: Vec<Item<'_>> = bodies
         .iter()
-        .map(|body| Message {
+        .map(|body| Item {
             body,
             message_id: None,
         })
         .collect();
-    decider.process_batch(partition, &messages).await
+    decider.process_batch(partition, &items).await
 }
 
 pub async fn insert_product(pool: &PgPool, stock: i64) -> i64 {

@@ -15,16 +15,13 @@
 //! conflict with another worker process) fails alone and takes its usual path (retry, split,
 //! set aside; see [`crate::consumer`]).
 
-use crate::persist::{self, Batch, Committed, DeadLetter};
-use allot_shared::{Clock, PartitionId, PurchaseRequest};
+use crate::decider::{self, Batch, Committed};
+use allot_shared::Clock;
 use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
 use sqlx::PgPool;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
-
-/// A committed batch, and the moment it was decided at.
-pub type Settled = (Committed, DateTime<Utc>);
 
 /// The handle the partition consumers share; the committer task ends when it is dropped.
 pub struct GroupCommit {
@@ -34,10 +31,8 @@ pub struct GroupCommit {
 
 /// One batch waiting for a commit, and where its result goes.
 struct Job {
-    partition: PartitionId,
-    requests: Vec<PurchaseRequest>,
-    dead_letters: Vec<DeadLetter>,
-    answer: oneshot::Sender<anyhow::Result<Settled>>,
+    batch: Batch,
+    answer: oneshot::Sender<anyhow::Result<Committed>>,
 }
 
 /// What a commit needs.
@@ -62,26 +57,15 @@ impl GroupCommit {
 
     /// Decides and commits one partition's batch, together with whatever other partitions'
     /// batches are waiting at the same time.
-    pub async fn commit(
-        &self,
-        partition: PartitionId,
-        requests: Vec<PurchaseRequest>,
-        dead_letters: Vec<DeadLetter>,
-    ) -> anyhow::Result<Settled> {
+    pub async fn commit(&self, batch: Batch) -> anyhow::Result<Committed> {
         let (answer, answered) = oneshot::channel();
-        let job = Job {
-            partition,
-            requests,
-            dead_letters,
-            answer,
-        };
-        match self.jobs.send(job) {
+        match self.jobs.send(Job { batch, answer }) {
             Ok(()) => match answered.await {
                 Ok(result) => result,
                 Err(_) => anyhow::bail!("the group committer stopped before answering"),
             },
-            // The committer task is gone (it never should be): commit alone, as before.
-            Err(mpsc::error::SendError(job)) => self.committer.commit_alone(&job).await,
+            // The committer task is gone (it never should be): commit alone.
+            Err(mpsc::error::SendError(job)) => self.committer.commit_alone(&job.batch).await,
         }
     }
 }
@@ -99,51 +83,40 @@ impl Committer {
 
     /// Commits `group` in one transaction; if that fails, each of its batches alone.
     async fn commit_group(&self, group: Vec<Job>) {
-        if group.len() == 1 {
+        metrics::histogram!("allot_worker_group_batches").record(group.len() as f64);
+        if let [job] = group.as_slice() {
+            let result = self.commit_alone(&job.batch).await;
             let job = group.into_iter().next().expect("one job");
-            let result = self.commit_alone(&job).await;
             let _ = job.answer.send(result);
             return;
         }
         let (decided_at, day) = self.moment();
-        let batches: Vec<Batch<'_>> = group.iter().map(Job::batch).collect();
-        metrics::histogram!("allot_worker_group_batches").record(batches.len() as f64);
-        match persist::commit_group(&self.pool, &batches, decided_at, day).await {
+        let batches: Vec<&Batch> = group.iter().map(|job| &job.batch).collect();
+        match decider::commit_batches(&self.pool, &batches, decided_at, day).await {
             Ok(committed) => {
                 for (job, committed) in group.into_iter().zip(committed) {
-                    let _ = job.answer.send(Ok((committed, decided_at)));
+                    let _ = job.answer.send(Ok(committed));
                 }
             }
             Err(err) => {
                 tracing::debug!(batches = group.len(), error = %format_args!("{err:#}"), "a group commit failed; committing its batches one by one");
                 for job in group {
-                    let result = self.commit_alone(&job).await;
+                    let result = self.commit_alone(&job.batch).await;
                     let _ = job.answer.send(result);
                 }
             }
         }
     }
 
-    async fn commit_alone(&self, job: &Job) -> anyhow::Result<Settled> {
+    async fn commit_alone(&self, batch: &Batch) -> anyhow::Result<Committed> {
         let (decided_at, day) = self.moment();
-        let mut committed =
-            persist::commit_group(&self.pool, &[job.batch()], decided_at, day).await?;
-        Ok((committed.remove(0), decided_at))
+        let mut committed = decider::commit_batches(&self.pool, &[batch], decided_at, day).await?;
+        Ok(committed.remove(0))
     }
 
     /// Now, and the calendar day it falls on in the configured time zone.
     fn moment(&self) -> (DateTime<Utc>, NaiveDate) {
         let now = self.clock.now();
         (now, now.with_timezone(&self.timezone).date_naive())
-    }
-}
-
-impl Job {
-    fn batch(&self) -> Batch<'_> {
-        Batch {
-            partition: self.partition,
-            requests: &self.requests,
-            dead_letters: &self.dead_letters,
-        }
     }
 }

@@ -1,10 +1,12 @@
-//! `allot-worker`: decides purchase requests. One consumer per partition takes the partition's
-//! requests in arrival order, in batches, decides them with the pure [`core`], commits each batch
-//! in one PostgreSQL transaction ([`persist`]), publishes the statuses to Redis and acks
-//! ([`consumer`]).
+//! `allot-worker`: decides purchase requests. One consumer per partition ([`consumer`], the
+//! path of a batch read top-down) takes the partition's requests in arrival order, in batches
+//! ([`broker`], all of AMQP), decides them with the pure [`core`] in one PostgreSQL transaction
+//! per batch ([`decider`], with all SQL in [`persist`]), publishes the statuses to Redis and
+//! acks. What follows a failed attempt is the pure [`retry`] policy.
 //!
 //! [`run`] is the whole worker; `main` only reads the configuration and calls it.
 
+pub mod broker;
 pub mod config;
 pub mod consumer;
 pub mod core;
@@ -14,8 +16,10 @@ pub mod http;
 pub mod monitor;
 pub mod persist;
 pub mod poison;
+pub mod retry;
 
-use crate::consumer::{BatchSettings, consume_partition};
+use crate::broker::BatchSettings;
+use crate::consumer::consume_partition;
 use crate::decider::Decider;
 use allot_shared::{Clock, amqp};
 use anyhow::Context;

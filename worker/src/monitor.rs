@@ -4,7 +4,7 @@
 //! messages, not those delivered and still unacked). A growing depth means the workers fall
 //! behind; the gauge is what to alert on before `x-max-length` turns requests into 503s.
 
-use crate::persist::BatchOutcome;
+use crate::decider::BatchOutcome;
 use allot_shared::amqp::Topology;
 use lapin::Connection;
 use metrics_exporter_prometheus::PrometheusHandle;

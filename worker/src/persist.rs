@@ -1,7 +1,16 @@
-//! One group of batches (one batch per partition, see [`crate::group`]), one PostgreSQL
-//! transaction: lock the product rows, load the outcomes already stored for the transaction
-//! ids, decide each batch (in the pure core), reserve order numbers, write stock, outcomes and
-//! dead letters, commit. Nothing of a batch is visible unless all of it is.
+//! All of the worker's SQL. The statements of a group of batches (one per partition, see
+//! [`crate::group`]) run in one PostgreSQL transaction, which [`crate::decider`] opens and
+//! commits around the pure core: lock the product rows, load the outcomes already stored for
+//! the transaction ids, (decide), reserve order numbers, write stock, outcomes and dead
+//! letters. Nothing of a batch is visible unless all of it is.
+//!
+//! The set statements (`= ANY($1)`, `UNNEST`) run with `.persistent(false)`, planned for each
+//! call: see the module documentation of `allot_shared::db`. Setting an item aside ([`insert_dead_letters`], [`reject_unprocessable`]) is the
+//! other writer.
+//!
+//! Every write is idempotent: a redelivered batch finds its stored outcomes and writes no new
+//! row (see [`insert_transactions`]), dead letters are keyed by their `message_id`, and a
+//! rejection as `unprocessable` leaves a stored outcome as it is.
 //!
 //! Correctness does not rest on RabbitMQ handing a partition to one worker: product rows are
 //! locked `FOR UPDATE` (so two deciders of the same product serialize, and restocks never lose
@@ -9,148 +18,67 @@
 //! transaction id refuses a second decision (the loser's transaction rolls back and its batch
 //! is retried, when it finds and replays the winner's outcome).
 
-use crate::core::{self, Decided, PartitionState};
+use crate::core::Decided;
 use allot_shared::stored::{self, StoredTransaction};
 use allot_shared::{
-    Outcome, PartitionId, ProductId, PurchaseRequest, Status, TransactionId, TransactionView,
+    Outcome, PartitionId, ProductId, PurchaseRequest, RejectReason, Status, TransactionId,
 };
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use std::collections::HashMap;
 use uuid::Uuid;
 
-/// A message that could not be parsed into a request; it is recorded in `dead_letters`.
+/// An item that could not be decided; it is recorded in `dead_letters`.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
+    /// The item's id (`<message_id>#<index>` for an envelope's item), its key in the table.
     pub message_id: Option<String>,
     pub body: Vec<u8>,
+    /// Why: the parse error, or the database's error for an item that failed every time.
     pub error: String,
 }
 
-/// What a committed batch did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct BatchOutcome {
-    /// New sales, each with a fresh order number.
-    pub succeeded: usize,
-    /// New rejections.
-    pub rejected: usize,
-    /// Requests decided before (redelivered or duplicated messages), replayed.
-    pub replayed: usize,
-    /// Unparseable messages set aside.
-    pub dead_lettered: usize,
-}
-
-/// The result of a committed batch: its counts, and the status of every transaction it
-/// touched, to publish.
-#[derive(Debug)]
-pub struct Committed {
-    pub outcome: BatchOutcome,
-    pub views: Vec<TransactionView>,
-}
-
-/// One partition's batch, as a part of a group commit.
-#[derive(Debug, Clone, Copy)]
-pub struct Batch<'a> {
-    pub partition: PartitionId,
-    pub requests: &'a [PurchaseRequest],
-    pub dead_letters: &'a [DeadLetter],
-}
-
-/// Decides and commits the batches of several partitions in one database transaction (a group
-/// commit): one lock of the day's order counter and one WAL flush for all of them, where one
-/// transaction per batch would queue every partition behind the counter row, each holding it
-/// through its own flush. Each batch is decided by the core on its own, in the order given, so
-/// the outcome is the one of committing the batches one after the other; order numbers are
-/// handed out batch after batch in that order. Either every batch is committed or none is.
-pub async fn commit_group(
-    pool: &PgPool,
-    batches: &[Batch<'_>],
-    decided_at: DateTime<Utc>,
-    day: NaiveDate,
-) -> anyhow::Result<Vec<Committed>> {
-    let mut tx = pool
-        .begin()
-        .await
-        .context("failed to begin a transaction")?;
-
-    let all: Vec<&PurchaseRequest> = batches.iter().flat_map(|b| b.requests).collect();
-    let (mut state, stored) = load_state(&mut tx, &all).await?;
-    let stock_before = state.stock.clone();
-    let decisions: Vec<core::Decisions> = batches
-        .iter()
-        .map(|batch| core::decide(&mut state, batch.requests))
-        .collect();
-    let sold = decisions.iter().map(core::Decisions::sold).sum();
-    let mut next_seq = reserve_order_numbers(&mut tx, day, sold).await?;
-    let decided: Vec<Vec<Decided>> = decisions
-        .iter()
-        .map(|decisions| {
-            let numbered = decisions.number(day, next_seq);
-            next_seq += decisions.sold();
-            numbered
-        })
-        .collect();
-
-    write_stock(&mut tx, &stock_before, &state.stock).await?;
-    insert_transactions(&mut tx, batches, &decided, decided_at).await?;
-    for batch in batches {
-        insert_dead_letters(&mut tx, batch.partition, batch.dead_letters).await?;
-    }
-    tx.commit().await.context("failed to commit")?;
-
-    batches
-        .iter()
-        .zip(&decided)
-        .map(|(batch, decided)| {
-            Ok(Committed {
-                outcome: count(decided, batch.dead_letters.len()),
-                views: views(batch.requests, decided, &stored, decided_at)?,
-            })
-        })
-        .collect()
-}
-
-/// Locks the batch's products (in id order, so two lockers cannot deadlock) and reads their
-/// stock, then the outcomes already stored for its transaction ids.
-async fn load_state(
+/// Locks the batch's products (in id order, so two lockers cannot deadlock) and returns their
+/// stock. A product missing from the result does not exist.
+pub async fn lock_stock(
     conn: &mut PgConnection,
-    requests: &[&PurchaseRequest],
-) -> anyhow::Result<(PartitionState, HashMap<TransactionId, StoredTransaction>)> {
+    requests: &[PurchaseRequest],
+) -> anyhow::Result<HashMap<ProductId, i64>> {
     let mut product_ids: Vec<i64> = requests.iter().map(|r| r.product_id.get()).collect();
     product_ids.sort_unstable();
     product_ids.dedup();
     let rows: Vec<(i64, i64)> =
         sqlx::query_as("SELECT id, stock FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
             .bind(&product_ids)
-            // Planned for each call, as every set statement here: see `allot_shared::db`.
             .persistent(false)
             .fetch_all(&mut *conn)
             .await
             .context("failed to lock the batch's products")?;
-    let stock = rows
-        .into_iter()
+    rows.into_iter()
         .map(|(id, units)| Ok((ProductId::try_from(id).map_err(anyhow::Error::msg)?, units)))
-        .collect::<anyhow::Result<_>>()?;
+        .collect()
+}
 
+/// The rows already stored for the batch's transaction ids (decided by an earlier delivery of
+/// the same request, or withdrawn by the API).
+pub async fn stored_outcomes(
+    conn: &mut PgConnection,
+    requests: &[PurchaseRequest],
+) -> anyhow::Result<HashMap<TransactionId, StoredTransaction>> {
     let ids: Vec<Uuid> = requests.iter().map(|r| r.transaction_id.0).collect();
-    let stored: HashMap<TransactionId, StoredTransaction> = stored::fetch_many(&mut *conn, &ids)
+    Ok(stored::fetch_many(&mut *conn, &ids)
         .await
         .context("failed to load stored outcomes")?
         .into_iter()
         .map(|row| (TransactionId(row.id), row))
-        .collect();
-    let decided = stored
-        .iter()
-        .map(|(id, row)| Ok((*id, row.outcome()?)))
-        .collect::<anyhow::Result<_>>()?;
-    Ok((PartitionState { stock, decided }, stored))
+        .collect())
 }
 
 /// Reserves `count` consecutive order numbers of `day` and returns the first. The counter row
 /// stays locked until commit, so numbers are handed out gaplessly across all partitions; it is
 /// taken last, to keep that lock short.
-async fn reserve_order_numbers(
+pub async fn reserve_order_numbers(
     conn: &mut PgConnection,
     day: NaiveDate,
     count: i64,
@@ -173,7 +101,7 @@ async fn reserve_order_numbers(
 
 /// Writes the new stock of every product the batch sold from. The rows are locked, so writing
 /// absolute values is safe.
-async fn write_stock(
+pub async fn write_stock(
     conn: &mut PgConnection,
     before: &HashMap<ProductId, i64>,
     after: &HashMap<ProductId, i64>,
@@ -199,17 +127,20 @@ async fn write_stock(
     Ok(())
 }
 
-/// Inserts the new outcomes of every batch in one statement.
-async fn insert_transactions(
+/// Inserts the new outcomes (those [`Decided::fresh`]) of every batch of a group, given as
+/// `(partition, request, decision)`, in one statement. No
+/// `ON CONFLICT`: a transaction id stored meanwhile means another decider won a race for it
+/// (a split brain); the conflict rolls this batch back, and its retry replays the winner's
+/// outcome instead of taking stock for it a second time.
+pub async fn insert_transactions<'a>(
     conn: &mut PgConnection,
-    batches: &[Batch<'_>],
-    decided: &[Vec<Decided>],
+    decided: impl IntoIterator<Item = (PartitionId, &'a PurchaseRequest, &'a Decided)>,
     decided_at: DateTime<Utc>,
 ) -> anyhow::Result<()> {
     let mut rows = TransactionColumns::default();
-    for (batch, decided) in batches.iter().zip(decided) {
-        for (request, decision) in batch.requests.iter().zip(decided).filter(|(_, d)| d.fresh) {
-            rows.push(batch.partition, request, decision.outcome);
+    for (partition, request, decision) in decided {
+        if decision.fresh {
+            rows.push(partition, request, decision.outcome);
         }
     }
     if rows.ids.is_empty() {
@@ -279,7 +210,9 @@ impl TransactionColumns {
     }
 }
 
-async fn insert_dead_letters(
+/// Records dead letters; one already recorded under the same `message_id` (a redelivery) is
+/// left as it is.
+pub async fn insert_dead_letters(
     conn: &mut PgConnection,
     partition: PartitionId,
     dead_letters: &[DeadLetter],
@@ -300,43 +233,32 @@ async fn insert_dead_letters(
     Ok(())
 }
 
-fn count(decided: &[Decided], dead_lettered: usize) -> BatchOutcome {
-    let mut outcome = BatchOutcome {
-        dead_lettered,
-        ..BatchOutcome::default()
-    };
-    for decision in decided {
-        match (decision.fresh, decision.outcome) {
-            (false, _) => outcome.replayed += 1,
-            (true, Outcome::Succeeded(_)) => outcome.succeeded += 1,
-            (true, Outcome::Rejected(_)) => outcome.rejected += 1,
-        }
-    }
-    outcome
-}
-
-/// The status of every distinct transaction of the batch: new outcomes from this batch,
-/// replays from what is stored (so a duplicate message can never change what clients see).
-fn views(
-    requests: &[PurchaseRequest],
-    decided: &[Decided],
-    stored: &HashMap<TransactionId, StoredTransaction>,
+/// Records `request` as rejected (`unprocessable`) unless it was decided already; returns the
+/// row that stands.
+pub async fn reject_unprocessable(
+    conn: &mut PgConnection,
+    partition: PartitionId,
+    request: &PurchaseRequest,
     decided_at: DateTime<Utc>,
-) -> anyhow::Result<Vec<TransactionView>> {
-    let mut views = Vec::with_capacity(requests.len());
-    for (request, decision) in requests.iter().zip(decided) {
-        if decision.fresh {
-            views.push(TransactionView::decided(
-                request,
-                decision.outcome,
-                decided_at,
-            ));
-        } else if let Some(row) = stored.get(&request.transaction_id) {
-            views.push(row.to_view()?);
-        } // else: an in-batch duplicate of a fresh request, whose view is already there
-    }
-    // A transaction stored earlier and repeated within this batch appears once.
-    let mut seen = std::collections::HashSet::with_capacity(views.len());
-    views.retain(|view| seen.insert(view.transaction_id));
-    Ok(views)
+) -> anyhow::Result<StoredTransaction> {
+    sqlx::query(
+        "INSERT INTO transactions (id, user_id, product_id, quantity, status, reason, partition, \
+                                   created_at, decided_at) \
+         VALUES ($1, $2, $3, $4, 'rejected', $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(request.transaction_id.0)
+    .bind(request.user_id.get())
+    .bind(request.product_id.get())
+    .bind(request.quantity.get())
+    .bind(RejectReason::Unprocessable.as_str())
+    .bind(i32::from(partition.0))
+    .bind(request.created_at)
+    .bind(decided_at)
+    .execute(&mut *conn)
+    .await
+    .context("failed to record an unprocessable transaction as rejected")?;
+    stored::fetch_one(&mut *conn, request.transaction_id)
+        .await
+        .context("failed to read back an unprocessable transaction")?
+        .context("an unprocessable transaction vanished")
 }

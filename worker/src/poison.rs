@@ -1,65 +1,15 @@
-//! Poison messages: telling a failure that passes by itself (PostgreSQL restarting, a dropped
-//! connection, a pool timeout, Redis away) from one that comes back every time (a row the
-//! database refuses to write), and setting aside a message that keeps failing, so that its
-//! partition moves on.
-//!
-//! A transient failure is retried forever: dead-lettering because PostgreSQL is down would turn
-//! an outage into lost sales. Only a failure the database itself reports as being about the
-//! data (SQLSTATE classes 22, 23 and P0) or a stored row that cannot be read counts as
-//! deterministic; everything else is assumed to pass.
+//! Poison items: reading the requests out of a batch's items. One that does not parse becomes
+//! a dead letter, and [`salvage`] recovers the transaction it names, if any can be read, so
+//! that it is rejected (`unprocessable`) instead of staying pending. What is done with an item
+//! that parses but fails every time is the retry policy's ([`crate::retry`]).
 
+use crate::decider::Item;
 use crate::persist::DeadLetter;
 use allot_shared::clock::to_stored_precision;
-use allot_shared::stored::{self, StoredTransaction};
-use allot_shared::{PartitionId, ProductId, PurchaseRequest, Quantity, TransactionId, UserId};
-use anyhow::Context;
+use allot_shared::{ProductId, PurchaseRequest, Quantity, TransactionId, UserId};
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
-/// Whether retrying can help.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// Connection, I/O, pool, server shutdown, serialization or Redis trouble: retry.
-    Transient,
-    /// The same input fails the same way every time.
-    Deterministic,
-}
-
-/// Classifies the error of a failed batch by the first database or Redis error in its chain.
-/// An error with neither (a stored row that does not convert, a value that does not serialise)
-/// comes from the data, so it is deterministic.
-pub fn classify(err: &anyhow::Error) -> Failure {
-    for cause in err.chain() {
-        if let Some(db) = cause.downcast_ref::<sqlx::Error>() {
-            return classify_sqlx(db);
-        }
-        if cause.downcast_ref::<redis::RedisError>().is_some() {
-            return Failure::Transient;
-        }
-    }
-    Failure::Deterministic
-}
-
-fn classify_sqlx(err: &sqlx::Error) -> Failure {
-    match err {
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            // 22 data exception, 23 integrity constraint violation, P0 raised by PL/pgSQL.
-            if ["22", "23", "P0"]
-                .iter()
-                .any(|class| code.starts_with(class))
-            {
-                Failure::Deterministic
-            } else {
-                Failure::Transient
-            }
-        }
-        sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => Failure::Deterministic,
-        _ => Failure::Transient,
-    }
-}
-
-/// What can be recovered from a message that is not a valid [`PurchaseRequest`]: enough to
+/// What can be recovered from an item that is not a valid [`PurchaseRequest`]: enough to
 /// record its transaction as rejected (an id, and a user, product and quantity the schema
 /// accepts). `None` if any of them is missing; such a message never came from allot's API,
 /// which publishes only what it validated, so no client holds its id.
@@ -87,64 +37,37 @@ pub fn salvage(
     })
 }
 
-/// Sets a message aside in one database transaction: its dead letter with the reason, and, if
-/// it names a transaction, that transaction as rejected (`unprocessable`) unless it was decided
-/// already. Returns the transaction's stored row, to publish its status.
-pub async fn record_set_aside(
-    pool: &PgPool,
-    partition: PartitionId,
-    letter: &DeadLetter,
-    request: Option<&PurchaseRequest>,
-    decided_at: DateTime<Utc>,
-) -> anyhow::Result<Option<StoredTransaction>> {
-    let mut tx = pool.begin().await.context("failed to begin")?;
-    sqlx::query(
-        "INSERT INTO dead_letters (partition, message_id, body, error) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (message_id) DO NOTHING",
-    )
-    .bind(i32::from(partition.0))
-    .bind(&letter.message_id)
-    .bind(&letter.body)
-    .bind(&letter.error)
-    .execute(&mut *tx)
-    .await
-    .context("failed to record a dead letter")?;
-    let stored = match request {
-        Some(request) => Some(reject_unprocessable(&mut tx, partition, request, decided_at).await?),
-        None => None,
-    };
-    tx.commit().await.context("failed to commit")?;
-    Ok(stored)
+/// Splits items into the requests they carry and the unreadable rest, in order.
+pub fn parse(items: &[Item<'_>]) -> (Vec<PurchaseRequest>, Vec<DeadLetter>) {
+    let mut requests = Vec::with_capacity(items.len());
+    let mut dead_letters = Vec::new();
+    for item in items {
+        match PurchaseRequest::from_json(item.body) {
+            Ok(mut request) => {
+                // Stored to the microsecond: keep the published status identical to the row.
+                request.created_at = to_stored_precision(request.created_at);
+                requests.push(request);
+            }
+            Err(err) => dead_letters.push(DeadLetter {
+                message_id: item.message_id.clone(),
+                body: item.body.to_vec(),
+                error: err.to_string(),
+            }),
+        }
+    }
+    (requests, dead_letters)
 }
 
-/// Records `request` as rejected (`unprocessable`) unless it was decided already; returns the
-/// row that stands.
-pub async fn reject_unprocessable(
-    conn: &mut sqlx::PgConnection,
-    partition: PartitionId,
-    request: &PurchaseRequest,
-    decided_at: DateTime<Utc>,
-) -> anyhow::Result<StoredTransaction> {
-    sqlx::query(
-        "INSERT INTO transactions (id, user_id, product_id, quantity, status, reason, partition, \
-                                   created_at, decided_at) \
-         VALUES ($1, $2, $3, $4, 'rejected', $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(request.transaction_id.0)
-    .bind(request.user_id.get())
-    .bind(request.product_id.get())
-    .bind(request.quantity.get())
-    .bind(allot_shared::RejectReason::Unprocessable.as_str())
-    .bind(i32::from(partition.0))
-    .bind(request.created_at)
-    .bind(decided_at)
-    .execute(&mut *conn)
-    .await
-    .context("failed to record an unprocessable transaction as rejected")?;
-    stored::fetch_one(&mut *conn, request.transaction_id)
-        .await
-        .context("failed to read back an unprocessable transaction")?
-        .context("an unprocessable transaction vanished")
+/// The request an item that keeps failing names, if it can be read at all: the item itself
+/// when it parses, else what [`salvage`] recovers.
+pub fn request_named_by(item: &Item<'_>, now: DateTime<Utc>) -> Option<PurchaseRequest> {
+    PurchaseRequest::from_json(item.body)
+        .ok()
+        .map(|mut request| {
+            request.created_at = to_stored_precision(request.created_at);
+            request
+        })
+        .or_else(|| salvage(item.body, item.message_id.as_deref(), now))
 }
 
 #[cfg(test)]
@@ -171,15 +94,5 @@ mod tests {
             "the schema refuses 0"
         );
         assert!(salvage(b"{not json", Some(id), now).is_none());
-    }
-
-    #[test]
-    fn errors_without_a_database_or_redis_cause_are_deterministic() {
-        let err = anyhow::anyhow!("a stored row is inconsistent");
-        assert_eq!(classify(&err), Failure::Deterministic);
-        let err = anyhow::Error::new(sqlx::Error::PoolTimedOut).context("failed to begin");
-        assert_eq!(classify(&err), Failure::Transient);
-        let err = anyhow::Error::new(sqlx::Error::Io(std::io::Error::other("reset")));
-        assert_eq!(classify(&err), Failure::Transient);
     }
 }

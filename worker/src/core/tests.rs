@@ -6,6 +6,8 @@ use chrono::{DateTime, Utc};
 use proptest::prelude::*;
 use std::collections::HashSet;
 
+mod envelopes;
+
 fn day() -> NaiveDate {
     NaiveDate::from_ymd_opt(2026, 11, 22).unwrap()
 }
