@@ -462,3 +462,115 @@ async fn mget(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::Request;
+    use std::time::Instant;
+
+    fn row(user: i64, status: &str, reason: Option<&str>) -> Stored {
+        Stored {
+            id: Uuid::new_v4(),
+            user_id: user,
+            product_id: 1,
+            status: status.into(),
+            reason: reason.map(str::to_owned),
+        }
+    }
+
+    fn said(ledger: &mut Ledger, user: i64, said: Said) {
+        ledger.requests.insert(user, Request { product: 1, said });
+    }
+
+    /// Each kind of broken promise is found; what is allowed is counted, not reported.
+    #[test]
+    fn requests_are_judged_by_what_their_client_was_told() {
+        let start = Instant::now();
+        let later = start + Duration::from_secs(10);
+        let mut ledger = Ledger::default();
+        ledger.api_killed(
+            start + Duration::from_secs(5),
+            start + Duration::from_secs(6),
+        );
+        let cut = Said::Lost {
+            sent: start + Duration::from_secs(4),
+            gave_up: start + Duration::from_secs(5),
+        };
+        let not_cut = Said::Lost {
+            sent: start,
+            gave_up: start + Duration::from_secs(1),
+        };
+        said(&mut ledger, 1, Said::Refused);
+        said(&mut ledger, 2, Said::Refused);
+        said(&mut ledger, 3, Said::SoldOut);
+        said(&mut ledger, 4, Said::Invalid);
+        said(&mut ledger, 5, cut);
+        said(&mut ledger, 6, cut);
+        said(&mut ledger, 7, not_cut);
+        said(&mut ledger, 8, cut);
+        said(
+            &mut ledger,
+            9,
+            Said::Lost {
+                sent: later,
+                gave_up: later,
+            },
+        );
+        let stored = [
+            row(1, "succeeded", None),
+            row(2, "rejected", Some("not_accepted")),
+            row(3, "rejected", Some("out_of_stock")),
+            row(4, "succeeded", None),
+            row(5, "succeeded", None),
+            row(6, "rejected", Some("not_accepted")),
+            row(7, "succeeded", None),
+            row(8, "rejected", Some("out_of_stock")),
+            row(8, "succeeded", None),
+            row(100, "succeeded", None),
+        ];
+        let mut violations = Vec::new();
+        let found = check_requests(&ledger, &stored, &mut violations);
+        let has = |what: &str| violations.iter().any(|v| v.contains(what));
+        assert!(has("1 requests answered 503 were sold"), "{violations:#?}");
+        assert!(has(
+            "1 requests answered sold out (200, final) were recorded"
+        ));
+        assert!(has("1 requests answered 422 were recorded"));
+        assert!(has(
+            "1 requests whose answer was lost while no API was killed were recorded"
+        ));
+        assert!(has("1 requests have more than one outcome, e.g. user 8: 2"));
+        assert!(has("1 successes belong to no request a client sent"));
+        assert_eq!(violations.len(), 6, "{violations:#?}");
+        assert_eq!(found.summary.lost, 5);
+        assert_eq!(found.summary.cut, 3);
+        assert_eq!(
+            (
+                found.summary.sold,
+                found.summary.rejected,
+                found.summary.withdrawn
+            ),
+            (2, 1, 1)
+        );
+        assert_eq!(found.summary.refused_withdrawn, 1);
+        assert_eq!(found.demand.get(&1), Some(&3));
+        assert_eq!(found.decided.len(), 3);
+    }
+
+    /// Nothing to report when every row is what its client was told.
+    #[test]
+    fn a_clean_ledger_has_no_violations() {
+        let mut ledger = Ledger::default();
+        let id = Uuid::new_v4();
+        ledger.accept(id, 1);
+        said(&mut ledger, 1, Said::Accepted(id));
+        said(&mut ledger, 2, Said::Refused);
+        let mut accepted = row(1, "succeeded", None);
+        accepted.id = id;
+        let mut violations = Vec::new();
+        let found = check_requests(&ledger, &[accepted], &mut violations);
+        assert!(violations.is_empty(), "{violations:#?}");
+        assert_eq!(found.summary.cut, 0);
+    }
+}
