@@ -12,7 +12,7 @@ use uuid::Uuid;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How one `addToCart` was answered.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Answer {
     /// 202 with a pending transaction and a matching `Location`.
     Accepted(Uuid),

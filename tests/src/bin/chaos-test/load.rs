@@ -4,14 +4,59 @@
 //!
 //! During an outage the fault marks (broker or Redis down), a request sent after the outage
 //! began and answered before it ended must not get a 202: the ledger records a violation.
+//!
+//! Every request the chaos test sends through the API carries a user id of its own (from
+//! [`Users`]), so a row in `transactions` tells which request it came from even when the client
+//! never learnt its transaction id (a 503, a sold-out answer, an answer lost to a `kill -9`).
 
 use crate::api::{Answer, Api};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use uuid::Uuid;
+
+/// Hands out user ids, one per request for the whole run.
+#[derive(Debug)]
+pub struct Users(AtomicI64);
+
+impl Default for Users {
+    fn default() -> Users {
+        Users(AtomicI64::new(1))
+    }
+}
+
+impl Users {
+    pub fn next(&self) -> i64 {
+        self.0.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// What the client of one request (one user id) was told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Said {
+    /// 202 with this transaction id.
+    Accepted(Uuid),
+    /// 503: not taken, never to be sold.
+    Refused,
+    /// 200 sold out, final: nothing recorded.
+    SoldOut,
+    /// 422: nothing recorded.
+    Invalid,
+    /// No answer: sent at `sent`, given up at `gave_up`.
+    Lost { sent: Instant, gave_up: Instant },
+    /// An answer that broke a promise (already a violation).
+    Unexpected,
+}
+
+/// One request a client sent through the API.
+#[derive(Debug, Clone, Copy)]
+pub struct Request {
+    pub product: i64,
+    pub said: Said,
+}
 
 /// Everything the clients were answered, since the start of the run.
 #[derive(Debug, Default)]
@@ -20,12 +65,18 @@ pub struct Ledger {
     pub accepted: HashMap<Uuid, i64>,
     /// 202s per product.
     pub demand: HashMap<i64, u64>,
+    /// Every request sent through the API, by its user id (each has its own).
+    pub requests: HashMap<i64, Request>,
     pub refused: u64,
     pub queue_full: u64,
     /// Sold-out answers per product.
     pub sold_out: HashMap<i64, u64>,
     pub invalid: u64,
-    pub no_answer: u64,
+    /// Requests without an answer, per product.
+    pub lost: HashMap<i64, u64>,
+    /// Every `kill -9` of the API: just before the signal, and once the process was gone. Only a
+    /// request in flight across one may have been decided without its client seeing the answer.
+    pub api_kills: Vec<(Instant, Instant)>,
     /// Slowest 503 seen during a marked outage.
     pub slowest_outage_refusal: Duration,
     pub violations: Vec<String>,
@@ -45,9 +96,10 @@ impl Ledger {
         self.outage_since = down.then(Instant::now);
     }
 
-    pub fn record(&mut self, product: i64, sent: Instant, answer: Answer) {
+    /// Records the answer to the request of `user` (a fresh user id from [`Users`]).
+    pub fn record(&mut self, user: i64, product: i64, sent: Instant, answer: Answer) {
         let in_outage = self.outage_since.is_some_and(|since| sent >= since);
-        match answer {
+        let said = match answer {
             Answer::Accepted(id) => {
                 if in_outage {
                     self.violations.push(format!(
@@ -55,6 +107,7 @@ impl Ledger {
                     ));
                 }
                 self.accept(id, product);
+                Said::Accepted(id)
             }
             Answer::Refused { queue_full } => {
                 self.refused += 1;
@@ -62,12 +115,57 @@ impl Ledger {
                 if in_outage {
                     self.slowest_outage_refusal = self.slowest_outage_refusal.max(sent.elapsed());
                 }
+                Said::Refused
             }
-            Answer::SoldOut => *self.sold_out.entry(product).or_default() += 1,
-            Answer::Invalid => self.invalid += 1,
-            Answer::Unanswered => self.no_answer += 1,
-            Answer::Unexpected(what) => self.violations.push(format!("unexpected answer: {what}")),
+            Answer::SoldOut => {
+                *self.sold_out.entry(product).or_default() += 1;
+                Said::SoldOut
+            }
+            Answer::Invalid => {
+                self.invalid += 1;
+                Said::Invalid
+            }
+            Answer::Unanswered => {
+                *self.lost.entry(product).or_default() += 1;
+                Said::Lost {
+                    sent,
+                    gave_up: Instant::now(),
+                }
+            }
+            Answer::Unexpected(what) => {
+                self.violations.push(format!("unexpected answer: {what}"));
+                Said::Unexpected
+            }
+        };
+        if self
+            .requests
+            .insert(user, Request { product, said })
+            .is_some()
+        {
+            self.violations
+                .push(format!("the chaos test sent two requests as user {user}"));
         }
+    }
+
+    /// Records a `kill -9` of the API: `before` just before the signal, `after` once it was gone.
+    pub fn api_killed(&mut self, before: Instant, after: Instant) {
+        self.api_kills.push((before, after));
+    }
+
+    /// Whether a request sent at `sent` and given up at `gave_up` was in flight across a
+    /// `kill -9` of the API.
+    pub fn cut_by_kill(&self, sent: Instant, gave_up: Instant) -> bool {
+        (self.api_kills.iter()).any(|&(before, after)| sent <= after && gave_up >= before)
+    }
+
+    /// The requests in flight across the kill `(before, after)`, by user id.
+    pub fn cut_by(&self, before: Instant, after: Instant) -> Vec<i64> {
+        (self.requests.iter())
+            .filter(|(_, request)| {
+                matches!(request.said, Said::Lost { sent, gave_up } if sent <= after && gave_up >= before)
+            })
+            .map(|(user, _)| *user)
+            .collect()
     }
 
     pub fn reset_outage_stats(&mut self) {
@@ -82,7 +180,7 @@ impl Ledger {
             queue_full: self.queue_full,
             sold_out: self.sold_out.values().sum(),
             invalid: self.invalid,
-            no_answer: self.no_answer,
+            no_answer: self.lost.values().sum(),
         }
     }
 }
@@ -133,26 +231,25 @@ pub struct Load {
 }
 
 impl Load {
-    /// Starts `clients` buyers over `products`. User ids start at `first_user` (so every run
-    /// phase has its own).
+    /// Starts `clients` buyers over `products`, each request with a fresh user id from `users`.
     pub fn start(
         api: Arc<Api>,
         ledger: Arc<Mutex<Ledger>>,
+        users: Arc<Users>,
         products: Arc<[i64]>,
         clients: usize,
-        first_user: i64,
     ) -> Load {
         let (stop, stopped) = watch::channel(false);
         let mut set = JoinSet::new();
         for client in 0..clients {
-            let (api, ledger, products, stopped) = (
+            let (api, ledger, users, products, stopped) = (
                 api.clone(),
                 ledger.clone(),
+                users.clone(),
                 products.clone(),
                 stopped.clone(),
             );
-            let user_base = first_user + client as i64 * 1_000_000;
-            set.spawn(buyer(api, ledger, products, stopped, client, user_base));
+            set.spawn(buyer(api, ledger, users, products, stopped, client));
         }
         Load { stop, clients: set }
     }
@@ -166,20 +263,19 @@ impl Load {
 async fn buyer(
     api: Arc<Api>,
     ledger: Arc<Mutex<Ledger>>,
+    users: Arc<Users>,
     products: Arc<[i64]>,
     stopped: watch::Receiver<bool>,
     client: usize,
-    user_base: i64,
 ) {
     let mut n: usize = 0;
     while !*stopped.borrow() {
         n += 1;
         let product = products[(client + n) % products.len()];
         let quantity = if n.is_multiple_of(25) { 0 } else { 1 };
+        let user = users.next();
         let sent = Instant::now();
-        let answer = api
-            .add_to_cart(user_base + n as i64, product, quantity)
-            .await;
+        let answer = api.add_to_cart(user, product, quantity).await;
         let pause = matches!(
             answer,
             Answer::Unanswered | Answer::Refused { .. } | Answer::SoldOut
@@ -187,7 +283,7 @@ async fn buyer(
         ledger
             .lock()
             .expect("ledger lock")
-            .record(product, sent, answer);
+            .record(user, product, sent, answer);
         if pause {
             // What a well-behaved client does with a 503, a refused connection or a sold-out
             // product (shortened): waits a little before trying again.

@@ -3,19 +3,25 @@
 //! PostgreSQL (and the statuses in Redis):
 //!
 //! - every id that got a 202 has exactly one final outcome, and none was withdrawn;
-//! - every success is an id that got a 202 (so nothing refused or unanswered was sold);
+//! - request by request (each carries a user id of its own, so its row is found even without
+//!   its transaction id): no request answered 503 was sold, none answered sold out or 422 was
+//!   recorded, no request has two outcomes, and a request whose answer was lost has an outcome
+//!   only if a `kill -9` of the API cut it; so every success is a 202 or such a request;
 //! - no stock below zero; per product, units sold == min(demand, initial stock + restocks) and
-//!   the stock left is the supply minus the units sold;
+//!   the stock left is the supply minus the units sold (demand: the 202s, and the requests a
+//!   kill cut that a worker decided);
+//! - every Redis status is the stored final one (of the 202s and of those requests);
 //! - each day's order numbers are exactly 1..N, no gap, no duplicate, N the day's counter, and
 //!   only successes are numbered;
-//! - every Redis status is the stored final one;
 //! - bad input (every 25th request) is answered 422 `invalid_body` throughout, and no 202 is
 //!   given while the broker or Redis is down.
 //!
 //! The faults: worker `kill -9` (the other replica takes over, the killed one comes back as a
 //! standby), a rolling SIGTERM restart of the workers, RabbitMQ stopped and started, PostgreSQL
 //! stopped (or killed) and started, Redis stopped and started, a flood against bounded queues,
-//! poison messages, SIGTERM to the API, duplicated messages.
+//! poison messages, SIGTERM to the API, `kill -9` of the API while batches are in flight (3
+//! times, 8 in the long form, with 32 more clients on products that never sell out, so every
+//! partition has a message awaiting its confirm), duplicated messages.
 //!
 //! It starts its own services through `deploy/local.sh` (state folder `--state`, port offset
 //! `--port-offset`, both its own) and spawns `allot-api` and two `allot-worker`s from the folder
@@ -148,10 +154,10 @@ async fn run(args: &Args, services: Services) -> Result<usize> {
     let mut system = System::start(args, services)
         .await
         .context("starting the system")?;
-    let (kills, restarts, down) = if args.long {
-        (6, 2, Duration::from_secs(6))
+    let (kills, restarts, down, api_kills) = if args.long {
+        (6, 2, Duration::from_secs(6), 8)
     } else {
-        (2, 1, Duration::from_secs(3))
+        (2, 1, Duration::from_secs(3), 3)
     };
     let mut violations = 0;
     macro_rules! phase {
@@ -221,6 +227,10 @@ async fn run(args: &Args, services: Services) -> Result<usize> {
     phase!(
         "API SIGTERM during the sale, then restarted",
         faults::api_restart(&mut system).await
+    );
+    phase!(
+        format!("API kill -9 while batches are in flight, {api_kills} times, restarted each time"),
+        faults::api_crash(&mut system, api_kills).await
     );
     phase!(
         "duplicates: decided messages published again, fresh ones twice",

@@ -6,7 +6,7 @@ use crate::api::Api;
 use crate::apps::{App, AppEnv, Role};
 use crate::broker::Broker;
 use crate::check::{self, Catalogue};
-use crate::load::{Counts, Ledger, Load};
+use crate::load::{Counts, Ledger, Load, Users};
 use crate::services::Services;
 use allot_shared::ProductId;
 use allot_shared::amqp::Topology;
@@ -31,6 +31,8 @@ pub struct System {
     pub pool: PgPool,
     pub redis: redis::aio::ConnectionManager,
     pub ledger: Arc<Mutex<Ledger>>,
+    /// The user id of every request sent, one each.
+    pub users: Arc<Users>,
     pub catalogue: Catalogue,
     pub products: Arc<[i64]>,
     /// One product per partition that the load never buys, with more stock than any run
@@ -51,6 +53,8 @@ pub struct Phase {
     demand: HashMap<i64, u64>,
     /// Sold-out answers per product before the phase.
     sold_out: HashMap<i64, u64>,
+    /// Unanswered requests per product before the phase.
+    lost: HashMap<i64, u64>,
     started: Instant,
 }
 
@@ -129,6 +133,7 @@ impl System {
             pool,
             redis,
             ledger: Arc::default(),
+            users: Arc::default(),
             catalogue: Catalogue {
                 supply: Default::default(),
                 cursed: 0,
@@ -184,20 +189,27 @@ impl System {
         Ok(system)
     }
 
-    /// Orders one unit of `product` for `user`, records the answer in the ledger and returns
-    /// the transaction id if it was accepted.
-    pub async fn order(&self, user: i64, product: i64) -> Option<uuid::Uuid> {
-        let sent = Instant::now();
-        let answer = self.api.add_to_cart(user, product, 1).await;
-        let id = match answer {
+    /// Orders one unit of `product` for a fresh user, records the answer in the ledger and
+    /// returns the transaction id if it was accepted.
+    pub async fn order(&self, product: i64) -> Option<uuid::Uuid> {
+        let answer = self.order_answer(product).await;
+        match answer {
             crate::api::Answer::Accepted(id) => Some(id),
             _ => None,
-        };
+        }
+    }
+
+    /// Orders one unit of `product` for a fresh user, records the answer in the ledger and
+    /// returns it.
+    pub async fn order_answer(&self, product: i64) -> crate::api::Answer {
+        let user = self.users.next();
+        let sent = Instant::now();
+        let answer = self.api.add_to_cart(user, product, 1).await;
         self.ledger
             .lock()
             .expect("ledger")
-            .record(product, sent, answer);
-        id
+            .record(user, product, sent, answer.clone());
+        answer
     }
 
     /// Waits until `/readyz` answers 200.
@@ -275,12 +287,13 @@ impl System {
                 .get_mut(product)
                 .expect("a sale product") += self.restock;
         }
-        let (counts, demand, sold_out) = {
+        let (counts, demand, sold_out, lost) = {
             let ledger = self.ledger.lock().expect("ledger");
             (
                 ledger.counts(),
                 ledger.demand.clone(),
                 ledger.sold_out.clone(),
+                ledger.lost.clone(),
             )
         };
         println!(
@@ -293,14 +306,15 @@ impl System {
         self.load = Some(Load::start(
             self.api.clone(),
             self.ledger.clone(),
+            self.users.clone(),
             self.products.clone(),
             self.clients,
-            self.phase * 100_000_000,
         ));
         Ok(Phase {
             counts,
             demand,
             sold_out,
+            lost,
             started: Instant::now(),
         })
     }
@@ -314,7 +328,9 @@ impl System {
             let short = {
                 let ledger = self.ledger.lock().expect("ledger");
                 // Every phase sells out: its own demand reaches its restock, so at its end the
-                // stock is 0 and units sold == min(demand, supply) is tested at its edge.
+                // stock is 0 and units sold == min(demand, supply) is tested at its edge. A
+                // request whose answer a `kill -9` of the API lost may have been sold: it counts
+                // as possible demand (the check counts it if it reached the database).
                 let this_phase = |of: &HashMap<i64, u64>, before: &HashMap<i64, u64>, product| {
                     of.get(product).copied().unwrap_or(0)
                         - before.get(product).copied().unwrap_or(0)
@@ -322,8 +338,9 @@ impl System {
                 self.products.iter().any(|product| {
                     let demand = this_phase(&ledger.demand, &phase.demand, product);
                     let sold_out = this_phase(&ledger.sold_out, &phase.sold_out, product);
+                    let lost = this_phase(&ledger.lost, &phase.lost, product);
                     let restock = self.restock as u64;
-                    demand < restock || (demand < restock + 5 && sold_out == 0)
+                    demand + lost < restock || (demand < restock + 5 && sold_out == 0)
                 })
             };
             if !short || Instant::now() > deadline {

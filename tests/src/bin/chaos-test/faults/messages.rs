@@ -1,7 +1,6 @@
 //! Faults in what reaches the queues: a flood against the bounded queues, poison messages,
 //! duplicated messages.
 
-use crate::api::Answer;
 use crate::apps::Role;
 use crate::check;
 use crate::load::Load;
@@ -24,9 +23,9 @@ pub async fn flood(system: &mut System, max_length: i64) -> Result<Vec<String>> 
     let flood = Load::start(
         system.api.clone(),
         system.ledger.clone(),
+        system.users.clone(),
         system.products.clone(),
         FLOOD_CLIENTS,
-        900_000_000_000,
     );
     let started = Instant::now();
     let broker = system.broker().await?;
@@ -86,7 +85,7 @@ pub async fn poison(system: &mut System) -> Result<Vec<String>> {
         .publish(partition, b"\x00chaos: not even JSON", None)
         .await?;
     let salvageable = TransactionId::new().0;
-    let body = serde_json::json!({"transaction_id": salvageable, "user_id": 7, "product_id": cursed,
+    let body = serde_json::json!({"transaction_id": salvageable, "user_id": system.users.next(), "product_id": cursed,
                                   "quantity": 1, "created_at": "not a time"});
     broker
         .publish(
@@ -103,17 +102,10 @@ pub async fn poison(system: &mut System) -> Result<Vec<String>> {
         .accept(salvageable, cursed);
 
     let mut ids = vec![salvageable];
-    for user in 0..10 {
-        let sent = Instant::now();
-        let answer = system.api.add_to_cart(500 + user, cursed, 1).await;
-        if let Answer::Accepted(id) = &answer {
-            ids.push(*id);
+    for _ in 0..10 {
+        if let Some(id) = system.order(cursed).await {
+            ids.push(id);
         }
-        system
-            .ledger
-            .lock()
-            .expect("ledger")
-            .record(cursed, sent, answer);
     }
     let took = check::wait_decided(&system.pool, &ids, Duration::from_secs(120)).await?;
     let letters: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
@@ -195,7 +187,7 @@ pub async fn duplicates(system: &mut System) -> Result<Vec<String>> {
         let product = system.products[n % system.products.len()];
         let request = PurchaseRequest {
             transaction_id: TransactionId::new(),
-            user_id: UserId::try_from(800_000_000 + n as i64).map_err(anyhow::Error::msg)?,
+            user_id: UserId::try_from(system.users.next()).map_err(anyhow::Error::msg)?,
             product_id: ProductId::try_from(product).map_err(anyhow::Error::msg)?,
             quantity: Quantity::try_from(1).map_err(anyhow::Error::msg)?,
             created_at: chrono::Utc::now(),

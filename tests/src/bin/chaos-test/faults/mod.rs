@@ -10,7 +10,7 @@ mod processes;
 
 pub use messages::{duplicates, flood, poison};
 pub use outages::{broker_restart, postgres_restart, redis_restart};
-pub use processes::{api_restart, worker_crash, worker_rolling_restart};
+pub use processes::{api_crash, api_restart, worker_crash, worker_rolling_restart};
 
 use std::time::Duration;
 

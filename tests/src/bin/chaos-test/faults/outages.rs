@@ -58,7 +58,7 @@ async fn outage(
     let (mut probes, mut sold_out, mut slowest) = (0, 0, Duration::ZERO);
     while down_since.elapsed() < down_for {
         let sent = Instant::now();
-        let answer = system.api.add_to_cart(1, system.probes[0], 1).await;
+        let answer = system.order_answer(system.probes[0]).await;
         let took = sent.elapsed();
         probes += 1;
         match (&answer, refuses) {
@@ -74,11 +74,6 @@ async fn outage(
         if refuses && took > Duration::from_secs(2) {
             violations.push(format!("{service} down: a 503 took {took:?}"));
         }
-        system
-            .ledger
-            .lock()
-            .expect("ledger")
-            .record(system.probes[0], sent, answer);
         // Reads of decided transactions fall back to whichever store is up.
         if let Some(id) = decided {
             match system.api.transaction(id).await {
@@ -104,7 +99,7 @@ async fn outage(
     let back = Instant::now();
     // Recovery: a fresh request is accepted and decided again.
     let recovered = loop {
-        if let Some(id) = system.order(2, system.probes[0]).await {
+        if let Some(id) = system.order(system.probes[0]).await {
             check::wait_decided(&system.pool, &[id], Duration::from_secs(60)).await?;
             break back.elapsed();
         }

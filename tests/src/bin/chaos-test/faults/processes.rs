@@ -1,12 +1,18 @@
 //! Faults of allot's own processes: a worker killed (SIGKILL) or restarted (SIGTERM), the API
-//! restarted (SIGTERM).
+//! restarted (SIGTERM) or killed (SIGKILL) while messages are in flight.
 
 use super::under_load;
 use crate::apps::Role;
 use crate::check;
+use crate::load::Load;
 use crate::system::System;
 use anyhow::Result;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Extra clients of the API crash fault. They buy the probe products, which never sell out, so
+/// every partition's lane has a message awaiting its confirm at almost any moment.
+const CRASH_CLIENTS: usize = 32;
 
 /// Fault 1 and 2 of the issue: Two workers; `kill -9` one mid-sale (alternating), check that the other takes
 /// its partitions over within seconds, then bring it back (it joins as a standby).
@@ -41,9 +47,9 @@ pub async fn worker_crash(system: &mut System, rounds: usize) -> Result<Vec<Stri
 async fn every_partition_decides(system: &System, deadline: Duration) -> Result<Option<Duration>> {
     let started = Instant::now();
     let mut ids = Vec::new();
-    for (n, &product) in system.probes.iter().enumerate() {
+    for &product in &system.probes {
         loop {
-            if let Some(id) = system.order(3 + n as i64, product).await {
+            if let Some(id) = system.order(product).await {
                 ids.push(id);
                 break;
             }
@@ -82,4 +88,83 @@ pub async fn api_restart(system: &mut System) -> Result<Vec<String>> {
     let took = system.wait_ready(Duration::from_secs(60)).await?;
     println!("    API ready again after {:.2} s", took.as_secs_f64());
     Ok(Vec::new())
+}
+
+/// The issue's "kill -9 of the API while batches are in flight": `kill -9` the API `kills`
+/// times while extra clients buy the probe products (which never sell out, so each partition's
+/// lane keeps a message awaiting its confirm), start it again each time and wait until it is
+/// ready. The requests in flight across a kill lose their answer; after the phase the checks
+/// prove, request by request (each has its own user id), that each of them ended in at most one
+/// outcome, that every 202 is decided once and that nothing refused was sold. Here: that the
+/// kills did cut messages in flight (requests whose answer was lost, decided by a worker after
+/// all), and that nothing is left in a queue.
+pub async fn api_crash(system: &mut System, kills: usize) -> Result<Vec<String>> {
+    let mut violations = Vec::new();
+    let load = Load::start(
+        system.api.clone(),
+        system.ledger.clone(),
+        system.users.clone(),
+        Arc::from(system.probes.clone()),
+        CRASH_CLIENTS,
+    );
+    let mut cut = Vec::new();
+    for round in 0..kills {
+        // A different moment of the lanes' publish-confirm cycles each time.
+        under_load(Duration::from_millis(700 + 250 * (round % 4) as u64)).await;
+        let before = Instant::now();
+        system.kill(Role::Api).await?;
+        let after = Instant::now();
+        (system.ledger.lock().expect("ledger")).api_killed(before, after);
+        system.spawn(Role::Api).await?;
+        let ready = system.wait_ready(Duration::from_secs(60)).await?;
+        // Every request cut by the kill was told so at once (connection reset), long before the
+        // API was ready again.
+        let in_flight = (system.ledger.lock().expect("ledger")).cut_by(before, after);
+        println!(
+            "    {} requests in flight lost their answer; API ready again after {:.2} s",
+            in_flight.len(),
+            ready.as_secs_f64()
+        );
+        cut.extend(in_flight);
+    }
+    under_load(Duration::from_millis(500)).await;
+    load.stop().await;
+
+    // Whatever reached the broker is decided: the queues empty.
+    let broker = system.broker().await?;
+    let started = Instant::now();
+    while broker.deepest_queue().await? > 0 {
+        if started.elapsed() > Duration::from_secs(60) {
+            violations.push("the partition queues were not empty 60 s after the last kill".into());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    broker.close().await;
+    // A kill that caught messages in flight leaves requests without an answer that a worker
+    // decided (their message was in the broker when the API died). The last batch may still be
+    // committing: wait a little for the first.
+    let mut decided: i64 = 0;
+    while decided == 0 && started.elapsed() < Duration::from_secs(70) {
+        decided = sqlx::query_scalar(
+            "SELECT count(*) FROM transactions WHERE user_id = ANY($1) AND reason IS DISTINCT FROM 'not_accepted'",
+        )
+        .bind(&cut)
+        .fetch_one(&system.pool)
+        .await?;
+        if decided == 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    println!(
+        "    {} requests cut by {kills} kills, {decided} of them decided by a worker (their message was in the broker)",
+        cut.len()
+    );
+    if decided == 0 {
+        violations.push(format!(
+            "none of the {} requests cut by the kills reached a worker: no kill caught a message in flight",
+            cut.len()
+        ));
+    }
+    Ok(violations)
 }
