@@ -110,6 +110,8 @@ pub fn install_metrics() -> PrometheusHandle {
         // `increment(0)`, not `absolute(0)`: the registry is per process, and may already count.
         metrics::counter!("allot_api_publishes_total", "result" => result).increment(0);
     }
+    // Registered (an empty histogram renders at 0), nothing recorded.
+    let _ = metrics::histogram!("allot_api_envelope_requests");
     handle
 }
 

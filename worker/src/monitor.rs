@@ -30,6 +30,7 @@ pub fn install_metrics() -> PrometheusHandle {
     // Registered (an empty histogram renders its buckets at 0), nothing recorded.
     let _ = metrics::histogram!("allot_worker_batch_size");
     let _ = metrics::histogram!("allot_worker_commit_duration_seconds");
+    let _ = metrics::histogram!("allot_worker_group_batches");
     handle
 }
 

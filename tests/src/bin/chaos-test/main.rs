@@ -88,8 +88,11 @@ pub struct Args {
     #[arg(long)]
     restock: Option<i64>,
 
-    /// Partition queue length limit (x-max-length).
-    #[arg(long, default_value_t = 1000)]
+    /// Partition queue length limit (x-max-length), in messages. Small enough that the flood
+    /// fills a queue within its window: a lane publishes one batch envelope per confirm, so a
+    /// queue grows by messages at the confirm rate, whatever the number of requests they carry
+    /// (with 1000, the flood's queues reached 78-757 messages in 60 s on a loaded machine).
+    #[arg(long, default_value_t = 200)]
     queue_max_length: i64,
 
     /// Seconds allowed after a fault's load stops until every accepted request is decided.
