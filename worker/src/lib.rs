@@ -90,7 +90,12 @@ pub async fn serve(
             let started = tokio::time::Instant::now();
             match session(&config, &decider, &stop, &broker_up).await {
                 Ok(()) => return Ok(()),
-                Err(err) if stop.is_cancelled() => return Err(err),
+                // Shutting down: whatever ended the session last, the batches not acked are
+                // redelivered to the next decider; a graceful stop is a clean exit.
+                Err(err) if stop.is_cancelled() => {
+                    tracing::warn!(error = %format_args!("{err:#}"), "RabbitMQ session ended while shutting down");
+                    return Ok(());
+                }
                 Err(err) => {
                     if started.elapsed() > Duration::from_secs(30) {
                         pause = Duration::from_millis(100); // it had worked for a while
@@ -119,6 +124,22 @@ pub async fn serve(
     }
     tracing::info!("worker stopped");
     result
+}
+
+/// What a session's end is, when one of its partition consumers ended first.
+fn consumer_ended(
+    ended: Result<anyhow::Result<()>, tokio::task::JoinError>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    match ended {
+        // A consumer ends by itself when shutdown cancelled it, and it may do so before the
+        // session sees the cancellation: no failure. (Taken for one, it made the worker exit 1
+        // after SIGTERM, "a partition consumer stopped unexpectedly", in the chaos test.)
+        Ok(Ok(())) if stop.is_cancelled() => Ok(()),
+        Ok(Ok(())) => Err(anyhow::anyhow!("a partition consumer stopped unexpectedly")),
+        Ok(Err(err)) => Err(err),
+        Err(join) => Err(anyhow::Error::new(join).context("a partition consumer panicked")),
+    }
 }
 
 /// How long partition consumers may take to finish their batch when a session ends.
@@ -172,12 +193,9 @@ async fn session(
     let mut watchdog = tokio::time::interval(Duration::from_millis(500));
     let result = loop {
         tokio::select! {
+            biased;
             () = session_stop.cancelled() => break Ok(()),
-            Some(ended) = consumers.join_next() => break Err(match ended {
-                Ok(Ok(())) => anyhow::anyhow!("a partition consumer stopped unexpectedly"),
-                Ok(Err(err)) => err,
-                Err(join) => anyhow::Error::new(join).context("a partition consumer panicked"),
-            }),
+            Some(ended) = consumers.join_next() => break consumer_ended(ended, &session_stop),
             _ = watchdog.tick() => {
                 if !connection.status().connected() {
                     break Err(anyhow::anyhow!("the RabbitMQ connection is down"));
@@ -206,4 +224,22 @@ async fn session(
         tracing::debug!(error = %err, "closing the RabbitMQ connection");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::consumer_ended;
+    use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn a_consumer_that_ends_by_itself_is_a_failure_unless_shutdown_asked_for_it() {
+        let running = CancellationToken::new();
+        let stopping = CancellationToken::new();
+        stopping.cancel();
+        assert!(consumer_ended(Ok(Ok(())), &stopping).is_ok());
+        let err = consumer_ended(Ok(Ok(())), &running).unwrap_err();
+        assert_eq!(err.to_string(), "a partition consumer stopped unexpectedly");
+        let failed = consumer_ended(Ok(Err(anyhow::anyhow!("connection lost"))), &stopping);
+        assert_eq!(failed.unwrap_err().to_string(), "connection lost");
+    }
 }
