@@ -2,7 +2,7 @@
 //! one database transaction are all committed or none is, are numbered one after the other
 //! with no gap, and a batch that cannot commit fails alone, its group-mates committed.
 
-use crate::helpers::{partition_of, request};
+use crate::helpers::{curse, partition_of, request};
 use allot_shared::{PartitionId, PurchaseRequest, SystemClock};
 use allot_worker::decider::{Batch, commit_batches};
 use allot_worker::group::GroupCommit;
@@ -26,19 +26,6 @@ async fn products_of_two_partitions(pool: &PgPool, stock: i64) -> (i64, i64) {
         second = product(pool, stock).await;
     }
     (first, second)
-}
-
-/// Makes every write of `product`'s row fail (see tests/it/poison.rs).
-async fn curse(pool: &PgPool, product: i64) {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE FUNCTION curse() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN IF OLD.id = {product} THEN RAISE EXCEPTION 'product {product} is cursed'; END IF; \
-         RETURN NEW; END $$; \
-         CREATE TRIGGER curse BEFORE UPDATE ON products FOR EACH ROW EXECUTE FUNCTION curse();"
-    )))
-    .execute(pool)
-    .await
-    .unwrap();
 }
 
 fn batch(partition: PartitionId, requests: &[PurchaseRequest]) -> Batch {

@@ -628,3 +628,17 @@ pub fn resolve_schema<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
         None => schema,
     }
 }
+
+/// Makes the database refuse every write of `product`'s row, as a broken constraint or a
+/// corrupted row would: every batch that sells from it fails, the same way, every time.
+pub async fn curse(pool: &PgPool, product: i64) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION curse() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF OLD.id = {product} THEN RAISE EXCEPTION 'product {product} is cursed'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER curse BEFORE UPDATE ON products FOR EACH ROW EXECUTE FUNCTION curse();"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+}

@@ -3,25 +3,11 @@
 //! keeps moving; an unparseable message that still names a transaction ends that transaction
 //! as rejected; copies of one message delivered together are decided once.
 
-use crate::helpers::{Options, partition_of, request, sample, spawn_app, today};
+use crate::helpers::{Options, curse, partition_of, request, sample, spawn_app, today};
 use allot_shared::SystemClock;
 use serde_json::json;
 use sqlx::PgPool;
 use std::sync::Arc;
-
-/// Makes the database refuse every write of `product`'s row, as a broken constraint or a
-/// corrupted row would: every batch that sells from it fails, the same way, every time.
-async fn curse(pool: &PgPool, product: i64) {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE FUNCTION curse() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN IF OLD.id = {product} THEN RAISE EXCEPTION 'product {product} is cursed'; END IF; \
-         RETURN NEW; END $$; \
-         CREATE TRIGGER curse BEFORE UPDATE ON products FOR EACH ROW EXECUTE FUNCTION curse();"
-    )))
-    .execute(pool)
-    .await
-    .unwrap();
-}
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn a_message_that_fails_every_time_is_set_aside_and_its_partition_moves_on(pool: PgPool) {
