@@ -1127,7 +1127,7 @@ async fn a_full_partition_queue_refuses_orders_with_503_and_leaves_nothing_behin
             Some("1"),
             "Retry-After of a refusal because the queue is full"
         );
-        assert_error(response, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
+        assert_error(response, StatusCode::SERVICE_UNAVAILABLE, "queue_full").await;
         refused += 1;
     }
     assert_eq!(refused, EXTRA, "every order past the limit is refused");

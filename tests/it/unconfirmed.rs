@@ -105,7 +105,7 @@ async fn an_unconfirmed_publish_is_refused_with_503_and_never_sold(pool: PgPool)
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(response.headers().contains_key("retry-after"));
     let body: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "unavailable");
+    assert_eq!(body["error"]["code"], "broker_unavailable");
 
     // The broker stored the message although it was never confirmed to the API...
     wait_for("the unconfirmed message to reach its queue", || async {

@@ -16,7 +16,7 @@ pub use products::{Product, ProductPage};
 pub use stats::Stats;
 pub use watch::WATCH_LIMIT;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Unavailability};
 use crate::extract;
 use crate::observe;
 use crate::openapi::{ApiDoc, ConfiguredLimits, DOCS_PATH, DOCUMENT_PATH};
@@ -136,7 +136,11 @@ fn is_json(response: &Response) -> bool {
 
 async fn timeout_response(err: BoxError) -> ApiError {
     if err.is::<tower::timeout::error::Elapsed>() {
-        ApiError::unavailable("the request took too long; try again", 1)
+        ApiError::unavailable(
+            Unavailability::Timeout,
+            "the request took too long; try again",
+            1,
+        )
     } else {
         ApiError::Internal(anyhow::anyhow!("unhandled middleware error: {err}"))
     }

@@ -1,7 +1,7 @@
 //! Buying: `POST /api/v1/order/addToCart` and `GET /api/v1/transaction/{id}`.
 
 use crate::decisions::{preference_applied, preferred_wait};
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, Unavailability};
 use crate::extract::{self, AppJson};
 use crate::intake::Refusal;
 use crate::sold_out::SoldOutAnswer;
@@ -52,7 +52,7 @@ pub struct Accepted {
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`invalid_body`: missing, unknown or out-of-range field", body = ErrorBody),
-        (status = 503, description = "`unavailable`: not accepted, retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "Not accepted: retry after `Retry-After`. The code says why: `queue_full` (the product's partition queue is at its bound), `broker_unavailable` (RabbitMQ unreachable or did not confirm in time), `redis_unavailable` (the status store unreachable), `timeout` (the request took longer than the server's request timeout)", body = ErrorBody),
     ),
     summary = "Ask to buy units of a product",
     description = "Answers `202` with a transaction id once the request is stored for processing; \
@@ -116,14 +116,17 @@ fn refusal_error(refusal: Refusal) -> ApiError {
     let retry_after = refusal.retry_after_secs();
     match refusal {
         Refusal::QueueFull => ApiError::unavailable(
+            Unavailability::QueueFull,
             "too many pending orders for this product's partition; the request was not accepted, try again",
             retry_after,
         ),
         Refusal::BrokerUnavailable => ApiError::unavailable(
+            Unavailability::BrokerUnavailable,
             "the order queue is unavailable; the request was not accepted, try again",
             retry_after,
         ),
         Refusal::StoreUnavailable => ApiError::unavailable(
+            Unavailability::RedisUnavailable,
             "the status store is unavailable; the request was not accepted, try again",
             retry_after,
         ),
@@ -145,7 +148,7 @@ fn refusal_error(refusal: Refusal) -> ApiError {
         (status = 200, description = "The transaction: `pending`, or final with its order number or reason", body = TransactionView),
         (status = 400, description = "`invalid_id`: not a UUID", body = ErrorBody),
         (status = 404, description = "`not_found`: allot never accepted this id", body = ErrorBody),
-        (status = 503, description = "`unavailable`: Redis is down and the transaction is not decided", body = ErrorBody),
+        (status = 503, description = "`redis_unavailable`: Redis is down and the transaction is not decided (or `timeout`); retry after `Retry-After`", body = ErrorBody),
     ),
     summary = "Follow a purchase request",
     description = "The transaction: `pending` until it is decided, then `succeeded` with its order number \
@@ -191,6 +194,7 @@ pub async fn read_transaction(
         Some(row) => Ok(row.to_view()?),
         None if redis_answered => Err(ApiError::NotFound(format!("no transaction {id}"))),
         None => Err(ApiError::unavailable(
+            Unavailability::RedisUnavailable,
             "the status store is unavailable; try again",
             1,
         )),

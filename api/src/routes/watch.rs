@@ -33,7 +33,7 @@ pub const WATCH_LIMIT: Duration = Duration::from_secs(60);
             example = json!("event: status\ndata: {\"transaction_id\":\"0191b3c4-8f2e-7000-8000-000000000000\",\"status\":\"succeeded\",\"user_id\":7,\"product_id\":1,\"quantity\":1,\"order_number\":\"20261122-00001\",\"created_at\":\"2026-11-22T02:28:41.098247Z\",\"decided_at\":\"2026-11-22T02:28:41.106334Z\"}\n\n")),
         (status = 400, description = "`invalid_id`: not a UUID", body = ErrorBody),
         (status = 404, description = "`not_found`: allot never accepted this id", body = ErrorBody),
-        (status = 503, description = "`unavailable`: Redis is down and the transaction is not decided", body = ErrorBody),
+        (status = 503, description = "`redis_unavailable`: Redis is down and the transaction is not decided (or `timeout`); retry after `Retry-After`", body = ErrorBody),
     ))]
 pub async fn transaction_events(
     State(state): State<AppState>,

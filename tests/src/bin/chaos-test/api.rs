@@ -16,7 +16,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Answer {
     /// 202 with a pending transaction and a matching `Location`.
     Accepted(Uuid),
-    /// 503 `unavailable` with `Retry-After`; `queue_full` when the broker refused the publish.
+    /// 503 with `Retry-After` and a documented code; `queue_full` when that code says so.
     Refused { queue_full: bool },
     /// 200 `rejected` `out_of_stock` with `"final": true`: the API's sold-out short-circuit, a
     /// final answer that records nothing (no transaction id).
@@ -93,11 +93,13 @@ impl Api {
                 }
             }
             StatusCode::SERVICE_UNAVAILABLE
-                if retry_after && json["error"]["code"] == "unavailable" =>
+                if retry_after
+                    && ["queue_full", "broker_unavailable", "redis_unavailable", "timeout"]
+                        .contains(&json["error"]["code"].as_str().unwrap_or_default()) =>
             {
-                let message = json["error"]["message"].as_str().unwrap_or_default();
+                // The reason is the code; the message is for people and never read.
                 Answer::Refused {
-                    queue_full: message.contains("too many pending"),
+                    queue_full: json["error"]["code"] == "queue_full",
                 }
             }
             StatusCode::OK

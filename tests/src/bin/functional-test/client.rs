@@ -408,12 +408,12 @@ mod tests {
         let location = format!("/api/v1/transaction/{id}");
         let body = format!(r#"{{"transaction_id": "{id}", "status": "pending"}}"#);
 
-        let busy = r#"{"error": {"code": "unavailable", "message": "broker did not confirm"}}"#;
+        let busy = r#"{"error": {"code": "broker_unavailable", "message": "broker did not confirm"}}"#;
         let error = classify_accept(StatusCode::SERVICE_UNAVAILABLE, None, Some("1"), busy)
             .expect_err("503 is no acceptance");
         assert!(error.contains("503"), "{error}");
         assert!(
-            error.contains("unavailable: broker did not confirm"),
+            error.contains("broker_unavailable: broker did not confirm"),
             "{error}"
         );
         assert!(error.contains("Retry-After: 1"), "{error}");
