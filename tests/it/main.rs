@@ -14,6 +14,7 @@ mod docs;
 mod envelopes;
 mod group_commit;
 mod observability;
+mod outages;
 mod pipeline;
 mod poison;
 mod sold_out;
