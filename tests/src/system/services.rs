@@ -9,6 +9,7 @@ use anyhow::{Context as _, Result, bail};
 use sqlx::Connection as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// One of the three services.
@@ -51,6 +52,10 @@ pub struct Services {
     ports: PortMap,
     /// Where the script's output goes: the terminal, or `<state>/logs/services.log`.
     quiet: bool,
+    /// Held by every run of the script, shared by the clones: a start still running when its
+    /// caller was dropped (a signal, a deadline) finishes before `down` stops the services, so
+    /// that nothing it starts is left behind.
+    busy: Arc<Mutex<()>>,
 }
 
 impl Services {
@@ -61,6 +66,7 @@ impl Services {
             state,
             ports,
             quiet: false,
+            busy: Arc::default(),
         }
     }
 
@@ -118,6 +124,15 @@ impl Services {
 
     /// Runs `deploy/services.sh args...`, blocking.
     fn script_blocking(&self, args: &[&str]) -> Result<()> {
+        let _busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.run_script(args)
+    }
+
+    /// Runs `deploy/services.sh args...`; the caller holds `busy`.
+    fn run_script(&self, args: &[&str]) -> Result<()> {
         let status = self
             .command(args)?
             .status()
@@ -200,15 +215,20 @@ impl Services {
         tokio::task::spawn_blocking(move || services.down_blocking()).await?
     }
 
-    /// [`Services::down`], blocking (for drops and exit paths).
+    /// [`Services::down`], blocking (for drops and exit paths). Waits for a run of the script
+    /// still going (see `busy`).
     pub fn down_blocking(&self) -> Result<()> {
+        let _busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         for stopped in process::stop_recorded(&self.run_dir(), Duration::from_secs(10)) {
             if !self.quiet {
                 println!("==> stopped {} (pid {})", stopped.name, stopped.pid);
             }
         }
         if self.script.exists() {
-            self.script_blocking(&["down"])?;
+            self.run_script(&["down"])?;
         }
         Ok(())
     }
