@@ -121,6 +121,18 @@ pub struct TestApp {
     amqp_url: String,
 }
 
+/// The tests' broker: `ALLOT_TEST_AMQP_URL`, else the port map's copy at offset 0
+/// (`deploy/local.sh env` prints it for any copy).
+pub fn test_amqp_url() -> String {
+    std::env::var("ALLOT_TEST_AMQP_URL").unwrap_or_else(|_| PortMap::default().amqp_url(TEST_VHOST))
+}
+
+/// The tests' Redis: `ALLOT_TEST_REDIS_URL`, else the port map's copy at offset 0.
+pub fn test_redis_url() -> String {
+    std::env::var("ALLOT_TEST_REDIS_URL")
+        .unwrap_or_else(|_| PortMap::default().redis_url(TEST_REDIS_DB))
+}
+
 /// Starts the API (and a worker, see [`Options`]) on the test's fresh database.
 pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
     spawn_app_through(pool, options, Through::default()).await
@@ -139,11 +151,8 @@ pub struct Through {
 pub async fn spawn_app_through(pool: PgPool, options: Options, through: Through) -> TestApp {
     init_logging();
     let unique = format!("it-{}", uuid::Uuid::new_v4().simple());
-    // Defaults: the port map's copy at offset 0 (`deploy/local.sh env` sets both).
-    let amqp_url = std::env::var("ALLOT_TEST_AMQP_URL")
-        .unwrap_or_else(|_| PortMap::default().amqp_url(TEST_VHOST));
-    let redis_url = std::env::var("ALLOT_TEST_REDIS_URL")
-        .unwrap_or_else(|_| PortMap::default().redis_url(TEST_REDIS_DB));
+    let amqp_url = test_amqp_url();
+    let redis_url = test_redis_url();
 
     let mut api_config = ApiConfig::parse_from(["allot-api"]);
     api_config.common.amqp_url = through.amqp_url.unwrap_or_else(|| amqp_url.clone());

@@ -3,19 +3,13 @@
 //! of a refused request is written, reads of decided transactions fall back to PostgreSQL, and
 //! the API takes requests again once the service is back.
 
-use crate::helpers::{Options, Through, assert_error, spawn_app_through, wait_for};
+use crate::helpers::{
+    Options, Through, assert_error, spawn_app_through, test_amqp_url, test_redis_url, wait_for,
+};
 use allot_tests::client::{Answer, Order, Unavailable};
 use allot_tests::proxy::Proxy;
 use reqwest::StatusCode;
 use sqlx::PgPool;
-
-fn test_url(variable: &str) -> String {
-    let ports = allot_tests::ports::PortMap::default();
-    std::env::var(variable).unwrap_or_else(|_| match variable {
-        "ALLOT_TEST_REDIS_URL" => ports.redis_url(allot_tests::ports::TEST_REDIS_DB),
-        _ => ports.amqp_url(allot_tests::ports::TEST_VHOST),
-    })
-}
 
 /// Asserts that `answer` is the refusal `reason` with `Retry-After: retry_after`.
 fn assert_refused_for(answer: &Answer, reason: Unavailable, retry_after: &str) {
@@ -31,9 +25,7 @@ fn assert_refused_for(answer: &Answer, reason: Unavailable, retry_after: &str) {
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn a_redis_outage_refuses_orders_with_redis_unavailable_and_reads_fall_back(pool: PgPool) {
-    let (redis, redis_url) = Proxy::in_front_of(&test_url("ALLOT_TEST_REDIS_URL"))
-        .await
-        .unwrap();
+    let (redis, redis_url) = Proxy::in_front_of(&test_redis_url()).await.unwrap();
     let through = Through {
         redis_url: Some(redis_url),
         amqp_url: None,
@@ -92,9 +84,7 @@ async fn a_redis_outage_refuses_orders_with_redis_unavailable_and_reads_fall_bac
 
 #[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
 async fn a_broker_outage_refuses_orders_with_broker_unavailable(pool: PgPool) {
-    let (broker, amqp_url) = Proxy::in_front_of(&test_url("ALLOT_TEST_AMQP_URL"))
-        .await
-        .unwrap();
+    let (broker, amqp_url) = Proxy::in_front_of(&test_amqp_url()).await.unwrap();
     let through = Through {
         redis_url: None,
         amqp_url: Some(amqp_url),

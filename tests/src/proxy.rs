@@ -1,12 +1,15 @@
 //! A TCP proxy a test can cut: put it between allot and one of its services, and an outage of
 //! that service, for that allot alone, is one call away ([`Proxy::cut`]), without stopping a
 //! service other tests share. Cut, it drops every connection it carries and every new one at
-//! once (a service that is down); restored, it forwards again.
+//! once (a service that is down); restored, it forwards again. It can also hold back what the
+//! service answers ([`Proxy::hold_replies`]) while still delivering what it is sent: a broker
+//! that stores a message and whose confirm never arrives in time.
 
 use anyhow::{Context as _, Result};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -16,6 +19,8 @@ pub struct Proxy {
     addr: SocketAddr,
     open: Arc<AtomicBool>,
     cuts: watch::Sender<u64>,
+    /// `true` while the service's replies are held back.
+    held: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -28,11 +33,13 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let open = Arc::new(AtomicBool::new(true));
         let (cuts, cut) = watch::channel(0u64);
-        let task = tokio::spawn(accept(listener, upstream, open.clone(), cut));
+        let (held, hold) = watch::channel(false);
+        let task = tokio::spawn(accept(listener, upstream, open.clone(), cut, hold));
         Ok(Proxy {
             addr,
             open,
             cuts,
+            held,
             task,
         })
     }
@@ -68,6 +75,16 @@ impl Proxy {
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
+
+    /// From now on the service's replies wait in the proxy (what is sent to it still arrives).
+    pub fn hold_replies(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// The held replies, and every later one, are delivered.
+    pub fn release_replies(&self) {
+        self.held.send_replace(false);
+    }
 }
 
 impl Drop for Proxy {
@@ -82,30 +99,55 @@ async fn accept(
     upstream: String,
     open: Arc<AtomicBool>,
     cut: watch::Receiver<u64>,
+    hold: watch::Receiver<bool>,
 ) {
-    while let Ok((mut inbound, _)) = listener.accept().await {
+    while let Ok((inbound, _)) = listener.accept().await {
         if !open.load(Ordering::SeqCst) {
             continue; // dropped: the connection closes at once
         }
         let upstream = upstream.clone();
         let mut cut = cut.clone();
         cut.mark_unchanged();
+        let hold = hold.clone();
         tokio::spawn(async move {
-            let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+            let Ok(outbound) = TcpStream::connect(&upstream).await else {
                 return;
             };
+            let (mut from_client, mut to_client) = inbound.into_split();
+            let (mut from_service, mut to_service) = outbound.into_split();
+            let requests = tokio::io::copy(&mut from_client, &mut to_service);
+            let replies = forward_unless_held(&mut from_service, &mut to_client, hold);
             tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                _ = requests => {}
+                _ = replies => {}
                 _ = cut.changed() => {} // both sockets are dropped
             }
         });
     }
 }
 
+/// Copies `from` to `to`, each chunk once the replies are not held.
+async fn forward_unless_held(
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
+    mut hold: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = from.read(&mut buffer).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        if hold.wait_for(|held| !held).await.is_err() {
+            return Ok(()); // the proxy is gone
+        }
+        to.write_all(&buffer[..read]).await?;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// An echo server behind the proxy: echoed while open, dropped when cut, echoed again
     /// once restored.
@@ -148,5 +190,20 @@ mod tests {
 
         proxy.restore();
         assert_eq!(round_trip(proxy.addr()).await, Some(*b"ping"));
+
+        // Held: the request arrives (echoed), its answer waits until released.
+        let mut socket = TcpStream::connect(proxy.addr()).await.unwrap();
+        proxy.hold_replies();
+        socket.write_all(b"ping").await.unwrap();
+        let mut answer = [0u8; 4];
+        let early = tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            socket.read_exact(&mut answer),
+        )
+        .await;
+        assert!(early.is_err(), "no reply while held");
+        proxy.release_replies();
+        socket.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"ping");
     }
 }
