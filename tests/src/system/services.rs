@@ -7,9 +7,10 @@ use super::process;
 use crate::ports::{Deployment, PortMap};
 use anyhow::{Context as _, Result, bail};
 use sqlx::Connection as _;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 /// One of the three services.
@@ -52,9 +53,10 @@ pub struct Services {
     ports: PortMap,
     /// Where the script's output goes: the terminal, or `<state>/logs/services.log`.
     quiet: bool,
-    /// Held by every run of the script, shared by the clones: a start still running when its
-    /// caller was dropped (a signal, a deadline) finishes before `down` stops the services, so
-    /// that nothing it starts is left behind.
+    /// Held by every run of the script, shared by every `Services` of the same state folder in
+    /// this process: a start still running when its caller was dropped (a signal, a deadline,
+    /// a failed step) finishes before `down` stops the services, so that nothing it starts is
+    /// left behind.
     busy: Arc<Mutex<()>>,
 }
 
@@ -63,10 +65,10 @@ impl Services {
     pub fn new(repo: &Path, state: PathBuf, ports: PortMap) -> Services {
         Services {
             script: repo.join("deploy/services.sh"),
+            busy: busy_lock(&state),
             state,
             ports,
             quiet: false,
-            busy: Arc::default(),
         }
     }
 
@@ -345,6 +347,16 @@ impl Services {
         }
         self.flush_redis(deployment.redis_database()).await
     }
+}
+
+/// The lock of a state folder's runs of the script (see `Services::busy`).
+fn busy_lock(state: &Path) -> Arc<Mutex<()>> {
+    static LOCKS: LazyLock<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>> = LazyLock::new(Mutex::default);
+    let key = state.canonicalize().unwrap_or_else(|_| state.to_owned());
+    let mut locks = LOCKS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    locks.entry(key).or_default().clone()
 }
 
 async fn create_database(admin: &mut sqlx::PgConnection, name: &str) -> Result<()> {

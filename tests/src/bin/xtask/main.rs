@@ -52,6 +52,7 @@ usage: deploy/local.sh COMMAND (as root)
 ALLOT_LOCAL_STATE (default .allot) and ALLOT_LOCAL_PORT_OFFSET (default 0) choose the copy.";
 
 /// One copy of allot on this machine: where its state is, its ports, its chaos copy.
+#[derive(Clone)]
 pub struct Local {
     pub repo: PathBuf,
     pub state: PathBuf,

@@ -44,11 +44,66 @@ pub async fn status(mut command: Command, within: Option<Duration>) -> Result<()
     Ok(())
 }
 
-/// `program args...` in `dir` (the repository root unless given), to its end.
+/// `program args...` in `dir`, to its end.
 pub async fn cmd(dir: &Path, program: &str, args: &[&str]) -> Result<()> {
     let mut command = command(program);
     command.args(args).current_dir(dir);
     status(command, None).await
+}
+
+/// [`cmd`], its output appended to `log` instead of the terminal.
+pub async fn cmd_logged(dir: &Path, log: &Path, program: &str, args: &[&str]) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let mut command = command(program);
+    command
+        .args(args)
+        .current_dir(dir)
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    status(command, None)
+        .await
+        .with_context(|| format!("see {}", log.display()))
+}
+
+/// Work started now and awaited later ([`Background::wait`]), beside the steps in between:
+/// what waits on the network or the disk (installing packages, starting the services) beside
+/// what keeps the CPU busy (compiling). Dropped before it is awaited, it is aborted, and the
+/// commands it runs are stopped with it.
+pub struct Background {
+    task: Option<tokio::task::JoinHandle<Result<()>>>,
+    started: Instant,
+}
+
+impl Background {
+    pub fn start(work: impl Future<Output = Result<()>> + Send + 'static) -> Background {
+        Background {
+            task: Some(tokio::spawn(work)),
+            started: Instant::now(),
+        }
+    }
+
+    /// Its outcome; says how long it ran.
+    pub async fn wait(mut self) -> Result<()> {
+        let task = self.task.take().expect("awaited once");
+        let outcome = task.await.context("a background task failed")?;
+        println!(
+            "==> started {:.0} s ago, in the background",
+            self.started.elapsed().as_secs_f64()
+        );
+        outcome
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 /// The process group of a command [`status`] runs. Dropped (the command ended, or the run was

@@ -19,8 +19,14 @@ pub async fn services(local: &Local) -> Result<()> {
 
 /// Starts the services, and says where they are.
 pub async fn start(local: &Local) -> Result<()> {
-    let ports = local.ports;
     local.services().start_all().await?;
+    announce(local);
+    Ok(())
+}
+
+/// Says where the services are.
+pub fn announce(local: &Local) {
+    let ports = local.ports;
     println!(
         "==> services ready: PostgreSQL 127.0.0.1:{}, Redis 127.0.0.1:{}, RabbitMQ 127.0.0.1:{} (node {})",
         ports.postgres(),
@@ -28,7 +34,6 @@ pub async fn start(local: &Local) -> Result<()> {
         ports.rabbitmq(),
         ports.rabbitmq_node()
     );
-    Ok(())
 }
 
 fn offset_note(local: &Local) -> String {

@@ -4,8 +4,8 @@
 //! ([`cleanup`]); with `CI=true` the services too.
 
 use crate::Local;
-use crate::run::{Steps, cmd, command, status};
-use crate::services::start;
+use crate::run::{Background, Steps, cmd, command, status};
+use crate::services::announce;
 use crate::up::random_token;
 use crate::{bench, tools};
 use allot_tests::ports::{Deployment, TEST_VHOST};
@@ -26,7 +26,10 @@ pub async fn test(local: &Local) -> Result<()> {
     let services = local.services();
     let functional = local.ports.api_addr(Deployment::Functional);
     let mut steps = Steps::new(15);
-    steps.run("services", start(local)).await?;
+    // Started now, awaited when first needed: both wait on the disk and the network far more
+    // than on the CPU, which fmt, clippy and the tests keep busy meanwhile.
+    let services_up = Background::start(start_quietly(local.clone()));
+    let tools_installed = Background::start(tools::install(local.clone()));
     steps
         .run(
             "cargo fmt --all --check",
@@ -52,6 +55,16 @@ pub async fn test(local: &Local) -> Result<()> {
         .await?;
     steps
         .run(
+            "services (started in the background at the beginning)",
+            async {
+                services_up.wait().await?;
+                announce(local);
+                Ok(())
+            },
+        )
+        .await?;
+    steps
+        .run(
             "preparing test resources (a fresh vhost allot-test)",
             services.recreate_vhost(TEST_VHOST),
         )
@@ -65,8 +78,8 @@ pub async fn test(local: &Local) -> Result<()> {
         .await?;
     steps
         .run(
-            "installing the test tools (npm ci, pip)",
-            tools::install(local),
+            "the test tools (npm ci, pip; installed in the background since the beginning)",
+            tools_installed.wait(),
         )
         .await?;
     let tools_allot = steps
@@ -133,6 +146,11 @@ pub async fn test(local: &Local) -> Result<()> {
         println!("==> the services stay up for the next run; deploy/local.sh down stops them");
     }
     Ok(())
+}
+
+/// Starts the services with their output in `<state>/logs/services.log`.
+async fn start_quietly(local: Local) -> Result<()> {
+    local.services().quiet().start_all().await
 }
 
 /// Stops what a `test` run started, on every exit path: the fresh allots, the chaos copy, and

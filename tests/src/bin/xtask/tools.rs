@@ -3,10 +3,10 @@
 //! schemathesis on the served OpenAPI document, and the Python checks of the JSON logs and of
 //! `deploy/docker-compose.yml`. Debian's packages (chromium, nodejs, python3-venv) are
 //! installed by `deploy/local.sh` before; here the Node packages from the committed lock file
-//! and the Python ones into a venv under the state folder.
+//! and the Python ones into a venv under the state folder, in the background of the first steps.
 
 use crate::Local;
-use crate::run::{cmd, command, status};
+use crate::run::{cmd, cmd_logged, command, status};
 use crate::test::Fresh;
 use anyhow::{Context as _, Result, ensure};
 use std::path::PathBuf;
@@ -22,32 +22,29 @@ fn venv(local: &Local) -> PathBuf {
     local.state.join("venv")
 }
 
-pub async fn install(local: &Local) -> Result<()> {
-    cmd(
-        &browser_dir(local),
-        "npm",
-        &["ci", "--no-audit", "--no-fund", "--loglevel=error"],
-    )
-    .await?;
-    let venv = venv(local);
+/// npm ci and pip, their output in `<state>/logs/tools-install.log` (`test` runs this in the
+/// background, beside clippy and the tests).
+pub async fn install(local: Local) -> Result<()> {
+    let log = local.logs().join("tools-install.log");
+    std::fs::create_dir_all(local.logs())?;
+    let _ = std::fs::remove_file(&log);
+    let npm_ci = ["ci", "--no-audit", "--no-fund", "--loglevel=error"];
+    cmd_logged(&browser_dir(&local), &log, "npm", &npm_ci).await?;
+    let venv = venv(&local);
     if !venv.join("bin/python").exists() {
         let venv = venv.display().to_string();
-        cmd(&local.repo, "python3", &["-m", "venv", &venv]).await?;
+        cmd_logged(&local.repo, &log, "python3", &["-m", "venv", &venv]).await?;
     }
     let requirements = local.repo.join("tests/tools/requirements.txt");
     let pip = venv.join("bin/pip").display().to_string();
-    cmd(
-        &local.repo,
-        &pip,
-        &[
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-            &requirements.display().to_string(),
-        ],
-    )
-    .await?;
+    let install = [
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-r",
+        &requirements.display().to_string(),
+    ];
+    cmd_logged(&local.repo, &log, &pip, &install).await?;
     ensure!(
         std::path::Path::new(CHROMIUM).exists(),
         "{CHROMIUM} is missing (deploy/local.sh test installs Debian's chromium)"
