@@ -3,6 +3,7 @@
 # stopped as their own users (postgres, redis, rabbitmq), which is root's work and shell's.
 #
 #   deploy/services.sh start|stop|kill|pid postgres|redis|rabbitmq
+#   deploy/services.sh launch rabbitmq      start the node without waiting until it answers
 #   deploy/services.sh down                 stop RabbitMQ (and its epmd), Redis, PostgreSQL
 #   deploy/services.sh rabbitmqctl ARGS...  rabbitmqctl against the private node
 #
@@ -16,6 +17,11 @@
 #   ALLOT_RABBITMQ_DIST_PORT Erlang distribution
 #   ALLOT_EPMD_PORT          the node's own epmd, so that stopping it touches nobody else's
 #   ALLOT_RABBITMQ_NODE      the node's name (each copy has its own)
+# and, for one node of a cluster (xtask runs the script once per node, and joins them):
+#   ALLOT_RABBITMQ_DIR       the node's folder under ALLOT_STATE (default rabbitmq)
+#   ALLOT_RABBITMQ_HOME      a folder under ALLOT_STATE holding the cluster's Erlang cookie,
+#                            generated there at the first start and shared by its nodes and
+#                            by rabbitmqctl (default: the rabbitmq user's own home and cookie)
 # Processes are found through their own pid files only; nothing is ever killed by name.
 # `kill` sends SIGKILL to the server (PostgreSQL: with its children) and waits until it is
 # gone; for RabbitMQ the epmd stays up, as `stop` leaves it.
@@ -54,8 +60,9 @@ RMQ_NODE=$ALLOT_RABBITMQ_NODE
 RMQ_PORT=$ALLOT_RABBITMQ_PORT
 RMQ_DIST_PORT=$ALLOT_RABBITMQ_DIST_PORT
 RMQ_EPMD_PORT=$ALLOT_EPMD_PORT
-RMQ_DIR=$STATE/rabbitmq  # owned by rabbitmq: mnesia/, log/, config files, rabbitmq.pid
+RMQ_DIR=$STATE/${ALLOT_RABBITMQ_DIR:-rabbitmq}  # owned by rabbitmq: mnesia/, log/, config, pid
 RMQ_PID_FILE=$RMQ_DIR/rabbitmq.pid
+RMQ_HOME=${ALLOT_RABBITMQ_HOME:+$STATE/$ALLOT_RABBITMQ_HOME}  # empty: /var/lib/rabbitmq's cookie
 EPMD_PID_FILE=$STATE/epmd.pid
 
 # The environment every RabbitMQ command (server and CLI) gets, so that they all talk to the
@@ -286,8 +293,31 @@ stop_redis() {
 # rabbitmqctl against our node, with the same environment as the server. Never call the bare
 # rabbitmqctl for this node: without ERL_EPMD_PORT it looks for the node in (and starts) the
 # system-wide epmd on port 4369. Call it only while the node runs, or it starts an epmd itself.
+# A cluster's node has its cookie in RMQ_HOME: the CLI runs as rabbitmq with that home (the
+# Debian wrapper's `su` would give it /var/lib/rabbitmq's cookie instead).
 rmqctl() {
-  env "${RMQ_ENV[@]}" timeout 120 /usr/sbin/rabbitmqctl -n "$RMQ_NODE" "$@" </dev/null
+  if [[ -n $RMQ_HOME ]]; then
+    (cd "$RMQ_HOME" && env "${RMQ_ENV[@]}" HOME="$RMQ_HOME" timeout 120 \
+      setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
+      /usr/lib/rabbitmq/bin/rabbitmqctl -n "$RMQ_NODE" "$@" </dev/null)
+  else
+    env "${RMQ_ENV[@]}" timeout 120 /usr/sbin/rabbitmqctl -n "$RMQ_NODE" "$@" </dev/null
+  fi
+}
+
+# The cluster's Erlang cookie, generated at the first start of any of its nodes (the nodes of
+# one copy start one after the other, never at once). Never committed: the state folder is
+# ignored by git.
+ensure_cookie() {
+  local cookie=$RMQ_HOME/.erlang.cookie
+  make_owned_dirs rabbitmq "$RMQ_HOME"
+  chmod 700 "$RMQ_HOME"
+  if [[ ! -s $cookie ]]; then
+    log "generating the cluster's Erlang cookie in $cookie"
+    (umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$cookie")
+  fi
+  chown rabbitmq:rabbitmq "$cookie"
+  chmod 400 "$cookie"
 }
 
 rmq_pid() { live_pid "$RMQ_PID_FILE" beam.smp; }
@@ -332,6 +362,9 @@ stop_epmd() {
   wait_until 10 epmd_gone || warn "epmd on 127.0.0.1:$RMQ_EPMD_PORT did not stop"
 }
 
+# Starts the node (unless it runs) and, unless $1 is `launch`, waits until it answers. The nodes
+# of a cluster are launched together and then waited for: a node whose cluster peers are down
+# waits for them before it opens its port.
 start_rabbitmq() {
   local pid
   if pid=$(rmq_pid); then
@@ -344,13 +377,19 @@ start_rabbitmq() {
     ensure_traversable rabbitmq "$STATE"
     make_owned_dirs rabbitmq "$RMQ_DIR" "$RMQ_DIR/mnesia" "$RMQ_DIR/log"
     rmq_write_config
+    [[ -z $RMQ_HOME ]] || ensure_cookie
     start_epmd
     # Not through /usr/sbin/rabbitmq-server: that wrapper switches user with `su`, which resets
     # the open-files limit to 1024. RabbitMQ sizes its file-handle budget from that limit, and
     # with a few hundred quorum queues it then stops serving new connections. setpriv keeps ours.
-    env "${RMQ_ENV[@]}" HOME=/var/lib/rabbitmq \
+    env "${RMQ_ENV[@]}" HOME="${RMQ_HOME:-/var/lib/rabbitmq}" \
       setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
       /usr/lib/rabbitmq/bin/rabbitmq-server -detached >>"$LOG_DIR/rabbitmq-start.log" 2>&1 </dev/null
+  fi
+  if [[ ${1:-} == launch ]]; then
+    # The pid file appears early in the boot: once it does, a second start sees the node.
+    wait_until 60 rmq_pid >/dev/null || die "RabbitMQ node $RMQ_NODE did not start (see $LOG_DIR/rabbitmq-start.log)"
+    return 0
   fi
   wait_until 90 rmq_answers || {
     show_logs "$LOG_DIR/rabbitmq-start.log" "$RMQ_DIR/log/$RMQ_NODE.log"
@@ -449,6 +488,10 @@ command=${1:-}
 shift || true
 case $command in
   start) cmd_start "$@" ;;
+  launch)
+    [[ ${1:-} == rabbitmq ]] || die "usage: deploy/services.sh launch rabbitmq"
+    start_rabbitmq launch
+    ;;
   stop) cmd_stop "$@" ;;
   kill) cmd_kill "$@" ;;
   pid) service_pid "${1:-}" ;;

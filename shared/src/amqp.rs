@@ -1,7 +1,8 @@
 //! RabbitMQ connection and topology: one durable quorum queue per partition, with
 //! single-active-consumer (so any number of worker replicas may run, and the broker hands each
 //! partition to one of them at a time) and a length bound that turns a flood into refused
-//! publishes instead of an unbounded queue.
+//! publishes instead of an unbounded queue. On a cluster, each queue is replicated on a
+//! configured number of nodes, its leader placed on the node that leads the fewest queues.
 
 use crate::ids::PartitionId;
 use crate::partition::queue_name;
@@ -32,6 +33,9 @@ pub struct Topology {
     pub queue_prefix: String,
     pub partitions: u16,
     pub max_length: i64,
+    /// Replicas of each queue on a cluster (`x-quorum-initial-group-size`), with the leaders
+    /// spread (`x-queue-leader-locator: balanced`); `None` sends neither argument.
+    pub quorum_group_size: Option<u16>,
 }
 
 impl Topology {
@@ -76,6 +80,19 @@ impl Topology {
             "x-overflow".into(),
             AMQPValue::LongString("reject-publish".into()),
         );
+        if let Some(size) = self.quorum_group_size {
+            // RabbitMQ 3.10 places a quorum queue's leader on the declaring connection's node
+            // by default (`client-local`), so every leader would sit on the node the first
+            // declarer happened to reach; `balanced` picks the node with the fewest leaders.
+            args.insert(
+                "x-quorum-initial-group-size".into(),
+                AMQPValue::LongLongInt(i64::from(size)),
+            );
+            args.insert(
+                "x-queue-leader-locator".into(),
+                AMQPValue::LongString("balanced".into()),
+            );
+        }
         args
     }
 

@@ -54,6 +54,14 @@ pub struct CommonConfig {
     /// How long a Redis command may take before it counts as failed (milliseconds).
     #[arg(long, env = "ALLOT_REDIS_TIMEOUT_MS", default_value_t = 1000)]
     pub redis_timeout_ms: u64,
+
+    /// On a RabbitMQ cluster: on how many nodes each partition queue keeps a replica
+    /// (`x-quorum-initial-group-size`), its leaders spread over the nodes
+    /// (`x-queue-leader-locator: balanced`). Unset: neither argument is sent (the broker's
+    /// defaults; the one node of a single-node broker). Fixed once the queues exist, like
+    /// `ALLOT_QUEUE_MAX_LENGTH`; every API and worker instance must agree.
+    #[arg(long, env = "ALLOT_QUORUM_GROUP_SIZE", value_parser = clap::value_parser!(u16).range(1..=9))]
+    pub quorum_group_size: Option<u16>,
 }
 
 impl CommonConfig {
@@ -67,6 +75,7 @@ impl CommonConfig {
             queue_prefix: self.queue_prefix.clone(),
             partitions: self.partitions,
             max_length: self.queue_max_length,
+            quorum_group_size: self.quorum_group_size,
         }
     }
 }

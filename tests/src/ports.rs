@@ -20,14 +20,63 @@ const POSTGRES: u16 = 55432;
 const RABBITMQ: u16 = 55672;
 /// Erlang distribution (the default, AMQP port + 20000, is not a valid port).
 const RABBITMQ_DIST: u16 = 55673;
-/// The copy's own epmd, so that stopping it touches nobody else's.
+/// The copy's own epmd, so that stopping it touches nobody else's (and, in cluster mode, the
+/// one epmd through which the copy's nodes find each other).
 const EPMD: u16 = 55674;
+/// In cluster mode, node k (1, 2, 3, ...) has its AMQP port at `RABBITMQ + NODE_STEP * (k - 1)`
+/// and its distribution port one above: 55672/55673, 55682/55683, 55692/55693 at offset 0.
+const NODE_STEP: u16 = 10;
+/// Instance n (1, 2, ...) of a deployment's allot-api listens at its first port
+/// `+ INSTANCE_STEP * (n - 1)`, and so does its allot-worker's HTTP server.
+const INSTANCE_STEP: u16 = 10;
+/// The most instances of allot-api, and of allot-worker, one deployment runs: their ports stay
+/// below the next copy's (offset + 100).
+pub const MAX_INSTANCES: u8 = 5;
+/// The most RabbitMQ nodes a copy runs: their ports stay below the next copy's (offset + 100).
+pub const MAX_RABBITMQ_NODES: u8 = 5;
 const REDIS: u16 = 56379;
 
 /// The ports of one copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortMap {
     offset: u16,
+    /// 1: one RabbitMQ node (the default); more: a cluster of that many nodes
+    /// (`ALLOT_LOCAL_RABBITMQ_NODES`).
+    rabbitmq_nodes: u8,
+}
+
+impl Default for PortMap {
+    fn default() -> Self {
+        Self {
+            offset: 0,
+            rabbitmq_nodes: 1,
+        }
+    }
+}
+
+/// One RabbitMQ node of a copy: its name, its ports and the folder of its data under the
+/// copy's state folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RabbitNode {
+    /// 1, 2, 3, ...: the first node is the one the others join.
+    pub index: u8,
+    /// The Erlang node name (`allot-300@localhost`; `allot-300-n2@localhost` in a cluster).
+    pub name: String,
+    pub amqp_port: u16,
+    pub dist_port: u16,
+    /// Its folder under the state folder: `rabbitmq` for the single node, `rabbitmq-n2`, ...
+    /// for a cluster's (whose Erlang cookie is in `rabbitmq-cluster/`).
+    pub dir: String,
+    /// Part of a cluster (its own cookie, joined to node 1).
+    pub clustered: bool,
+}
+
+impl RabbitNode {
+    /// `amqp://guest:guest@127.0.0.1:<port>/<vhost>`; `/` is the default vhost.
+    pub fn amqp_url(&self, vhost: &str) -> String {
+        let vhost = if vhost == "/" { "%2f" } else { vhost };
+        format!("amqp://guest:guest@127.0.0.1:{}/{vhost}", self.amqp_port)
+    }
 }
 
 impl PortMap {
@@ -38,29 +87,102 @@ impl PortMap {
             highest <= u32::from(u16::MAX),
             "port offset {offset} puts Redis on port {highest}, past 65535"
         );
-        Ok(Self { offset })
+        Ok(Self {
+            offset,
+            rabbitmq_nodes: 1,
+        })
     }
 
-    /// The copy named by `ALLOT_LOCAL_PORT_OFFSET` (0 if unset).
+    /// The same copy with `nodes` RabbitMQ nodes (1, the default, or a cluster of 2 to
+    /// [`MAX_RABBITMQ_NODES`]).
+    pub fn with_rabbitmq_nodes(self, nodes: u8) -> Result<Self> {
+        ensure!(
+            (1..=MAX_RABBITMQ_NODES).contains(&nodes),
+            "a copy runs 1 to {MAX_RABBITMQ_NODES} RabbitMQ nodes, not {nodes}"
+        );
+        Ok(Self {
+            rabbitmq_nodes: nodes,
+            ..self
+        })
+    }
+
+    /// The copy named by `ALLOT_LOCAL_PORT_OFFSET` (0 if unset), with
+    /// `ALLOT_LOCAL_RABBITMQ_NODES` RabbitMQ nodes (1 if unset).
     pub fn from_env() -> Result<Self> {
-        match std::env::var("ALLOT_LOCAL_PORT_OFFSET") {
-            Ok(raw) if !raw.is_empty() => {
-                let offset: u16 = raw.parse().map_err(|_| {
-                    anyhow::anyhow!("ALLOT_LOCAL_PORT_OFFSET must be a number, not {raw:?}")
-                })?;
-                Self::new(offset)
+        let number = |name: &str| -> Result<Option<u16>> {
+            match std::env::var(name) {
+                Ok(raw) if !raw.is_empty() => raw
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| anyhow::anyhow!("{name} must be a number, not {raw:?}")),
+                _ => Ok(None),
             }
-            _ => Ok(Self::default()),
+        };
+        let ports = Self::new(number("ALLOT_LOCAL_PORT_OFFSET")?.unwrap_or(0))?;
+        let nodes = number("ALLOT_LOCAL_RABBITMQ_NODES")?.unwrap_or(1);
+        ports.with_rabbitmq_nodes(u8::try_from(nodes).unwrap_or(u8::MAX))
+    }
+
+    /// How many RabbitMQ nodes the copy runs (1 unless it is a cluster).
+    pub fn rabbitmq_node_count(self) -> u8 {
+        self.rabbitmq_nodes
+    }
+
+    /// Whether the copy runs a RabbitMQ cluster.
+    pub fn clustered(self) -> bool {
+        self.rabbitmq_nodes > 1
+    }
+
+    /// The copy's RabbitMQ nodes: the one node, or the cluster's, node 1 first.
+    pub fn rabbitmq_cluster(self) -> Vec<RabbitNode> {
+        if !self.clustered() {
+            return vec![RabbitNode {
+                index: 1,
+                name: self.rabbitmq_node(),
+                amqp_port: self.rabbitmq(),
+                dist_port: self.rabbitmq_dist(),
+                dir: "rabbitmq".into(),
+                clustered: false,
+            }];
         }
+        (1..=self.rabbitmq_nodes)
+            .map(|index| {
+                let step = NODE_STEP * u16::from(index - 1);
+                let name = match self.offset {
+                    0 => format!("allot-n{index}@localhost"),
+                    offset => format!("allot-{offset}-n{index}@localhost"),
+                };
+                RabbitNode {
+                    index,
+                    name,
+                    amqp_port: self.rabbitmq() + step,
+                    dist_port: self.rabbitmq_dist() + step,
+                    dir: format!("rabbitmq-n{index}"),
+                    clustered: true,
+                }
+            })
+            .collect()
+    }
+
+    /// The AMQP URLs of every node of the copy, for `ALLOT_AMQP_URLS`.
+    pub fn amqp_urls(self, vhost: &str) -> String {
+        let urls: Vec<String> = self
+            .rabbitmq_cluster()
+            .iter()
+            .map(|node| node.amqp_url(vhost))
+            .collect();
+        urls.join(",")
     }
 
     pub fn offset(self) -> u16 {
         self.offset
     }
 
-    /// The chaos test's copy beside this one (`offset + CHAOS_OFFSET` unless told otherwise).
+    /// The chaos test's copy beside this one (`offset + CHAOS_OFFSET` unless told otherwise),
+    /// with as many RabbitMQ nodes.
     pub fn chaos(self) -> Result<Self> {
-        Self::new(self.offset.saturating_add(CHAOS_OFFSET))
+        Self::new(self.offset.saturating_add(CHAOS_OFFSET))?
+            .with_rabbitmq_nodes(self.rabbitmq_nodes)
     }
 
     fn port(self, base: u16) -> u16 {
@@ -115,12 +237,26 @@ impl PortMap {
 
     /// Where a deployment's allot-api listens.
     pub fn api_addr(self, deployment: Deployment) -> String {
-        format!("127.0.0.1:{}", self.port(deployment.api_port()))
+        self.api_instance_addr(deployment, 1)
     }
 
     /// Where a deployment's allot-worker serves `/healthz`, `/readyz` and `/metrics`.
     pub fn worker_addr(self, deployment: Deployment) -> String {
-        format!("127.0.0.1:{}", self.port(deployment.api_port() + 1))
+        self.worker_instance_addr(deployment, 1)
+    }
+
+    /// Where instance `n` (1, 2, ... [`MAX_INSTANCES`]) of a deployment's allot-api listens:
+    /// 8080, 8090, 8100, ... for `up`'s at offset 0.
+    pub fn api_instance_addr(self, deployment: Deployment, n: u8) -> String {
+        let step = INSTANCE_STEP * u16::from(n.clamp(1, MAX_INSTANCES) - 1);
+        format!("127.0.0.1:{}", self.port(deployment.api_port() + step))
+    }
+
+    /// Where instance `n` of a deployment's allot-worker serves its HTTP endpoints: 8081,
+    /// 8091, 8101, ... for `up`'s at offset 0.
+    pub fn worker_instance_addr(self, deployment: Deployment, n: u8) -> String {
+        let step = INSTANCE_STEP * u16::from(n.clamp(1, MAX_INSTANCES) - 1);
+        format!("127.0.0.1:{}", self.port(deployment.api_port() + 1 + step))
     }
 
     /// Where the benchmark's reference servers listen.
@@ -144,6 +280,26 @@ impl PortMap {
             (
                 "ALLOT_WORKER_HTTP_ADDR".into(),
                 self.worker_addr(deployment),
+            ),
+        ]
+        .into_iter()
+        .chain(self.cluster_env(deployment.vhost()))
+        .collect()
+    }
+
+    /// In cluster mode, what points allot at every node and replicates its queues on all of
+    /// them: `ALLOT_AMQP_URLS` (node 1 first; `ALLOT_AMQP_URL` stays node 1's) and
+    /// `ALLOT_QUORUM_GROUP_SIZE` (the number of nodes). Nothing for a single node, whose
+    /// configuration stays the default.
+    pub fn cluster_env(self, vhost: &str) -> Vec<(String, String)> {
+        if !self.clustered() {
+            return Vec::new();
+        }
+        vec![
+            ("ALLOT_AMQP_URLS".into(), self.amqp_urls(vhost)),
+            (
+                "ALLOT_QUORUM_GROUP_SIZE".into(),
+                self.rabbitmq_nodes.to_string(),
             ),
         ]
     }
@@ -245,6 +401,66 @@ mod tests {
         );
         assert_eq!(PortMap::default().rabbitmq_node(), "allot@localhost");
         assert_eq!(ports.chaos().unwrap().postgres(), 61532);
+    }
+
+    #[test]
+    fn a_cluster_has_a_name_ports_and_folder_per_node_and_its_instances_ports_of_their_own() {
+        let single = PortMap::new(300).unwrap();
+        assert_eq!(
+            single.rabbitmq_cluster(),
+            [RabbitNode {
+                index: 1,
+                name: "allot-300@localhost".into(),
+                amqp_port: 55972,
+                dist_port: 55973,
+                dir: "rabbitmq".into(),
+                clustered: false,
+            }]
+        );
+        assert!(single.cluster_env("/").is_empty());
+        let cluster = single.with_rabbitmq_nodes(3).unwrap();
+        let nodes = cluster.rabbitmq_cluster();
+        let names: Vec<&str> = nodes.iter().map(|node| node.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "allot-300-n1@localhost",
+                "allot-300-n2@localhost",
+                "allot-300-n3@localhost"
+            ]
+        );
+        let ports: Vec<(u16, u16)> = nodes
+            .iter()
+            .map(|node| (node.amqp_port, node.dist_port))
+            .collect();
+        assert_eq!(ports, [(55972, 55973), (55982, 55983), (55992, 55993)]);
+        assert_eq!(nodes[2].dir, "rabbitmq-n3");
+        assert_eq!(
+            cluster.cluster_env("/"),
+            [
+                (
+                    "ALLOT_AMQP_URLS".to_owned(),
+                    "amqp://guest:guest@127.0.0.1:55972/%2f,amqp://guest:guest@127.0.0.1:55982/%2f,\
+                     amqp://guest:guest@127.0.0.1:55992/%2f"
+                        .to_owned()
+                ),
+                ("ALLOT_QUORUM_GROUP_SIZE".to_owned(), "3".to_owned())
+            ]
+        );
+        assert_eq!(
+            cluster.chaos().unwrap().rabbitmq_cluster()[1].amqp_port,
+            61982
+        );
+        assert_eq!(
+            cluster.api_instance_addr(Deployment::Main, 2),
+            "127.0.0.1:8390"
+        );
+        assert_eq!(
+            cluster.worker_instance_addr(Deployment::Main, 3),
+            "127.0.0.1:8401"
+        );
+        assert!(single.with_rabbitmq_nodes(0).is_err());
+        assert!(single.with_rabbitmq_nodes(MAX_RABBITMQ_NODES + 1).is_err());
     }
 
     #[test]

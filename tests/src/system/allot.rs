@@ -1,5 +1,5 @@
-//! One running allot: an `allot-api` and an `allot-worker`, from release binaries, as
-//! production runs them.
+//! One running allot: an `allot-api` and an `allot-worker` (or several instances of each,
+//! against a RabbitMQ cluster), from release binaries, as production runs them.
 
 use super::process::{Process, Spawn};
 use crate::client::Api;
@@ -27,14 +27,22 @@ pub struct AllotSpec {
     pub worker_addr: String,
     pub run_dir: PathBuf,
     pub log_dir: PathBuf,
+    /// `host:port` of more API instances, named `<api_name>-2`, `<api_name>-3`, ...
+    pub more_apis: Vec<String>,
+    /// `host:port` of more workers' HTTP servers, named `<worker_name>-2`, ...
+    pub more_workers: Vec<String>,
 }
 
-/// A running API and worker; both are stopped when this is dropped.
+/// A running API and worker (and more instances of each); all are stopped when this is
+/// dropped.
 pub struct Allot {
     pub api: Process,
     pub worker: Process,
     pub base_url: String,
     pub worker_url: String,
+    /// The other instances ([`AllotSpec::more_apis`], [`AllotSpec::more_workers`]) and
+    /// their URLs, APIs first.
+    pub more: Vec<(Process, String)>,
 }
 
 impl Allot {
@@ -83,31 +91,68 @@ impl Allot {
             worker.log().display()
         );
         wait_ready(&worker_url, &mut [&mut api, &mut worker]).await?;
-        Ok(Allot {
+        let mut allot = Allot {
             api,
             worker,
             base_url,
             worker_url,
-        })
+            more: Vec::new(),
+        };
+        let more = [
+            ("api", "ALLOT_HTTP_ADDR", &spec.api_name, &spec.more_apis),
+            (
+                "worker",
+                "ALLOT_WORKER_HTTP_ADDR",
+                &spec.worker_name,
+                &spec.more_workers,
+            ),
+        ];
+        for (role, addr_var, first_name, addrs) in more {
+            for (i, addr) in addrs.iter().enumerate() {
+                let name = format!("{first_name}-{}", i + 2);
+                let mut instance = Process::spawn(&process(&name, role, addr_var, addr))?;
+                println!(
+                    "==> started {} (pid {}), log {}",
+                    instance.name(),
+                    instance.pid(),
+                    instance.log().display()
+                );
+                let url = format!("http://{addr}");
+                wait_ready(&url, &mut [&mut instance]).await?;
+                allot.more.push((instance, url));
+            }
+        }
+        Ok(allot)
     }
 
-    /// SIGTERM to both (SIGKILL after 10 s).
+    /// SIGTERM to every instance (SIGKILL after 10 s).
     pub async fn stop(self) {
-        let Allot { api, worker, .. } = self;
+        let Allot {
+            api, worker, more, ..
+        } = self;
         api.stop(Duration::from_secs(10)).await;
+        for (instance, _) in more {
+            instance.stop(Duration::from_secs(10)).await;
+        }
         worker.stop(Duration::from_secs(10)).await;
     }
 
-    /// Leaves both running after we are gone.
+    /// Leaves every instance running after we are gone.
     pub fn detach(self) {
         self.api.detach();
         self.worker.detach();
+        for (instance, _) in self.more {
+            instance.detach();
+        }
     }
 
-    /// The last lines of both logs, for a failure report.
+    /// The last lines of every log, for a failure report.
     pub fn show_logs(&self) {
         show_log(self.api.log());
         show_log(self.worker.log());
+        for (instance, _) in &self.more {
+            show_log(instance.log());
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! else (which ports, which folder, databases, vhosts, Redis databases) is decided here.
 
 use super::process;
-use crate::ports::{Deployment, PortMap};
+use crate::ports::{Deployment, MAX_RABBITMQ_NODES, PortMap, RabbitNode};
 use anyhow::{Context as _, Result, bail};
 use sqlx::Connection as _;
 use std::collections::HashMap;
@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
+
+/// The folder under the state folder that holds a cluster's Erlang cookie (its nodes' and
+/// rabbitmqctl's home).
+const CLUSTER_HOME: &str = "rabbitmq-cluster";
 
 /// One of the three services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +99,26 @@ impl Services {
         self.state.join("run")
     }
 
+    /// The copy's RabbitMQ nodes (one, or a cluster's), node 1 first.
+    pub fn rabbitmq_nodes(&self) -> Vec<RabbitNode> {
+        self.ports.rabbitmq_cluster()
+    }
+
+    /// Node `index` (1, 2, ...) of the copy's RabbitMQ.
+    pub fn rabbitmq_node(&self, index: u8) -> Result<RabbitNode> {
+        self.rabbitmq_nodes()
+            .into_iter()
+            .find(|node| node.index == index)
+            .with_context(|| format!("the copy has no RabbitMQ node {index}"))
+    }
+
+    /// `deploy/services.sh args...` for the first RabbitMQ node.
     fn command(&self, args: &[&str]) -> Result<Command> {
+        self.command_for(&self.rabbitmq_nodes()[0], args)
+    }
+
+    /// `deploy/services.sh args...` with `node` as its RabbitMQ node.
+    fn command_for(&self, node: &RabbitNode, args: &[&str]) -> Result<Command> {
         let ports = self.ports;
         let mut command = Command::new(&self.script);
         command
@@ -103,14 +126,15 @@ impl Services {
             .env("ALLOT_STATE", &self.state)
             .env("ALLOT_PG_PORT", ports.postgres().to_string())
             .env("ALLOT_REDIS_PORT", ports.redis().to_string())
-            .env("ALLOT_RABBITMQ_PORT", ports.rabbitmq().to_string())
-            .env(
-                "ALLOT_RABBITMQ_DIST_PORT",
-                ports.rabbitmq_dist().to_string(),
-            )
+            .env("ALLOT_RABBITMQ_PORT", node.amqp_port.to_string())
+            .env("ALLOT_RABBITMQ_DIST_PORT", node.dist_port.to_string())
             .env("ALLOT_EPMD_PORT", ports.epmd().to_string())
-            .env("ALLOT_RABBITMQ_NODE", ports.rabbitmq_node())
+            .env("ALLOT_RABBITMQ_NODE", &node.name)
+            .env("ALLOT_RABBITMQ_DIR", &node.dir)
             .stdin(Stdio::null());
+        if node.clustered {
+            command.env("ALLOT_RABBITMQ_HOME", CLUSTER_HOME);
+        }
         if self.quiet {
             std::fs::create_dir_all(self.logs())?;
             let log = self.logs().join("services.log");
@@ -124,19 +148,22 @@ impl Services {
         Ok(command)
     }
 
-    /// Runs `deploy/services.sh args...`, blocking.
-    fn script_blocking(&self, args: &[&str]) -> Result<()> {
+    /// Runs `deploy/services.sh args...` (for `node`, else the first RabbitMQ node), blocking.
+    fn script_blocking(&self, node: Option<&RabbitNode>, args: &[&str]) -> Result<()> {
         let _busy = self
             .busy
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.run_script(args)
+        self.run_script(node, args)
     }
 
     /// Runs `deploy/services.sh args...`; the caller holds `busy`.
-    fn run_script(&self, args: &[&str]) -> Result<()> {
-        let status = self
-            .command(args)?
+    fn run_script(&self, node: Option<&RabbitNode>, args: &[&str]) -> Result<()> {
+        let command = match node {
+            Some(node) => self.command_for(node, args),
+            None => self.command(args),
+        };
+        let status = command?
             .status()
             .with_context(|| format!("running {} {}", self.script.display(), args.join(" ")))?;
         if !status.success() {
@@ -154,18 +181,30 @@ impl Services {
     }
 
     async fn script(&self, args: &[&str]) -> Result<()> {
+        self.script_on(None, args).await
+    }
+
+    /// Runs `deploy/services.sh args...` with `node` (else the first) as its RabbitMQ node.
+    async fn script_on(&self, node: Option<&RabbitNode>, args: &[&str]) -> Result<()> {
         let services = self.clone();
+        let node = node.cloned();
         let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
         tokio::task::spawn_blocking(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            services.script_blocking(&args)
+            services.script_blocking(node.as_ref(), &args)
         })
         .await?
     }
 
     /// Runs `deploy/services.sh args...` and returns what it printed.
     async fn script_output(&self, args: &[&str]) -> Result<String> {
-        let mut command = tokio::process::Command::from(self.command(args)?);
+        self.script_output_on(&self.rabbitmq_nodes()[0], args).await
+    }
+
+    /// Runs `deploy/services.sh args...` with `node` as its RabbitMQ node and returns what it
+    /// printed.
+    async fn script_output_on(&self, node: &RabbitNode, args: &[&str]) -> Result<String> {
+        let mut command = tokio::process::Command::from(self.command_for(node, args)?);
         let output = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -183,24 +222,116 @@ impl Services {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// Starts it (RabbitMQ: every node, a cluster's joined into one).
     pub async fn start(&self, service: Service) -> Result<()> {
+        if service == Service::RabbitMq && self.ports.clustered() {
+            return self.start_cluster().await;
+        }
         self.script(&["start", service.name()]).await
     }
 
-    /// Stops it cleanly (PostgreSQL: a fast shutdown, which cuts its sessions).
+    /// Stops it cleanly (PostgreSQL: a fast shutdown, which cuts its sessions; RabbitMQ: every
+    /// node, the first last).
     pub async fn stop(&self, service: Service) -> Result<()> {
+        if service == Service::RabbitMq {
+            for node in self.rabbitmq_nodes().iter().rev() {
+                self.script_on(Some(node), &["stop", "rabbitmq"]).await?;
+            }
+            return Ok(());
+        }
         self.script(&["stop", service.name()]).await
     }
 
-    /// SIGKILL, as a crash of the machine would (PostgreSQL: with its children).
+    /// SIGKILL, as a crash of the machine would (PostgreSQL: with its children; RabbitMQ:
+    /// the first node).
     pub async fn kill(&self, service: Service) -> Result<()> {
         self.script(&["kill", service.name()]).await
     }
 
-    /// Its pid, if it runs.
+    /// Its pid, if it runs (RabbitMQ: the first node's).
     pub async fn pid(&self, service: Service) -> Option<u32> {
         let output = self.script_output(&["pid", service.name()]).await.ok()?;
         output.trim().parse().ok()
+    }
+
+    /// Starts RabbitMQ node `index` (1, 2, ...) and waits until it answers. A cluster's node
+    /// that was stopped or killed rejoins its cluster by itself.
+    pub async fn start_node(&self, index: u8) -> Result<()> {
+        let node = self.rabbitmq_node(index)?;
+        self.script_on(Some(&node), &["start", "rabbitmq"]).await
+    }
+
+    /// Stops RabbitMQ node `index` cleanly.
+    pub async fn stop_node(&self, index: u8) -> Result<()> {
+        let node = self.rabbitmq_node(index)?;
+        self.script_on(Some(&node), &["stop", "rabbitmq"]).await
+    }
+
+    /// SIGKILLs RabbitMQ node `index`.
+    pub async fn kill_node(&self, index: u8) -> Result<()> {
+        let node = self.rabbitmq_node(index)?;
+        self.script_on(Some(&node), &["kill", "rabbitmq"]).await
+    }
+
+    /// The pid of RabbitMQ node `index`, if it runs.
+    pub async fn node_pid(&self, index: u8) -> Option<u32> {
+        let node = self.rabbitmq_node(index).ok()?;
+        let output = self
+            .script_output_on(&node, &["pid", "rabbitmq"])
+            .await
+            .ok()?;
+        output.trim().parse().ok()
+    }
+
+    /// Starts the cluster: every node launched first, then each waited for (a node whose
+    /// peers are all down waits for them before it opens its port), then each node after the
+    /// first that is not yet in node 1's cluster joined to it (`stop_app`, `join_cluster`,
+    /// `start_app`).
+    async fn start_cluster(&self) -> Result<()> {
+        let nodes = self.rabbitmq_nodes();
+        for node in &nodes {
+            self.script_on(Some(node), &["launch", "rabbitmq"]).await?;
+        }
+        for node in &nodes {
+            self.script_on(Some(node), &["start", "rabbitmq"]).await?;
+        }
+        let first = &nodes[0];
+        for node in &nodes[1..] {
+            let members = self.cluster_members(node).await?;
+            if members.iter().any(|member| *member == first.name) {
+                continue;
+            }
+            println!("==> joining {} to {}'s cluster", node.name, first.name);
+            self.rabbitmqctl_on(node, &["-q", "stop_app"]).await?;
+            self.rabbitmqctl_on(node, &["-q", "join_cluster", &first.name])
+                .await?;
+            self.rabbitmqctl_on(node, &["-q", "start_app"]).await?;
+        }
+        let members = self.cluster_members(first).await?;
+        for node in &nodes {
+            anyhow::ensure!(
+                members.contains(&node.name),
+                "{} is not in the cluster after joining it ({members:?})",
+                node.name
+            );
+        }
+        Ok(())
+    }
+
+    /// The nodes of `node`'s cluster, as it sees them (`rabbitmqctl cluster_status`).
+    pub async fn cluster_members(&self, node: &RabbitNode) -> Result<Vec<String>> {
+        let output = self
+            .rabbitmqctl_on(node, &["-q", "cluster_status", "--formatter", "json"])
+            .await?;
+        let status: serde_json::Value = serde_json::from_str(output.trim())
+            .with_context(|| format!("reading the cluster status of {}: {output}", node.name))?;
+        let members = status["disk_nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|name| name.as_str().map(str::to_owned))
+            .collect();
+        Ok(members)
     }
 
     /// Starts all three (those already running are kept).
@@ -230,9 +361,26 @@ impl Services {
             }
         }
         if self.script.exists() {
-            self.run_script(&["down"])?;
+            // Every RabbitMQ node the copy ever ran, the single one or a cluster's, whichever
+            // mode it is in now: the highest first, so that node 1 stops last and starts first.
+            for node in self.known_rabbitmq_nodes().iter().rev() {
+                if self.state.join(&node.dir).exists() {
+                    self.run_script(Some(node), &["stop", "rabbitmq"])?;
+                }
+            }
+            self.run_script(None, &["down"])?;
         }
         Ok(())
+    }
+
+    /// The single node and every node a cluster of this copy may have.
+    fn known_rabbitmq_nodes(&self) -> Vec<RabbitNode> {
+        let single = PortMap::new(self.ports.offset()).map(PortMap::rabbitmq_cluster);
+        let cluster = self
+            .ports
+            .with_rabbitmq_nodes(MAX_RABBITMQ_NODES)
+            .map(PortMap::rabbitmq_cluster);
+        single.into_iter().chain(cluster).flatten().collect()
     }
 
     /// Stops whatever an earlier run left, wipes the services' data and starts them fresh. A
@@ -240,7 +388,12 @@ impl Services {
     /// fails, and a later attempt works.
     pub async fn fresh(&self) -> Result<()> {
         self.down().await?;
-        for dir in ["pg", "redis", "rabbitmq", "run"] {
+        let nodes = self.known_rabbitmq_nodes();
+        let node_dirs = nodes.iter().map(|node| node.dir.as_str());
+        for dir in ["pg", "redis", "run", CLUSTER_HOME]
+            .into_iter()
+            .chain(node_dirs)
+        {
             let path = self.state.join(dir);
             if path.exists() {
                 std::fs::remove_dir_all(&path)
@@ -262,11 +415,18 @@ impl Services {
         }
     }
 
-    /// `rabbitmqctl args...` against the copy's node; returns its output.
+    /// `rabbitmqctl args...` against the copy's (first) node; returns its output.
     pub async fn rabbitmqctl(&self, args: &[&str]) -> Result<String> {
         let mut all = vec!["rabbitmqctl"];
         all.extend_from_slice(args);
         self.script_output(&all).await
+    }
+
+    /// `rabbitmqctl args...` against `node`; returns its output.
+    pub async fn rabbitmqctl_on(&self, node: &RabbitNode, args: &[&str]) -> Result<String> {
+        let mut all = vec!["rabbitmqctl"];
+        all.extend_from_slice(args);
+        self.script_output_on(node, &all).await
     }
 
     /// The vhost, with every permission for guest, created if missing.

@@ -115,6 +115,7 @@ impl System {
             queue_prefix: QUEUE_PREFIX.into(),
             partitions: PARTITIONS,
             max_length: args.queue_max_length,
+            quorum_group_size: None,
         };
         let workers = [
             Some(apps::spawn(Role::WorkerA, &env, &services)?),

@@ -12,7 +12,8 @@
 //! - [`run`]: running commands and numbered steps.
 //!
 //! The environment it reads: `ALLOT_LOCAL_STATE` (the state folder, default `<repo>/.allot`),
-//! `ALLOT_LOCAL_PORT_OFFSET` (see `allot_tests::ports`), `ALLOT_CHAOS_STATE` and
+//! `ALLOT_LOCAL_PORT_OFFSET` and `ALLOT_LOCAL_RABBITMQ_NODES` (see `allot_tests::ports`),
+//! `ALLOT_LOCAL_API_INSTANCES`, `ALLOT_LOCAL_WORKERS` (`up`), `ALLOT_CHAOS_STATE` and
 //! `ALLOT_CHAOS_PORT_OFFSET` (the chaos test's copy), `ALLOT_ADMIN_TOKEN` (`up`), `CI`.
 
 mod bench;
@@ -22,7 +23,7 @@ mod test;
 mod tools;
 mod up;
 
-use allot_tests::ports::PortMap;
+use allot_tests::ports::{MAX_INSTANCES, PortMap};
 use allot_tests::system::Services;
 use anyhow::{Context as _, Result};
 use std::path::PathBuf;
@@ -49,7 +50,10 @@ usage: deploy/local.sh COMMAND (as root)
             rabbitmqctl against the copy's node
   down      stop everything started on this copy (and on its chaos copy)
 
-ALLOT_LOCAL_STATE (default .allot) and ALLOT_LOCAL_PORT_OFFSET (default 0) choose the copy.";
+ALLOT_LOCAL_STATE (default .allot) and ALLOT_LOCAL_PORT_OFFSET (default 0) choose the copy.
+ALLOT_LOCAL_RABBITMQ_NODES=3 runs a RabbitMQ cluster of three nodes instead of one (up,
+services, status, down, env, rabbitmqctl); up then runs ALLOT_LOCAL_API_INSTANCES (default 2)
+API instances and ALLOT_LOCAL_WORKERS (default 3) workers.";
 
 /// One copy of allot on this machine: where its state is, its ports, its chaos copy.
 #[derive(Clone)]
@@ -63,6 +67,12 @@ pub struct Local {
     pub bin_dir: PathBuf,
     /// `CI=true`: nothing outlives a `test` run.
     pub ci: bool,
+    /// Instances of allot-api `up` runs (`ALLOT_LOCAL_API_INSTANCES`; default 1, 2 in
+    /// cluster mode): on 8080, 8090, ... at offset 0.
+    pub api_instances: u8,
+    /// Instances of allot-worker `up` runs (`ALLOT_LOCAL_WORKERS`; default 1, 3 in cluster
+    /// mode): their HTTP servers on 8081, 8091, 8101, ... at offset 0.
+    pub workers: u8,
 }
 
 impl Local {
@@ -93,6 +103,7 @@ impl Local {
             .parent()
             .context("this binary has a folder")?
             .to_owned();
+        let (api_default, workers_default) = if ports.clustered() { (2, 3) } else { (1, 1) };
         Ok(Local {
             repo,
             state,
@@ -101,6 +112,8 @@ impl Local {
             chaos_ports,
             bin_dir,
             ci: std::env::var("CI").is_ok_and(|ci| ci == "true"),
+            api_instances: instances("ALLOT_LOCAL_API_INSTANCES", api_default)?,
+            workers: instances("ALLOT_LOCAL_WORKERS", workers_default)?,
         })
     }
 
@@ -130,6 +143,24 @@ impl Local {
     /// A release binary beside this one.
     pub fn binary(&self, name: &str) -> PathBuf {
         self.bin_dir.join(name)
+    }
+}
+
+/// A number of instances from the environment variable `name` (1 to [`MAX_INSTANCES`]), or
+/// `default`.
+fn instances(name: &str, default: u8) -> Result<u8> {
+    match std::env::var(name) {
+        Ok(raw) if !raw.is_empty() => {
+            let n: u8 = raw
+                .parse()
+                .with_context(|| format!("{name} must be a number, not {raw:?}"))?;
+            anyhow::ensure!(
+                (1..=MAX_INSTANCES).contains(&n),
+                "{name} must be 1 to {MAX_INSTANCES}, not {n}"
+            );
+            Ok(n)
+        }
+        _ => Ok(default),
     }
 }
 

@@ -27,12 +27,19 @@ pub async fn start(local: &Local) -> Result<()> {
 /// Says where the services are.
 pub fn announce(local: &Local) {
     let ports = local.ports;
+    let nodes: Vec<String> = ports
+        .rabbitmq_cluster()
+        .iter()
+        .map(|node| format!("127.0.0.1:{} (node {})", node.amqp_port, node.name))
+        .collect();
+    let rabbitmq = match nodes.len() {
+        1 => format!("RabbitMQ {}", nodes[0]),
+        n => format!("a RabbitMQ cluster of {n} nodes: {}", nodes.join(", ")),
+    };
     println!(
-        "==> services ready: PostgreSQL 127.0.0.1:{}, Redis 127.0.0.1:{}, RabbitMQ 127.0.0.1:{} (node {})",
+        "==> services ready: PostgreSQL 127.0.0.1:{}, Redis 127.0.0.1:{}, {rabbitmq}",
         ports.postgres(),
         ports.redis(),
-        ports.rabbitmq(),
-        ports.rabbitmq_node()
     );
 }
 
@@ -55,12 +62,22 @@ pub async fn status(local: &Local) -> Result<()> {
     for (service, port) in [
         (Service::Postgres, ports.postgres()),
         (Service::Redis, ports.redis()),
-        (Service::RabbitMq, ports.rabbitmq()),
     ] {
         line(
             &service.to_string(),
             services.pid(service).await,
             &format!("127.0.0.1:{port}"),
+        );
+    }
+    for node in services.rabbitmq_nodes() {
+        let name = match ports.clustered() {
+            false => Service::RabbitMq.to_string(),
+            true => format!("{} node {}", Service::RabbitMq, node.index),
+        };
+        line(
+            &name,
+            services.node_pid(node.index).await,
+            &format!("127.0.0.1:{} ({})", node.amqp_port, node.name),
         );
     }
     let processes = recorded(&local.run_dir());
@@ -116,9 +133,15 @@ pub async fn down(local: &Local) -> Result<()> {
     Ok(())
 }
 
-/// `rabbitmqctl` against the copy's node.
+/// `rabbitmqctl` against the copy's node (in cluster mode: the first node that runs).
 pub async fn rabbitmqctl(local: &Local, args: &[String]) -> Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    print!("{}", local.services().rabbitmqctl(&args).await?);
-    Ok(())
+    let services = local.services();
+    for node in services.rabbitmq_nodes() {
+        if services.node_pid(node.index).await.is_some() {
+            print!("{}", services.rabbitmqctl_on(&node, &args).await?);
+            return Ok(());
+        }
+    }
+    anyhow::bail!("RabbitMQ is not running")
 }

@@ -238,6 +238,8 @@ pub async fn start_fresh(
         worker_addr: local.ports.worker_addr(deployment),
         run_dir: local.run_dir(),
         log_dir: local.logs(),
+        more_apis: Vec::new(),
+        more_workers: Vec::new(),
     })
     .await
 }

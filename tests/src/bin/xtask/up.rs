@@ -1,9 +1,11 @@
 //! `up`: the services, then a long-running allot on them (the `Main` deployment), in the
-//! background, restarted with the fresh binaries when it already runs.
+//! background, restarted with the fresh binaries when it already runs. In cluster mode
+//! (`ALLOT_LOCAL_RABBITMQ_NODES=3`) it runs two API instances and three workers (see
+//! [`crate::Local::api_instances`]), every one of them given every node's address.
 
 use crate::Local;
 use crate::services::start;
-use allot_tests::ports::Deployment;
+use allot_tests::ports::{Deployment, MAX_INSTANCES};
 use allot_tests::system::{Allot, AllotSpec, stop_recorded_named};
 use anyhow::{Context as _, Result};
 use std::os::unix::fs::PermissionsExt as _;
@@ -28,13 +30,27 @@ pub async fn up(local: &Local) -> Result<()> {
         worker_addr: local.ports.worker_addr(deployment),
         run_dir: local.run_dir(),
         log_dir: local.logs(),
+        more_apis: (2..=local.api_instances)
+            .map(|n| local.ports.api_instance_addr(deployment, n))
+            .collect(),
+        more_workers: (2..=local.workers)
+            .map(|n| local.ports.worker_instance_addr(deployment, n))
+            .collect(),
     };
     let allot = Allot::start(&spec).await?;
-    let (api_log, worker_log) = (
+    let mut logs = vec![
         allot.api.log().display().to_string(),
         allot.worker.log().display().to_string(),
+    ];
+    logs.extend(
+        allot
+            .more
+            .iter()
+            .map(|(instance, _)| instance.log().display().to_string()),
     );
+    let logs = logs.join("\n                ");
     let (api, worker) = (&spec.api_addr, &spec.worker_addr);
+    let cluster = cluster_note(local, &spec);
     allot.detach();
     println!(
         "
@@ -43,22 +59,56 @@ allot is running at http://{api}
   API docs:     http://{api}/docs/  (OpenAPI: http://{api}/api-docs/openapi.json)
   metrics:      http://{api}/metrics  and the worker's http://{worker}/metrics
   admin token:  {token_source}
-  logs:         {api_log}
-                {worker_log}
+  logs:         {logs}{cluster}
   try:          curl -fsS http://{api}/readyz
   stop:         deploy/local.sh down"
     );
     Ok(())
 }
 
-/// Stops the `up` allot of an earlier run, if one is recorded (only those two: the other
+/// What runs besides the first API and worker, when there is more.
+fn cluster_note(local: &Local, spec: &AllotSpec) -> String {
+    let mut note = String::new();
+    if local.ports.clustered() {
+        let nodes: Vec<String> = local
+            .ports
+            .rabbitmq_cluster()
+            .iter()
+            .map(|node| format!("{} (127.0.0.1:{})", node.name, node.amqp_port))
+            .collect();
+        note.push_str(&format!("\n  RabbitMQ:     {}", nodes.join(", ")));
+    }
+    if !spec.more_apis.is_empty() {
+        let apis: Vec<String> = std::iter::once(&spec.api_addr)
+            .chain(&spec.more_apis)
+            .map(|addr| format!("http://{addr}"))
+            .collect();
+        note.push_str(&format!("\n  APIs:         {}", apis.join(", ")));
+    }
+    if !spec.more_workers.is_empty() {
+        let workers: Vec<String> = std::iter::once(&spec.worker_addr)
+            .chain(&spec.more_workers)
+            .map(|addr| format!("http://{addr}"))
+            .collect();
+        note.push_str(&format!("\n  workers:      {}", workers.join(", ")));
+    }
+    note
+}
+
+/// Stops the `up` allot of an earlier run, if one is recorded (only its instances: the other
 /// recorded processes belong to other runs).
 fn stop_main(local: &Local) {
-    for stopped in stop_recorded_named(
-        &local.run_dir(),
-        &["api", "worker"],
-        Duration::from_secs(10),
-    ) {
+    let names: Vec<String> = ["api", "worker"]
+        .into_iter()
+        .flat_map(|role| {
+            (1..=MAX_INSTANCES).map(move |n| match n {
+                1 => role.to_owned(),
+                n => format!("{role}-{n}"),
+            })
+        })
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    for stopped in stop_recorded_named(&local.run_dir(), &names, Duration::from_secs(10)) {
         println!("==> stopped {} (pid {})", stopped.name, stopped.pid);
     }
 }
