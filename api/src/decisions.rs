@@ -130,6 +130,11 @@ impl Decisions {
 }
 
 impl Waiter {
+    /// The transaction waited on.
+    pub fn transaction_id(&self) -> TransactionId {
+        self.id
+    }
+
     /// Waits until the transaction is final (its view), or `deadline` (`None`), re-reading the
     /// store as the module documentation says.
     pub async fn until_final(

@@ -53,6 +53,34 @@ pub enum ApiError {
     /// sees a generic message.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
+    /// 401 `unauthorized`: a buyer's token is needed, or the one sent is not good (forged,
+    /// altered, expired, revoked); the message says which.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// 401 `invalid_credentials`: no account has this username and password.
+    #[error("the username or the password is wrong")]
+    InvalidCredentials,
+    /// 403 `user_mismatch`: a buyer's token acts for its own account only.
+    #[error("{0}")]
+    UserMismatch(String),
+    /// 409 `username_taken`.
+    #[error("{0}")]
+    UsernameTaken(String),
+    /// 429 `rate_limited`, with `Retry-After`: too many logins for this username or from
+    /// this address.
+    #[error("too many login attempts; try again in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u32 },
+    /// 400 `invalid_idempotency_key`: the `Idempotency-Key` header is empty, too long, not
+    /// printable ASCII, or sent more than once.
+    #[error("{0}")]
+    InvalidIdempotencyKey(String),
+    /// 422 `idempotency_key_reused`: this key was used for another request.
+    #[error("this Idempotency-Key was used for another request (a different body or endpoint); use a new key")]
+    IdempotencyKeyReused,
+    /// 409 `idempotency_key_in_flight`, with `Retry-After`: an earlier request with this key
+    /// is still being accepted.
+    #[error("a request with this Idempotency-Key is still being processed; retry in a moment")]
+    IdempotencyKeyInFlight,
 }
 
 /// The body of every error response (also its OpenAPI schema).
@@ -65,7 +93,9 @@ pub struct ErrorBody<'a> {
 pub struct ErrorDetail<'a> {
     /// Stable and machine-readable: `malformed_json`, `invalid_body`, `unsupported_media_type`,
     /// `payload_too_large`, `invalid_id`, `invalid_query`, `unauthorized`, `not_found`,
-    /// `method_not_allowed`, `unavailable` or `internal`.
+    /// `method_not_allowed`, `unavailable` or `internal`; for buyers `invalid_credentials`,
+    /// `user_mismatch`, `username_taken`, `rate_limited`, `invalid_idempotency_key`,
+    /// `idempotency_key_reused` or `idempotency_key_in_flight`.
     #[schema(example = "invalid_body")]
     pub code: &'a str,
     /// For humans; may change.
@@ -94,6 +124,14 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unauthenticated(_) | ApiError::InvalidCredentials => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::UserMismatch(_) => StatusCode::FORBIDDEN,
+            ApiError::UsernameTaken(_) | ApiError::IdempotencyKeyInFlight => StatusCode::CONFLICT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::InvalidIdempotencyKey(_) => StatusCode::BAD_REQUEST,
+            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -110,6 +148,14 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal(_) => "internal",
+            ApiError::Unauthenticated(_) => "unauthorized",
+            ApiError::InvalidCredentials => "invalid_credentials",
+            ApiError::UserMismatch(_) => "user_mismatch",
+            ApiError::UsernameTaken(_) => "username_taken",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::IdempotencyKeyInFlight => "idempotency_key_in_flight",
         }
     }
 }
@@ -146,8 +192,16 @@ impl IntoResponse for ApiError {
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            ApiError::Unauthorized => {
+            ApiError::Unauthorized
+            | ApiError::Unauthenticated(_)
+            | ApiError::InvalidCredentials => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::RateLimited { retry_after_secs } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            ApiError::IdempotencyKeyInFlight => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

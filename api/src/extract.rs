@@ -1,6 +1,7 @@
 //! Extractors whose rejections speak our error shape: [`AppJson`] for bodies, [`AppPath`] for
-//! path parameters, [`AppQuery`] for query strings, [`Admin`] for the staff's bearer token, and
-//! parsers for path ids. [`decodable_path_params`] makes sure no handler, whichever path
+//! path parameters, [`AppQuery`] for query strings, [`Admin`] for the staff's bearer token,
+//! [`ClientAddress`] for the peer's address (the buyers' extractor, who sent a request, is
+//! [`crate::buyers::Caller`]), and parsers for path ids. [`decodable_path_params`] makes sure no handler, whichever path
 //! extractor it uses, ever sees a path parameter that is not valid UTF-8.
 
 use crate::error::ApiError;
@@ -190,4 +191,24 @@ pub fn product_id(raw: &str) -> Result<ProductId, ApiError> {
         .ok()
         .and_then(|id| ProductId::try_from(id).ok())
         .ok_or_else(|| ApiError::InvalidId(format!("product id {raw:?} is not a positive integer")))
+}
+
+/// The client's address: the TCP peer's (see [`crate::buyers::limits`] on proxies), or the
+/// unspecified address when the server was not started with connection info (a router driven
+/// in-process).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddress(pub std::net::IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0.ip());
+        Ok(ClientAddress(peer.unwrap_or(std::net::IpAddr::V4(
+            std::net::Ipv4Addr::UNSPECIFIED,
+        ))))
+    }
 }

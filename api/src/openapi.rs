@@ -15,9 +15,13 @@ pub const DOCUMENT_PATH: &str = "/api-docs/openapi.json";
 pub const DOCS_PATH: &str = "/docs";
 /// The name of the staff's bearer-token security scheme.
 pub const ADMIN_TOKEN: &str = "admin_token";
+/// The name of the buyers' bearer-token security scheme.
+pub const BUYER_TOKEN: &str = "buyer_token";
 
 /// Tag of the buying endpoints.
 pub const ORDERS: &str = "orders";
+/// Tag of accounts, login and history.
+pub const BUYERS: &str = "buyers";
 /// Tag of the catalogue endpoints.
 pub const PRODUCTS: &str = "products";
 /// Tag of health, readiness, metrics and statistics.
@@ -36,6 +40,7 @@ pub const OPERATIONS: &str = "operations";
     ),
     tags(
         (name = ORDERS, description = "Buying, and following a purchase to its outcome"),
+        (name = BUYERS, description = "Buyer accounts: sign up, log in for a bearer token, log out; a buyer's order history"),
         (name = PRODUCTS, description = "The catalogue: anyone reads it; staff (bearer token) create and restock"),
         (name = OPERATIONS, description = "Health, readiness, metrics and live statistics")
     ),
@@ -43,7 +48,8 @@ pub const OPERATIONS: &str = "operations";
 )]
 pub struct ApiDoc;
 
-/// Declares the staff's `Authorization: Bearer <ALLOT_ADMIN_TOKEN>` scheme.
+/// Declares the staff's `Authorization: Bearer <ALLOT_ADMIN_TOKEN>` scheme, and the buyers'
+/// `Authorization: Bearer <token from POST /api/v1/auth/login>`.
 struct AdminToken;
 
 impl Modify for AdminToken {
@@ -53,6 +59,14 @@ impl Modify for AdminToken {
             ADMIN_TOKEN,
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+        let mut buyer = Http::new(HttpAuthScheme::Bearer);
+        buyer.bearer_format = Some("allotb1".into());
+        buyer.description = Some(
+            "A buyer's token from `POST /api/v1/auth/login`, signed, valid until its `expires_at` \
+             or its logout"
+                .into(),
+        );
+        components.add_security_scheme(BUYER_TOKEN, SecurityScheme::Http(buyer));
     }
 }
 

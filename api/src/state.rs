@@ -1,5 +1,6 @@
 //! What every request handler shares.
 
+use crate::buyers::Buyers;
 use crate::config::ApiConfig;
 use crate::decisions::Decisions;
 use crate::intake::Intake;
@@ -50,6 +51,12 @@ pub struct Shared {
     /// Cancelled when the server starts shutting down, so that long-lived responses (status
     /// event streams) end instead of holding the graceful shutdown open.
     pub shutdown: CancellationToken,
+    /// Redis, for what is not a status: idempotency records, accounts' pending transactions.
+    pub redis: ConnectionManager,
+    /// Accounts, tokens, login limits, `ALLOT_ANONYMOUS_BUYERS`.
+    pub buyers: Buyers,
+    /// How long a claimed `Idempotency-Key` holds off other attempts.
+    pub idempotency_lease: std::time::Duration,
 }
 
 impl AppState {
@@ -68,7 +75,7 @@ impl AppState {
         )
         .await?;
         let publisher = Arc::new(publisher);
-        let statuses = StatusStore::new(redis, config.common.redis_prefix.clone());
+        let statuses = StatusStore::new(redis.clone(), config.common.redis_prefix.clone());
         let intake = Intake::start(
             publisher.clone(),
             statuses.clone(),
@@ -92,6 +99,9 @@ impl AppState {
             max_quantity: config.max_quantity,
             metrics: crate::observe::install_metrics(),
             shutdown: CancellationToken::new(),
+            redis,
+            buyers: Buyers::from_config(config),
+            idempotency_lease: crate::idempotency::lease_for(config.confirm_timeout()),
         })))
     }
 }

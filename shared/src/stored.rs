@@ -109,6 +109,25 @@ pub async fn fetch_one<'e>(
         .await
 }
 
+/// A buyer's decided transactions, newest first (by id: UUIDv7, acceptance order), only those
+/// older than `before` if given, at most `limit` of them: one page of the buyer's history
+/// (index `transactions_user_id_id`).
+pub async fn fetch_of_user<'e>(
+    executor: impl PgExecutor<'e>,
+    user: UserId,
+    before: Option<TransactionId>,
+    limit: i64,
+) -> sqlx::Result<Vec<StoredTransaction>> {
+    sqlx::query_as(select_transactions_where!(
+        "user_id = $1 AND ($2::uuid IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
+    ))
+    .bind(user.get())
+    .bind(before.map(|id| id.0))
+    .bind(limit)
+    .fetch_all(executor)
+    .await
+}
+
 /// Records each of `requests` as rejected (`not_accepted`) unless it was decided already, in
 /// one statement, and says for each which (in the order of `requests`).
 ///

@@ -4,14 +4,18 @@
 //! and the OpenAPI document from the same list, so the document cannot miss a route. The web
 //! page, the docs and the document itself are added beside it, undocumented.
 
+mod accounts;
 mod health;
+mod history;
 mod orders;
 mod page;
 mod products;
 mod stats;
 mod watch;
 
-pub use orders::{Accepted, AddToCart, read_transaction};
+pub use accounts::{Credentials, NewAccount, Token};
+pub use history::HistoryPage;
+pub use orders::{Accepted, AddToCart, accept, answer_settled, read_transaction};
 pub use products::{Product, ProductPage};
 pub use stats::Stats;
 pub use watch::WATCH_LIMIT;
@@ -54,6 +58,10 @@ pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(products::get))
         .routes(routes!(products::restock))
         .routes(routes!(stats::stats))
+        .routes(routes!(accounts::sign_up))
+        .routes(routes!(accounts::login))
+        .routes(routes!(accounts::logout))
+        .routes(routes!(history::history))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(health::metrics))

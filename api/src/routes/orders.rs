@@ -1,7 +1,9 @@
 //! Buying: `POST /api/v1/order/addToCart` and `GET /api/v1/transaction/{id}`.
 
-use crate::decisions::{preference_applied, preferred_wait};
+use crate::buyers::{self, Caller, pending};
+use crate::decisions::{Waiter, preference_applied, preferred_wait};
 use crate::error::{ApiError, ErrorBody};
+use crate::idempotency::{self, Fingerprint, IdempotencyKey, Remembered, Settled};
 use crate::extract::{self, AppJson};
 use crate::intake::Refusal;
 use crate::sold_out::SoldOutAnswer;
@@ -24,7 +26,12 @@ use tokio::time::Instant;
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddToCart {
-    pub user_id: UserId,
+    /// The buyer. Required without a token (an anonymous buyer's id, below 10^15, while
+    /// `ALLOT_ANONYMOUS_BUYERS` is true) and with the staff token (any buyer); with a buyer's
+    /// token it may be left out, and if sent must be the token's account (else `403`).
+    #[serde(default)]
+    #[schema(value_type = Option<UserId>)]
+    pub user_id: Option<UserId>,
     pub product_id: ProductId,
     pub quantity: Quantity,
 }
@@ -43,15 +50,21 @@ pub struct Accepted {
 /// held until it is decided (200 with the final transaction) or N seconds passed (202).
 #[utoipa::path(post, path = "/api/v1/order/addToCart", tag = crate::openapi::ORDERS,
     request_body = AddToCart,
-    params(("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer until the transaction is final, at most N seconds (capped at 10)")),
+    params(("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer until the transaction is final, at most N seconds (capped at 10)"),
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 257, description = "A key for safe retries (IETF httpapi draft): 1 to 255 printable ASCII characters, bare or as a quoted string (`\"...\"`). The same key with the same request from the same buyer makes one transaction and gets the same answer for 24 hours (marked `Idempotent-Replayed: true`); with another request, `422 idempotency_key_reused`; while the first is still being accepted, `409 idempotency_key_in_flight`. A refused attempt (`503`) leaves the key free.")),
+    security((), ("buyer_token" = []), ("admin_token" = [])),
     responses(
         (status = 200, description = "Final at once: sold out (rejected `out_of_stock`, nothing recorded, a `SoldOutAnswer`), or, with `Prefer: wait`, the transaction decided within the wait (a `TransactionView`, with `Preference-Applied`)", body = SoldOutAnswer),
         (status = 202, description = "Accepted: RabbitMQ confirmed the request; poll the transaction", body = Accepted,
-            headers(("location" = String, description = "/api/v1/transaction/{id}"))),
-        (status = 400, description = "`malformed_json`", body = ErrorBody),
+            headers(("location" = String, description = "/api/v1/transaction/{id}"),
+                ("idempotent-replayed" = String, description = "`true` on the answer of an earlier request with the same `Idempotency-Key`"))),
+        (status = 400, description = "`malformed_json`, or `invalid_idempotency_key` (empty, longer than 255 characters, not printable ASCII, or sent twice)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: a token that is not valid (forged, expired, revoked); no token while `ALLOT_ANONYMOUS_BUYERS` is false; or an account's `user_id` without its token", body = ErrorBody),
+        (status = 403, description = "`user_mismatch`: the body's `user_id` is not the token's account", body = ErrorBody),
+        (status = 409, description = "`idempotency_key_in_flight`: a request with this `Idempotency-Key` is still being accepted; retry after `Retry-After`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-        (status = 422, description = "`invalid_body`: missing, unknown or out-of-range field", body = ErrorBody),
+        (status = 422, description = "`invalid_body`: missing, unknown or out-of-range field; or `idempotency_key_reused`: this `Idempotency-Key` came with another request", body = ErrorBody),
         (status = 503, description = "`unavailable`: not accepted, retry after `Retry-After`", body = ErrorBody),
     ),
     summary = "Ask to buy units of a product",
@@ -62,10 +75,14 @@ pub struct Accepted {
         (`out_of_stock`), and nothing is recorded. `503` with `Retry-After` means the request was not \
         accepted and will not be sold: retry later. Bad input is refused with a 4xx and nothing is recorded. \
         With `Prefer: wait=N` (at most 10 s) the answer is held until the request is decided: `200` with the \
-        final transaction and `Preference-Applied`, or the usual `202` once N seconds passed.")]
+        final transaction and `Preference-Applied`, or the usual `202` once N seconds passed. \
+        Who buys: the token's account with a buyer's token (`Authorization: Bearer <token>` from \
+        `POST /api/v1/auth/login`); without a token the body's `user_id`, while `ALLOT_ANONYMOUS_BUYERS` is true \
+        (else `401`). With `Idempotency-Key`, a retry of the same request makes no second transaction.")]
 #[tracing::instrument(skip_all, fields(product_id = %body.product_id, transaction_id))]
 pub async fn add_to_cart(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     AppJson(body): AppJson<AddToCart>,
 ) -> Result<Response, ApiError> {
@@ -75,28 +92,136 @@ pub async fn add_to_cart(
             state.max_quantity, body.quantity
         )));
     }
+    let user_id = buyers::resolve(&state, &caller, body.user_id)?;
+    let wait = preferred_wait(&headers);
+    if let Some(key) = idempotency::key_of(&headers)? {
+        return add_to_cart_once(state, key, user_id, body.product_id, body.quantity, wait).await;
+    }
     if state.sold_out.contains(body.product_id) {
-        let answer = SoldOutAnswer::new(body.user_id, body.product_id, body.quantity);
+        let answer = SoldOutAnswer::new(user_id, body.product_id, body.quantity);
         return Ok((StatusCode::OK, Json(answer)).into_response());
     }
     let request = PurchaseRequest {
         transaction_id: TransactionId::new(),
-        user_id: body.user_id,
+        user_id,
         product_id: body.product_id,
         quantity: body.quantity,
         created_at: SystemClock.now(),
     };
     let id = request.transaction_id;
     tracing::Span::current().record("transaction_id", tracing::field::display(id));
-    let wait = preferred_wait(&headers);
     // Registered before the publish, so the decision cannot be announced before we listen.
     let waiter = wait.map(|_| state.decisions.wait_for(id));
-    state.intake.accept(request).await.map_err(refusal_error)?;
+    accept(&state, request).await?;
+    answer_accepted(&state, id, wait, waiter, false).await
+}
 
+/// `add_to_cart` with an `Idempotency-Key`: the same answer for the same request, one
+/// transaction at most (see [`crate::idempotency`]).
+async fn add_to_cart_once(
+    state: AppState,
+    key: IdempotencyKey,
+    user_id: UserId,
+    product_id: ProductId,
+    quantity: Quantity,
+    wait: Option<u64>,
+) -> Result<Response, ApiError> {
+    let fingerprint = Fingerprint::of("addToCart", &(product_id, quantity));
+    let candidate = TransactionId::new();
+    let waiter = wait.map(|_| state.decisions.wait_for(candidate));
+    let work_state = state.clone();
+    let settled =
+        idempotency::once(&state, user_id, key, fingerprint, candidate, move |attempt| {
+            async move {
+                // Only a first attempt may answer sold out: a retaken one may have reached
+                // the broker already, and must go the same way again.
+                if attempt.first && work_state.sold_out.contains(product_id) {
+                    let answer = SoldOutAnswer::new(user_id, product_id, quantity);
+                    let json = serde_json::to_string(&answer).map_err(anyhow::Error::from)?;
+                    return Ok(Remembered::Final(json));
+                }
+                let request = PurchaseRequest {
+                    transaction_id: attempt.transaction_id,
+                    user_id,
+                    product_id,
+                    quantity,
+                    created_at: SystemClock.now(),
+                };
+                accept(&work_state, request).await?;
+                Ok(Remembered::Accepted(attempt.transaction_id))
+            }
+        })
+        .await?;
+    answer_settled(&state, settled, wait, waiter).await
+}
+
+/// The answer of a keyed request, fresh or replayed.
+pub async fn answer_settled(
+    state: &AppState,
+    settled: Settled,
+    wait: Option<u64>,
+    waiter: Option<Waiter>,
+) -> Result<Response, ApiError> {
+    let (remembered, replayed) = match settled {
+        Settled::Fresh(remembered) => (remembered, false),
+        Settled::Replayed(remembered) => (remembered, true),
+    };
+    match remembered {
+        Remembered::Final(json) => {
+            let mut response = (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                json,
+            )
+                .into_response();
+            if replayed {
+                mark_replayed(&mut response);
+            }
+            Ok(response)
+        }
+        Remembered::Accepted(id) => {
+            tracing::Span::current().record("transaction_id", tracing::field::display(id));
+            // The waiter was registered on the candidate id; a replayed or retaken id needs
+            // its own (a notification missed meanwhile is caught by the waiter's re-reads).
+            let waiter = match waiter {
+                Some(waiter) if waiter.transaction_id() == id => Some(waiter),
+                _ => wait.map(|_| state.decisions.wait_for(id)),
+            };
+            answer_accepted(state, id, wait, waiter, replayed).await
+        }
+    }
+}
+
+/// `202` with the transaction's `Location`, or with `Prefer: wait` its final state (`200`)
+/// if it is decided within the wait.
+async fn answer_accepted(
+    state: &AppState,
+    id: TransactionId,
+    wait: Option<u64>,
+    waiter: Option<Waiter>,
+    replayed: bool,
+) -> Result<Response, ApiError> {
     if let (Some(secs), Some(waiter)) = (wait, waiter) {
         let deadline = Instant::now() + Duration::from_secs(secs);
-        if let Some(view) = waiter.until_final(&state, deadline).await {
-            return Ok((StatusCode::OK, [preference_applied(secs)], Json(view)).into_response());
+        // A replayed transaction may be decided long since: no need to wait for a re-read.
+        let decided = match replayed {
+            true => read_transaction(state, id)
+                .await
+                .ok()
+                .filter(|view| view.status != Status::Pending),
+            false => None,
+        };
+        let decided = match decided {
+            Some(view) => Some(view),
+            None => waiter.until_final(state, deadline).await,
+        };
+        if let Some(view) = decided {
+            let mut response =
+                (StatusCode::OK, [preference_applied(secs)], Json(view)).into_response();
+            if replayed {
+                mark_replayed(&mut response);
+            }
+            return Ok(response);
         }
     }
     let location = format!("/api/v1/transaction/{id}");
@@ -104,12 +229,40 @@ pub async fn add_to_cart(
         transaction_id: id,
         status: Status::Pending,
     };
-    Ok((
+    let mut response = (
         StatusCode::ACCEPTED,
         [(header::LOCATION, location)],
         Json(accepted),
     )
-        .into_response())
+        .into_response();
+    if replayed {
+        mark_replayed(&mut response);
+    }
+    Ok(response)
+}
+
+fn mark_replayed(response: &mut Response) {
+    response.headers_mut().insert(
+        idempotency::REPLAYED.clone(),
+        axum::http::HeaderValue::from_static("true"),
+    );
+}
+
+/// Hands `request` to the intake; an account's purchase is first indexed as pending (for its
+/// history), and unindexed if refused. Anonymous purchases do no more than the intake does.
+pub async fn accept(state: &AppState, request: PurchaseRequest) -> Result<(), ApiError> {
+    let (user, id) = (request.user_id, request.transaction_id);
+    if buyers::is_account(user) {
+        pending::note(state, user, id).await.map_err(|err| {
+            tracing::warn!(error = %format_args!("{err:#}"), "refusing a request: Redis is unavailable");
+            refusal_error(Refusal::StoreUnavailable)
+        })?;
+    }
+    let accepted = state.intake.accept(request).await;
+    if accepted.is_err() {
+        pending::forget(state, user, id).await;
+    }
+    accepted.map_err(refusal_error)
 }
 
 fn refusal_error(refusal: Refusal) -> ApiError {
@@ -141,10 +294,12 @@ fn refusal_error(refusal: Refusal) -> ApiError {
 #[utoipa::path(get, path = "/api/v1/transaction/{id}", tag = crate::openapi::ORDERS,
     params(("id" = uuid::Uuid, Path, description = "The transaction id"),
         ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold a pending answer until the transaction is final, at most N seconds (capped at 10)")),
+    security((), ("buyer_token" = []), ("admin_token" = [])),
     responses(
         (status = 200, description = "The transaction: `pending`, or final with its order number or reason", body = TransactionView),
         (status = 400, description = "`invalid_id`: not a UUID", body = ErrorBody),
-        (status = 404, description = "`not_found`: allot never accepted this id", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: a token that is not valid, or no token while `ALLOT_ANONYMOUS_BUYERS` is false", body = ErrorBody),
+        (status = 404, description = "`not_found`: allot never accepted this id, or the caller may not read it (another buyer's; an account's without its token)", body = ErrorBody),
         (status = 503, description = "`unavailable`: Redis is down and the transaction is not decided", body = ErrorBody),
     ),
     summary = "Follow a purchase request",
@@ -152,19 +307,28 @@ fn refusal_error(refusal: Refusal) -> ApiError {
         or `rejected` with its reason, and final from then on. `404` if allot never accepted this id; an id \
         answered `202` never becomes `404`. `503` if the status store is unavailable and the transaction is \
         not decided yet: try again. With `Prefer: wait=N` (at most 10 s) a pending answer is held until the \
-        transaction is final or N seconds passed.")]
+        transaction is final or N seconds passed. Who may read it: staff any transaction, a buyer (token) its \
+        own, anyone holding the id an anonymous buyer's (while `ALLOT_ANONYMOUS_BUYERS` is true); any other is \
+        `404`, like an unknown id.")]
 #[tracing::instrument(skip_all, fields(transaction_id = %raw_id))]
 pub async fn get_transaction(
     State(state): State<AppState>,
+    caller: Caller,
     Path(raw_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = extract::transaction_id(&raw_id)?;
+    if let Caller::Anonymous = caller {
+        buyers::require_anonymous_allowed(&state)?;
+    }
     let Some(secs) = preferred_wait(&headers) else {
-        return Ok(Json(read_transaction(&state, id).await?).into_response());
+        let view = read_transaction(&state, id).await?;
+        buyers::authorize_read(&state, &caller, id, view.user_id)?;
+        return Ok(Json(view).into_response());
     };
     let waiter = state.decisions.wait_for(id);
     let view = read_transaction(&state, id).await?;
+    buyers::authorize_read(&state, &caller, id, view.user_id)?;
     let view = if view.status == Status::Pending {
         let deadline = Instant::now() + Duration::from_secs(secs);
         waiter.until_final(&state, deadline).await.unwrap_or(view)
