@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 
 /// Every operation of the JSON API, as the router registers it.
 const OPERATIONS: &[(&str, &str)] = &[
+    ("GET", "/api/v1/orders/history"),
     ("GET", "/api/v1/products"),
     ("GET", "/api/v1/products/{id}"),
     ("GET", "/api/v1/stats"),
@@ -17,9 +18,12 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/metrics"),
     ("GET", "/readyz"),
+    ("POST", "/api/v1/auth/login"),
+    ("POST", "/api/v1/auth/logout"),
     ("POST", "/api/v1/order/addToCart"),
     ("POST", "/api/v1/products"),
     ("POST", "/api/v1/products/{id}/restock"),
+    ("POST", "/api/v1/users"),
 ];
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
 

@@ -57,6 +57,8 @@ pub struct Options {
     pub sold_out_refresh_ms: u64,
     /// The API's `ALLOT_MAX_QUANTITY`.
     pub max_quantity: i64,
+    /// Any other change to the API's configuration (login limits, token lifetime, ...).
+    pub tweak_api: fn(&mut ApiConfig),
 }
 
 impl Default for Options {
@@ -68,6 +70,7 @@ impl Default for Options {
             confirm_timeout_ms: 3000,
             sold_out_refresh_ms: 0,
             max_quantity: 10,
+            tweak_api: |_| {},
         }
     }
 }
@@ -134,6 +137,7 @@ pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
     api_config.confirm_timeout_ms = options.confirm_timeout_ms;
     api_config.sold_out_refresh_ms = options.sold_out_refresh_ms;
     api_config.max_quantity = options.max_quantity;
+    (options.tweak_api)(&mut api_config);
     let mut worker_config = WorkerConfig::parse_from(["allot-worker"]);
     worker_config.common = api_config.common.clone();
 
@@ -336,6 +340,39 @@ impl TestApp {
         TransactionId(id)
     }
 
+    /// Signs `username` up (asserting 201) and returns the account's id.
+    pub async fn sign_up(&self, username: &str, password: &str) -> i64 {
+        let response = self
+            .post_json(
+                "/api/v1/users",
+                &json!({"username": username, "password": password}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED, "sign-up of {username}");
+        let body: Value = response.json().await.unwrap();
+        body["user_id"].as_i64().expect("a user id")
+    }
+
+    /// Logs `username` in (asserting 200) and returns the token.
+    pub async fn log_in(&self, username: &str, password: &str) -> String {
+        let response = self
+            .post_json(
+                "/api/v1/auth/login",
+                &json!({"username": username, "password": password}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::OK, "login of {username}");
+        let body: Value = response.json().await.unwrap();
+        body["token"].as_str().expect("a token").to_owned()
+    }
+
+    /// A new account (`username`, password `password-of-<username>`) and its token.
+    pub async fn buyer(&self, username: &str) -> (i64, String) {
+        let password = format!("password-of-{username}");
+        let id = self.sign_up(username, &password).await;
+        (id, self.log_in(username, &password).await)
+    }
+
     /// Creates a product and returns its id.
     pub async fn create_product(&self, name: &str, stock: i64) -> i64 {
         let response = self
@@ -365,6 +402,23 @@ impl TestApp {
     pub async fn wait_final(&self, id: TransactionId) -> Value {
         wait_for(&format!("transaction {id} to be decided"), || async {
             let view = self.transaction(id).await;
+            (view["status"] != "pending").then_some(view)
+        })
+        .await
+    }
+
+    /// Polls a transaction, read with `token` (a buyer's, or the staff's), until it is final.
+    pub async fn wait_final_as(&self, id: TransactionId, token: &str) -> Value {
+        wait_for(&format!("transaction {id} to be decided"), || async {
+            let response = self
+                .client
+                .get(self.url(&format!("/api/v1/transaction/{id}")))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("GET is answered");
+            assert_eq!(response.status(), StatusCode::OK, "GET transaction {id}");
+            let view: Value = response.json().await.unwrap();
             (view["status"] != "pending").then_some(view)
         })
         .await

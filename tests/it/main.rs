@@ -8,11 +8,15 @@
 
 mod helpers;
 
+mod accounts;
 mod api_contract;
 mod bad_input;
+mod buyer_identity;
 mod docs;
 mod envelopes;
 mod group_commit;
+mod history;
+mod idempotency;
 mod observability;
 mod pipeline;
 mod poison;

@@ -145,7 +145,7 @@ impl FromRequestParts<AppState> for Caller {
 /// - a buyer: its account; a different body `user_id` is `403 user_mismatch`;
 /// - staff: the body's `user_id` (required, `422` without);
 /// - anonymous: `401` unless `ALLOT_ANONYMOUS_BUYERS`; then the body's `user_id` (required,
-///   `422` without), `401` if it is an account's id.
+///   below [`ACCOUNT_IDS_FROM`]; `422` otherwise).
 pub fn resolve(
     state: &AppState,
     caller: &Caller,
@@ -171,8 +171,9 @@ pub fn resolve(
                 )
             })?;
             if is_account(user) {
-                return Err(ApiError::Unauthenticated(format!(
-                    "user ids from {ACCOUNT_IDS_FROM} on are accounts: buy with the account's token"
+                return Err(ApiError::InvalidBody(format!(
+                    "user_id must be below {ACCOUNT_IDS_FROM} without a token: ids from there on \
+                     are accounts, which buy with their token"
                 )));
             }
             Ok(user)

@@ -26,11 +26,11 @@ use tokio::time::Instant;
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddToCart {
-    /// The buyer. Required without a token (an anonymous buyer's id, below 10^15, while
-    /// `ALLOT_ANONYMOUS_BUYERS` is true) and with the staff token (any buyer); with a buyer's
-    /// token it may be left out, and if sent must be the token's account (else `403`).
+    /// The buyer: 1 to 10^15 - 1 without a token (an anonymous buyer, while
+    /// `ALLOT_ANONYMOUS_BUYERS` is true); with a buyer's token leave it out, or send the
+    /// token's account id (10^15 and up; another id is `403`); with the staff token any buyer.
     #[serde(default)]
-    #[schema(value_type = Option<UserId>)]
+    #[schema(value_type = Option<i64>, format = Int64, minimum = 1, maximum = 999_999_999_999_999_i64)]
     pub user_id: Option<UserId>,
     pub product_id: ProductId,
     pub quantity: Quantity,
@@ -59,12 +59,12 @@ pub struct Accepted {
             headers(("location" = String, description = "/api/v1/transaction/{id}"),
                 ("idempotent-replayed" = String, description = "`true` on the answer of an earlier request with the same `Idempotency-Key`"))),
         (status = 400, description = "`malformed_json`, or `invalid_idempotency_key` (empty, longer than 255 characters, not printable ASCII, or sent twice)", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: a token that is not valid (forged, expired, revoked); no token while `ALLOT_ANONYMOUS_BUYERS` is false; or an account's `user_id` without its token", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: a token that is not valid (forged, expired, revoked), or no token while `ALLOT_ANONYMOUS_BUYERS` is false", body = ErrorBody),
         (status = 403, description = "`user_mismatch`: the body's `user_id` is not the token's account", body = ErrorBody),
         (status = 409, description = "`idempotency_key_in_flight`: a request with this `Idempotency-Key` is still being accepted; retry after `Retry-After`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-        (status = 422, description = "`invalid_body`: missing, unknown or out-of-range field; or `idempotency_key_reused`: this `Idempotency-Key` came with another request", body = ErrorBody),
+        (status = 422, description = "`invalid_body`: missing, unknown or out-of-range field (an account's `user_id`, 10^15 and up, without its token); or `idempotency_key_reused`: this `Idempotency-Key` came with another request", body = ErrorBody),
         (status = 503, description = "`unavailable`: not accepted, retry after `Retry-After`", body = ErrorBody),
     ),
     summary = "Ask to buy units of a product",

@@ -679,15 +679,19 @@ impl<'a> Generator<'a> {
 /// The ways `operation` can be broken.
 fn categories(operation: &Operation) -> Vec<&'static str> {
     let mut categories = vec!["method", "unknown_path"];
-    if operation.body.is_some() {
+    if let Some(fields) = &operation.body {
+        if fields
+            .iter()
+            .any(|field| matches!(field.kind, Kind::Integer { .. }))
+        {
+            categories.extend(["body_past_limit", "body_at_limit_and_unknown_field"]);
+        }
         categories.extend([
             "body_not_object",
             "body_wrong_type",
             "body_missing_field",
             "body_duplicate_field",
             "body_unknown_field",
-            "body_past_limit",
-            "body_at_limit_and_unknown_field",
             "body_bad_string",
             "body_huge",
             "body_deep",

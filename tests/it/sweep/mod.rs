@@ -37,6 +37,13 @@ const CLIENT_ERROR_CODES: &[&str] = &[
     "unauthorized",
     "not_found",
     "method_not_allowed",
+    "invalid_credentials",
+    "user_mismatch",
+    "username_taken",
+    "rate_limited",
+    "invalid_idempotency_key",
+    "idempotency_key_reused",
+    "idempotency_key_in_flight",
 ];
 /// Queue depths are read every this many requests (and at the end): a request that got
 /// through would also have left its pending status in Redis, which is read after each one.
@@ -45,7 +52,7 @@ const QUEUES_EVERY: usize = 100;
 /// Everything a request could write in PostgreSQL and Redis.
 #[derive(Debug, PartialEq)]
 struct Written {
-    database: (i64, i64, String, i64, i64, i64),
+    database: (i64, i64, String, i64, i64, i64, i64, i64),
     redis_keys: Vec<String>,
 }
 
@@ -56,7 +63,9 @@ async fn written(app: &TestApp) -> Written {
                 (SELECT coalesce(string_agg(id || ':' || name, ',' ORDER BY id), '') FROM products), \
                 (SELECT count(*) FROM transactions), \
                 (SELECT count(*) FROM dead_letters), \
-                (SELECT count(*) FROM order_counters)",
+                (SELECT count(*) FROM order_counters), \
+                (SELECT count(*) FROM users), \
+                (SELECT count(*) FROM sessions)",
     )
     .fetch_one(&app.pool)
     .await

@@ -35,7 +35,7 @@ pub struct Operation {
     /// The JSON body's fields, in the order the schema lists them (serde's positional order
     /// is the struct's; the sweep only needs some order).
     pub body: Option<Vec<Field>>,
-    /// Needs the admin token.
+    /// Needs a token (the sweep sends the admin token as the valid one).
     pub secured: bool,
     pub statuses: BTreeSet<u16>,
 }
@@ -82,9 +82,14 @@ pub fn operations(doc: &Value) -> Vec<Operation> {
                 path_params: params_in("path"),
                 query_params: params_in("query"),
                 body,
-                secured: operation["security"]
-                    .as_array()
-                    .is_some_and(|schemes| !schemes.is_empty()),
+                // Needs a token: some requirement, and none of them the empty one (`{}`: a
+                // token is optional, as on the purchase and read endpoints).
+                secured: operation["security"].as_array().is_some_and(|schemes| {
+                    !schemes.is_empty()
+                        && !schemes
+                            .iter()
+                            .any(|scheme| scheme.as_object().is_some_and(|s| s.is_empty()))
+                }),
                 statuses: operation["responses"]
                     .as_object()
                     .expect("responses")
