@@ -48,7 +48,8 @@ pub async fn run(
         .buyers
         .revocations
         .clone()
-        .spawn_refresher(state.pool.clone(), state.buyers.revocation_refresh);
+        .start_refresher(state.pool.clone(), state.buyers.revocation_refresh)
+        .await;
     let limits_cleaner = state
         .buyers
         .limits

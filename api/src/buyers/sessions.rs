@@ -5,8 +5,8 @@
 //! instance keeps the set of revoked, unexpired sessions in memory ([`Revocations`]):
 //! - the instance that takes a logout adds the session at once, after the database update, so
 //!   the token is refused there from the logout's answer on;
-//! - every instance re-reads the revocations from PostgreSQL every
-//!   `ALLOT_REVOCATION_REFRESH_MS` ([`Revocations::spawn_refresher`]), so another instance
+//! - every instance reads the revocations from PostgreSQL before it serves, then again every
+//!   `ALLOT_REVOCATION_REFRESH_MS` ([`Revocations::start_refresher`]), so another instance
 //!   refuses the token within one refresh period (while PostgreSQL answers; an instance that
 //!   cannot read keeps what it knew and catches up once it can).
 //!
@@ -105,12 +105,21 @@ impl Revocations {
         Ok(latest)
     }
 
-    /// Refreshes every `every` for as long as the API runs (the first time at once).
-    pub fn spawn_refresher(self: Arc<Self>, pool: PgPool, every: Duration) -> JoinHandle<()> {
+    /// Reads every revocation once (before the API serves: a token revoked before this
+    /// instance started is refused from its first request), then refreshes every `every` for
+    /// as long as the API runs.
+    pub async fn start_refresher(self: Arc<Self>, pool: PgPool, every: Duration) -> JoinHandle<()> {
+        let mut since = match self.refresh(&pool, None).await {
+            Ok(latest) => latest,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read the revoked sessions; retrying");
+                None
+            }
+        };
         tokio::spawn(async move {
-            let mut since = None;
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
             loop {
                 ticks.tick().await;
                 match self.refresh(&pool, since).await {
