@@ -75,7 +75,9 @@ pub enum ApiError {
     #[error("{0}")]
     InvalidIdempotencyKey(String),
     /// 422 `idempotency_key_reused`: this key was used for another request.
-    #[error("this Idempotency-Key was used for another request (a different body or endpoint); use a new key")]
+    #[error(
+        "this Idempotency-Key was used for another request (a different body or endpoint); use a new key"
+    )]
     IdempotencyKeyReused,
     /// 409 `idempotency_key_in_flight`, with `Retry-After`: an earlier request with this key
     /// is still being accepted.
@@ -124,9 +126,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Unauthenticated(_) | ApiError::InvalidCredentials => {
-                StatusCode::UNAUTHORIZED
-            }
+            ApiError::Unauthenticated(_) | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
             ApiError::UserMismatch(_) => StatusCode::FORBIDDEN,
             ApiError::UsernameTaken(_) | ApiError::IdempotencyKeyInFlight => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,

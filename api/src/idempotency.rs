@@ -278,9 +278,7 @@ enum ClaimReply {
 
 impl ClaimReply {
     fn parse(reply: &[String]) -> anyhow::Result<Self> {
-        let id = |raw: &str| -> anyhow::Result<TransactionId> {
-            Ok(TransactionId(raw.parse()?))
-        };
+        let id = |raw: &str| -> anyhow::Result<TransactionId> { Ok(TransactionId(raw.parse()?)) };
         Ok(match reply {
             [state, tx] if state == "claimed" => ClaimReply::Claimed(id(tx)?),
             [state] if state == "reused" => ClaimReply::Reused,
@@ -449,13 +447,30 @@ mod tests {
 
     #[test]
     fn keys_are_quoted_strings_or_bare_printable_ascii() {
-        assert_eq!(key(r#""8e03978e-40d5-43e8-bc93-6894a57f9324""#).as_deref(), Ok("8e03978e-40d5-43e8-bc93-6894a57f9324"));
+        assert_eq!(
+            key(r#""8e03978e-40d5-43e8-bc93-6894a57f9324""#).as_deref(),
+            Ok("8e03978e-40d5-43e8-bc93-6894a57f9324")
+        );
         assert_eq!(key("8e03978e-40d5").as_deref(), Ok("8e03978e-40d5"));
         assert_eq!(key(r#""a \"b\" \\ c""#).as_deref(), Ok(r#"a "b" \ c"#));
         assert_eq!(key("a b").as_deref(), Ok("a b"));
         assert_eq!(key(&"k".repeat(255)).map(|k| k.len()), Ok(255));
-        assert_eq!(key(&format!("\"{}\"", "k".repeat(255))).map(|k| k.len()), Ok(255));
-        for bad in ["", "\"\"", "\"open", "a\"b", r"a\b", r#""\x""#, r#""a"b""#, "caf\u{e9}", "tab\there", &"k".repeat(256)] {
+        assert_eq!(
+            key(&format!("\"{}\"", "k".repeat(255))).map(|k| k.len()),
+            Ok(255)
+        );
+        for bad in [
+            "",
+            "\"\"",
+            "\"open",
+            "a\"b",
+            r"a\b",
+            r#""\x""#,
+            r#""a"b""#,
+            "caf\u{e9}",
+            "tab\there",
+            &"k".repeat(256),
+        ] {
             assert!(key(bad).is_err(), "{bad:?}");
         }
         assert!(parse_key(b"\xff").is_err());
@@ -465,12 +480,27 @@ mod tests {
     fn claim_replies_are_read_exactly() {
         let id = TransactionId::new();
         let s = |parts: &[&str]| parts.iter().map(|p| p.to_string()).collect::<Vec<_>>();
-        assert_eq!(ClaimReply::parse(&s(&["claimed", &id.to_string()])).unwrap(), ClaimReply::Claimed(id));
-        assert_eq!(ClaimReply::parse(&s(&["reused"])).unwrap(), ClaimReply::Reused);
-        assert_eq!(ClaimReply::parse(&s(&["in_flight"])).unwrap(), ClaimReply::InFlight);
-        assert_eq!(ClaimReply::parse(&s(&["taken_over", &id.to_string()])).unwrap(), ClaimReply::TakenOver(id));
+        assert_eq!(
+            ClaimReply::parse(&s(&["claimed", &id.to_string()])).unwrap(),
+            ClaimReply::Claimed(id)
+        );
+        assert_eq!(
+            ClaimReply::parse(&s(&["reused"])).unwrap(),
+            ClaimReply::Reused
+        );
+        assert_eq!(
+            ClaimReply::parse(&s(&["in_flight"])).unwrap(),
+            ClaimReply::InFlight
+        );
+        assert_eq!(
+            ClaimReply::parse(&s(&["taken_over", &id.to_string()])).unwrap(),
+            ClaimReply::TakenOver(id)
+        );
         let answer = serde_json::to_string(&Remembered::Accepted(id)).unwrap();
-        assert_eq!(ClaimReply::parse(&s(&["done", &answer])).unwrap(), ClaimReply::Done(Remembered::Accepted(id)));
+        assert_eq!(
+            ClaimReply::parse(&s(&["done", &answer])).unwrap(),
+            ClaimReply::Done(Remembered::Accepted(id))
+        );
         assert!(ClaimReply::parse(&s(&["done"])).is_err());
         assert!(ClaimReply::parse(&s(&["claimed", "not-a-uuid"])).is_err());
     }

@@ -1,6 +1,7 @@
 // The web page in a real browser: headless Chromium (Debian's, driven by playwright-core) loads
 // allot's page, buys a product with the Buy button and sees the transaction go from pending to
-// its order number, the stock fall and the order counter move. A screenshot is kept.
+// its order number, the stock fall and the order counter move; signs up, buys as the account
+// and finds the order in "My orders". Screenshots are kept.
 //
 // Environment: ALLOT_BASE_URL (a running allot), ALLOT_ADMIN_TOKEN (to create the product),
 // ALLOT_ARTIFACTS (where the screenshot goes), CHROMIUM (default /usr/bin/chromium).
@@ -116,6 +117,57 @@ test("a buyer buys on the web page and sees the order number appear", { timeout:
     await page.waitForFunction((before) => Number(document.getElementById("orders").textContent) > before, ordersBefore);
 
     await screenshot(page, "web-page.png");
+    assert.deepEqual(pageErrors, [], "no JavaScript errors");
+  } finally {
+    await close();
+  }
+});
+
+test("a buyer signs up on the page, buys as the account and sees the order in My orders", { timeout: 90_000 }, async () => {
+  const product = await createProduct(`Account sneaker ${Date.now()}`, 5);
+  const username = `browser-${Date.now().toString(36)}`;
+  const { page, close } = await launch();
+  try {
+    const pageErrors = [];
+    page.on("pageerror", (error) => pageErrors.push(String(error)));
+    await page.goto(`${baseUrl}/`);
+    assert.equal(await page.locator("#my-orders-section").isHidden(), true, "no orders before login");
+
+    await page.fill("#username", username);
+    await page.fill("#password", "correct horse battery");
+    await page.click("#sign-up");
+    await page.locator("#logged-in").waitFor();
+    assert.equal(await page.locator("#who").textContent(), username);
+    const userId = Number(await page.locator("#who-id").textContent());
+    assert.ok(userId >= 1e15, `an account id: ${userId}`);
+    assert.equal(await page.locator("#anonymous-id").isHidden(), true, "no user id to type");
+
+    const row = page.locator(`tr[data-product-id="${product.id}"]`);
+    await row.waitFor();
+    await row.locator("button.buy").click();
+    const orderNumber = page.locator("#purchases li[data-status='succeeded'] .order-number");
+    await orderNumber.waitFor();
+    const number = await orderNumber.textContent();
+    const id = await page.locator("#purchases li").first().getAttribute("data-transaction-id");
+
+    // My orders lists it, decided, with its order number.
+    const order = page.locator(`#my-orders tr[data-transaction-id="${id}"][data-status="succeeded"]`);
+    await order.waitFor();
+    assert.match(await order.locator(".state").textContent(), new RegExp(number));
+
+    // The transaction is the account's, and not readable without its token.
+    const anonymous = await fetch(`${baseUrl}/api/v1/transaction/${id}`);
+    assert.equal(anonymous.status, 404, "an account's transaction needs its token");
+    const staff = await (await fetch(`${baseUrl}/api/v1/transaction/${id}`, {
+      headers: { Authorization: `Bearer ${adminToken}` },
+    })).json();
+    assert.equal(staff.user_id, userId);
+    assert.equal(staff.order_number, number);
+
+    await screenshot(page, "web-page-account.png");
+    await page.click("#log-out");
+    await page.locator("#login-form").waitFor();
+    assert.equal(await page.locator("#my-orders-section").isHidden(), true);
     assert.deepEqual(pageErrors, [], "no JavaScript errors");
   } finally {
     await close();

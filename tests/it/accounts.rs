@@ -53,7 +53,10 @@ async fn sign_up_creates_an_account_with_its_password_hashed_and_never_returned(
     assert_eq!(response.status(), StatusCode::CREATED);
     let body: Value = response.json().await.unwrap();
     let id = body["user_id"].as_i64().expect("a user id");
-    assert!(id >= 1_000_000_000_000_000, "account ids start at 10^15: {id}");
+    assert!(
+        id >= 1_000_000_000_000_000,
+        "account ids start at 10^15: {id}"
+    );
     let created_at = body["created_at"].as_str().expect("created_at").to_owned();
     assert_eq!(
         body,
@@ -88,7 +91,10 @@ async fn sign_up_creates_an_account_with_its_password_hashed_and_never_returned(
     let bob = app.sign_up("bob", "bob's password").await;
     assert!(bob > id, "{bob} after {id}");
     let response = app
-        .post_json(LOGIN, &json!({"username": "BOB", "password": "bob's password"}))
+        .post_json(
+            LOGIN,
+            &json!({"username": "BOB", "password": "bob's password"}),
+        )
         .await;
     assert_eq!(response.status(), StatusCode::OK);
     app.shutdown().await;
@@ -186,12 +192,16 @@ async fn login_gives_a_signed_token_and_a_wrong_username_or_password_the_same_40
         json!({"token": token, "token_type": "Bearer", "expires_at": expires_at,
                "user_id": id, "username": "carol"})
     );
-    assert!(token.starts_with("allotb1_") && token.len() == 94, "{token}");
+    assert!(
+        token.starts_with("allotb1_") && token.len() == 94,
+        "{token}"
+    );
     // Valid for ALLOT_TOKEN_TTL_SECS (24 h by default), to the second.
     let expires: chrono::DateTime<chrono::Utc> = expires_at.parse().unwrap();
     let ttl = expires - before;
     assert!(
-        ttl <= chrono::Duration::hours(24) && ttl > chrono::Duration::hours(24) - chrono::Duration::seconds(30),
+        ttl <= chrono::Duration::hours(24)
+            && ttl > chrono::Duration::hours(24) - chrono::Duration::seconds(30),
         "{ttl}"
     );
     // One session, and the token itself is stored nowhere.
@@ -201,27 +211,36 @@ async fn login_gives_a_signed_token_and_a_wrong_username_or_password_the_same_40
             .await
             .unwrap();
     assert_eq!((session_user, stored_expiry), (id, expires));
-    let dump: String = sqlx::query_scalar(
-        "SELECT string_agg(s::text, ' ') FROM (SELECT * FROM sessions) s",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
+    let dump: String =
+        sqlx::query_scalar("SELECT string_agg(s::text, ' ') FROM (SELECT * FROM sessions) s")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
     assert!(!dump.contains(&token[8..40]), "the token is not stored");
     assert_eq!(history_with(&app, &token).await.status(), StatusCode::OK);
 
     let wrong_password = app
-        .post_json(LOGIN, &json!({"username": "carol", "password": "not her password"}))
+        .post_json(
+            LOGIN,
+            &json!({"username": "carol", "password": "not her password"}),
+        )
         .await;
     let unknown_user = app
-        .post_json(LOGIN, &json!({"username": "nobody", "password": "carol's password"}))
+        .post_json(
+            LOGIN,
+            &json!({"username": "nobody", "password": "carol's password"}),
+        )
         .await;
     for response in [wrong_password, unknown_user] {
         assert_eq!(response.headers()["www-authenticate"], "Bearer");
         let message = assert_error(response, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
         assert_eq!(message, "the username or the password is wrong");
     }
-    assert_eq!(accounts_and_sessions(&app).await, (1, 1), "no session for a refused login");
+    assert_eq!(
+        accounts_and_sessions(&app).await,
+        (1, 1),
+        "no session for a refused login"
+    );
     app.shutdown().await;
 }
 
@@ -257,7 +276,12 @@ async fn logout_revokes_the_token_at_once_and_other_tokens_keep_working(pool: sq
         .await
         .unwrap();
     assert_error(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
-    assert_error(logout(&app, &first).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    assert_error(
+        logout(&app, &first).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
     assert_eq!(app.total_queue_depth().await, 0, "nothing bought with it");
 
     // The other session is untouched.
@@ -267,8 +291,18 @@ async fn logout_revokes_the_token_at_once_and_other_tokens_keep_working(pool: sq
     let response = app.client.post(app.url(LOGOUT)).send().await.unwrap();
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
     assert_error(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
-    assert_error(logout(&app, ADMIN_TOKEN).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
-    assert_error(logout(&app, "allotb1_nonsense").await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    assert_error(
+        logout(&app, ADMIN_TOKEN).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+    assert_error(
+        logout(&app, "allotb1_nonsense").await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
     assert_eq!(
         app.count("SELECT count(*) FROM sessions WHERE revoked_at IS NOT NULL")
             .await,
@@ -292,7 +326,12 @@ async fn a_token_revoked_on_one_instance_is_refused_by_another_within_its_refres
     assert_eq!(history_with(&other, &token).await.status(), StatusCode::OK);
 
     assert_eq!(logout(&one, &token).await.status(), StatusCode::NO_CONTENT);
-    assert_error(history_with(&one, &token).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    assert_error(
+        history_with(&one, &token).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
     wait_for("the other instance to refuse the revoked token", || async {
         (history_with(&other, &token).await.status() == StatusCode::UNAUTHORIZED).then_some(())
     })
@@ -333,8 +372,12 @@ async fn expired_forged_and_altered_tokens_are_refused_with_401(pool: sqlx::PgPo
         expires_at: chrono::DateTime::from_timestamp(expires_at.timestamp(), 0).unwrap(),
     };
     let expired = key.issue(&claims(chrono::Utc::now() - chrono::Duration::seconds(5)));
-    let message =
-        assert_error(history_with(&app, &expired).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    let message = assert_error(
+        history_with(&app, &expired).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
     assert!(message.contains("expired"), "{message}");
 
     // Signed with another key (another deployment, or a forger's), valid otherwise.
@@ -342,7 +385,11 @@ async fn expired_forged_and_altered_tokens_are_refused_with_401(pool: sqlx::PgPo
     let foreign = TokenKey::derive(b"some other deployment's secret").issue(&claims(future));
     // One character of a genuine token changed.
     let genuine = key.issue(&claims(future));
-    assert_eq!(history_with(&app, &genuine).await.status(), StatusCode::OK, "the genuine one works");
+    assert_eq!(
+        history_with(&app, &genuine).await.status(),
+        StatusCode::OK,
+        "the genuine one works"
+    );
     let mut altered = genuine.clone().into_bytes();
     altered[40] = if altered[40] == b'A' { b'B' } else { b'A' };
     let altered = String::from_utf8(altered).unwrap();
@@ -356,10 +403,18 @@ async fn expired_forged_and_altered_tokens_are_refused_with_401(pool: sqlx::PgPo
         let response = history_with(&app, token).await;
         assert_eq!(response.headers()["www-authenticate"], "Bearer", "{what}");
         let message = assert_error(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
-        assert!(message.contains("not a valid buyer token"), "{what}: {message}");
+        assert!(
+            message.contains("not a valid buyer token"),
+            "{what}: {message}"
+        );
     }
     // Not a bearer token at all.
-    for authorization in ["Basic YWxpY2U6cGFzc3dvcmQ=", "Bearer", "Bearer ", "bearer x"] {
+    for authorization in [
+        "Basic YWxpY2U6cGFzc3dvcmQ=",
+        "Bearer",
+        "Bearer ",
+        "bearer x",
+    ] {
         let response = app
             .client
             .get(app.url(HISTORY))
@@ -398,14 +453,20 @@ async fn logins_of_one_username_are_rate_limited_with_retry_after(pool: sqlx::Pg
     // any case of the username.
     for username in ["grace", "GRACE"] {
         let response = app
-            .post_json(LOGIN, &json!({"username": username, "password": "grace's password"}))
+            .post_json(
+                LOGIN,
+                &json!({"username": username, "password": "grace's password"}),
+            )
             .await;
         let retry_after: u64 = response.headers()["retry-after"]
             .to_str()
             .unwrap()
             .parse()
             .unwrap();
-        assert!((1..=20).contains(&retry_after), "one attempt every 20 s: {retry_after}");
+        assert!(
+            (1..=20).contains(&retry_after),
+            "one attempt every 20 s: {retry_after}"
+        );
         assert_error(response, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
     }
     assert_eq!(app.count("SELECT count(*) FROM sessions").await, sessions);
@@ -434,18 +495,34 @@ async fn logins_and_sign_ups_from_one_address_are_rate_limited_with_retry_after(
     // Different usernames, known or not: all from 127.0.0.1.
     for username in ["ivan", "judy", "mallory"] {
         let response = app
-            .post_json(LOGIN, &json!({"username": username, "password": "a guess at it"}))
+            .post_json(
+                LOGIN,
+                &json!({"username": username, "password": "a guess at it"}),
+            )
             .await;
         assert_error(response, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
     }
     let response = app
-        .post_json(LOGIN, &json!({"username": "ivan", "password": "ivan's password"}))
+        .post_json(
+            LOGIN,
+            &json!({"username": "ivan", "password": "ivan's password"}),
+        )
         .await;
-    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=15).contains(&retry_after), "one attempt every 15 s: {retry_after}");
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=15).contains(&retry_after),
+        "one attempt every 15 s: {retry_after}"
+    );
     assert_error(response, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
     let response = app
-        .post_json(SIGN_UP, &json!({"username": "oscar", "password": "oscar's password"}))
+        .post_json(
+            SIGN_UP,
+            &json!({"username": "oscar", "password": "oscar's password"}),
+        )
         .await;
     assert_error(response, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
     assert_eq!(accounts_and_sessions(&app).await, (1, 0), "nothing written");

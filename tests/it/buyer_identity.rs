@@ -61,15 +61,31 @@ async fn a_buyer_buys_as_its_account_and_may_not_name_another(pool: sqlx::PgPool
     let (alice, token) = app.buyer("alice").await;
 
     // Without a user_id, and with its own: both are the account's.
-    let first = accepted(buy_with(&app, Some(&token), &json!({"product_id": product, "quantity": 1})).await).await;
+    let first = accepted(
+        buy_with(
+            &app,
+            Some(&token),
+            &json!({"product_id": product, "quantity": 1}),
+        )
+        .await,
+    )
+    .await;
     let second = accepted(
-        buy_with(&app, Some(&token), &json!({"user_id": alice, "product_id": product, "quantity": 2})).await,
+        buy_with(
+            &app,
+            Some(&token),
+            &json!({"user_id": alice, "product_id": product, "quantity": 2}),
+        )
+        .await,
     )
     .await;
     for (id, quantity) in [(first, 1), (second, 2)] {
         let view = app.wait_final_as(id, &token).await;
         assert_eq!(view["status"], "succeeded");
-        assert_eq!((view["user_id"].as_i64(), view["quantity"].as_i64()), (Some(alice), Some(quantity)));
+        assert_eq!(
+            (view["user_id"].as_i64(), view["quantity"].as_i64()),
+            (Some(alice), Some(quantity))
+        );
         let stored: i64 = sqlx::query_scalar("SELECT user_id FROM transactions WHERE id = $1")
             .bind(id.0)
             .fetch_one(&app.pool)
@@ -81,8 +97,12 @@ async fn a_buyer_buys_as_its_account_and_may_not_name_another(pool: sqlx::PgPool
     // Another buyer's id, or an anonymous one, in the body: 403, nothing written.
     let before = written(&app).await;
     for other in [alice + 1, 7] {
-        let response =
-            buy_with(&app, Some(&token), &json!({"user_id": other, "product_id": product, "quantity": 1})).await;
+        let response = buy_with(
+            &app,
+            Some(&token),
+            &json!({"user_id": other, "product_id": product, "quantity": 1}),
+        )
+        .await;
         let message = assert_error(response, StatusCode::FORBIDDEN, "user_mismatch").await;
         assert!(message.contains(&other.to_string()), "{message}");
     }
@@ -115,16 +135,30 @@ async fn anonymous_buyers_name_ids_below_accounts_and_staff_buy_for_anyone(pool:
 
     // Staff buy on behalf of any buyer, an account included; they must name it.
     let id = accepted(
-        buy_with(&app, Some(ADMIN_TOKEN), &json!({"user_id": alice, "product_id": product, "quantity": 1})).await,
+        buy_with(
+            &app,
+            Some(ADMIN_TOKEN),
+            &json!({"user_id": alice, "product_id": product, "quantity": 1}),
+        )
+        .await,
     )
     .await;
-    let view: Value = get_with(&app, &format!("/api/v1/transaction/{id}"), Some(ADMIN_TOKEN))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let view: Value = get_with(
+        &app,
+        &format!("/api/v1/transaction/{id}"),
+        Some(ADMIN_TOKEN),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!(view["user_id"], alice);
-    let response = buy_with(&app, Some(ADMIN_TOKEN), &json!({"product_id": product, "quantity": 1})).await;
+    let response = buy_with(
+        &app,
+        Some(ADMIN_TOKEN),
+        &json!({"product_id": product, "quantity": 1}),
+    )
+    .await;
     assert_error(response, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body").await;
     app.shutdown().await;
 }
@@ -154,18 +188,41 @@ async fn without_anonymous_buyers_buying_and_reading_need_a_token(pool: sqlx::Pg
     }
     assert_eq!(written(&app).await, before, "nothing written");
 
-    let id = accepted(buy_with(&app, Some(&token), &json!({"product_id": product, "quantity": 1})).await).await;
+    let id = accepted(
+        buy_with(
+            &app,
+            Some(&token),
+            &json!({"product_id": product, "quantity": 1}),
+        )
+        .await,
+    )
+    .await;
     let path = format!("/api/v1/transaction/{id}");
     for path in [path.clone(), format!("{path}/events")] {
         let response = get_with(&app, &path, None).await;
         assert_error(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
     // The buyer and staff still read it.
-    let view: Value = get_with(&app, &path, Some(&token)).await.json().await.unwrap();
+    let view: Value = get_with(&app, &path, Some(&token))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(view["user_id"], alice);
-    assert_eq!(get_with(&app, &path, Some(ADMIN_TOKEN)).await.status(), StatusCode::OK);
+    assert_eq!(
+        get_with(&app, &path, Some(ADMIN_TOKEN)).await.status(),
+        StatusCode::OK
+    );
     // Staff still buy on a buyer's behalf.
-    accepted(buy_with(&app, Some(ADMIN_TOKEN), &json!({"user_id": 7, "product_id": product, "quantity": 1})).await).await;
+    accepted(
+        buy_with(
+            &app,
+            Some(ADMIN_TOKEN),
+            &json!({"user_id": 7, "product_id": product, "quantity": 1}),
+        )
+        .await,
+    )
+    .await;
     app.shutdown().await;
 }
 
@@ -175,7 +232,15 @@ async fn a_buyer_reads_its_own_transactions_and_another_buyers_are_404(pool: sql
     let product = app.create_product("Sneaker", 10).await;
     let (_, alice) = app.buyer("alice").await;
     let (_, bob) = app.buyer("bob").await;
-    let of_alice = accepted(buy_with(&app, Some(&alice), &json!({"product_id": product, "quantity": 1})).await).await;
+    let of_alice = accepted(
+        buy_with(
+            &app,
+            Some(&alice),
+            &json!({"product_id": product, "quantity": 1}),
+        )
+        .await,
+    )
+    .await;
     let anonymous = app.buy(7, product, 1).await;
     app.wait_final(anonymous).await;
     let unknown = TransactionId::new();
@@ -188,8 +253,13 @@ async fn a_buyer_reads_its_own_transactions_and_another_buyers_are_404(pool: sql
     }
     // Another buyer, or an anonymous reader: exactly the answer of an id that does not exist.
     for token in [Some(bob.as_str()), None] {
-        for (forbidden, missing) in read(&app, of_alice, token).await.into_iter().zip(read(&app, unknown, token).await) {
-            let forbidden_message = assert_error(forbidden, StatusCode::NOT_FOUND, "not_found").await;
+        for (forbidden, missing) in read(&app, of_alice, token)
+            .await
+            .into_iter()
+            .zip(read(&app, unknown, token).await)
+        {
+            let forbidden_message =
+                assert_error(forbidden, StatusCode::NOT_FOUND, "not_found").await;
             let missing_message = assert_error(missing, StatusCode::NOT_FOUND, "not_found").await;
             assert_eq!(
                 forbidden_message,

@@ -168,6 +168,11 @@ async fn the_web_page_is_served_at_the_root(pool: sqlx::PgPool) {
         "/api/v1/stats",
         "/events",
         "id=\"user-id\"",
+        "/api/v1/users",
+        "/api/v1/auth/login",
+        "/api/v1/auth/logout",
+        "/api/v1/orders/history",
+        "Idempotency-Key",
     ] {
         assert!(html.contains(needle), "the page uses {needle}");
     }

@@ -348,7 +348,11 @@ impl TestApp {
                 &json!({"username": username, "password": password}),
             )
             .await;
-        assert_eq!(response.status(), StatusCode::CREATED, "sign-up of {username}");
+        assert_eq!(
+            response.status(),
+            StatusCode::CREATED,
+            "sign-up of {username}"
+        );
         let body: Value = response.json().await.unwrap();
         body["user_id"].as_i64().expect("a user id")
     }

@@ -104,10 +104,20 @@ async fn history_lists_a_buyers_own_transactions_newest_first_in_pages_without_r
 
     for limit in [1, 5, 12, 100] {
         let (listed, pages) = all_pages(&app, "", limit, &alice_token).await;
-        let ids: Vec<&str> = listed.iter().map(|view| view["transaction_id"].as_str().unwrap()).collect();
+        let ids: Vec<&str> = listed
+            .iter()
+            .map(|view| view["transaction_id"].as_str().unwrap())
+            .collect();
         let expected: Vec<String> = bought.iter().rev().map(ToString::to_string).collect();
-        assert_eq!(ids, expected, "exactly alice's, newest first, with limit {limit}");
-        assert_eq!(pages, 12usize.div_ceil(limit), "a next page only when there is one");
+        assert_eq!(
+            ids, expected,
+            "exactly alice's, newest first, with limit {limit}"
+        );
+        assert_eq!(
+            pages,
+            12usize.div_ceil(limit),
+            "a next page only when there is one"
+        );
     }
     // Each entry is the transaction as its own read shows it (items, status, number or
     // reason, times), and they are all alice's.
@@ -115,7 +125,10 @@ async fn history_lists_a_buyers_own_transactions_newest_first_in_pages_without_r
     let mut outcomes = (0, 0);
     for view in &listed {
         assert_eq!(view["user_id"], alice);
-        assert_eq!(view, &view_as(&app, view["transaction_id"].as_str().unwrap(), &alice_token).await);
+        assert_eq!(
+            view,
+            &view_as(&app, view["transaction_id"].as_str().unwrap(), &alice_token).await
+        );
         match view["status"].as_str() {
             Some("succeeded") => outcomes.0 += 1,
             Some("rejected") => outcomes.1 += 1,
@@ -123,7 +136,10 @@ async fn history_lists_a_buyers_own_transactions_newest_first_in_pages_without_r
         }
     }
     assert_eq!(outcomes.0 + outcomes.1, 12);
-    let created: Vec<&str> = listed.iter().map(|view| view["created_at"].as_str().unwrap()).collect();
+    let created: Vec<&str> = listed
+        .iter()
+        .map(|view| view["created_at"].as_str().unwrap())
+        .collect();
     let mut newest_first = created.clone();
     newest_first.sort_by(|a, b| b.cmp(a));
     assert_eq!(created, newest_first, "newest first");
@@ -153,14 +169,25 @@ async fn pending_transactions_are_listed_and_keep_their_place_once_decided(pool:
     }
     let expected: Vec<String> = bought.iter().rev().map(ToString::to_string).collect();
     let ids = |listed: &[Value]| -> Vec<String> {
-        listed.iter().map(|view| view["transaction_id"].as_str().unwrap().to_owned()).collect()
+        listed
+            .iter()
+            .map(|view| view["transaction_id"].as_str().unwrap().to_owned())
+            .collect()
     };
     let (listed, _) = all_pages(&app, "", 2, &token).await;
-    assert_eq!(ids(&listed), expected, "pending ones listed from their 202 on");
+    assert_eq!(
+        ids(&listed),
+        expected,
+        "pending ones listed from their 202 on"
+    );
     assert!(listed.iter().all(|view| view["status"] == "pending"));
 
     // The first page read while pending, the rest after the decisions: still every one once.
-    let first: Value = history(&app, "?limit=2", Some(&token)).await.json().await.unwrap();
+    let first: Value = history(&app, "?limit=2", Some(&token))
+        .await
+        .json()
+        .await
+        .unwrap();
     app.start_worker(std::sync::Arc::new(allot_shared::SystemClock));
     for id in &bought {
         app.wait_final_as(*id, &token).await;
@@ -174,7 +201,10 @@ async fn pending_transactions_are_listed_and_keep_their_place_once_decided(pool:
     assert!(listed.iter().all(|view| view["status"] == "succeeded"));
     // The index of pending ones was cleaned as it was read.
     let leftover: i64 = redis::cmd("ZCARD")
-        .arg(format!("{}:pending:{}", app.api_config.common.redis_prefix, listed[0]["user_id"]))
+        .arg(format!(
+            "{}:pending:{}",
+            app.api_config.common.redis_prefix, listed[0]["user_id"]
+        ))
         .query_async(&mut app.redis.clone())
         .await
         .unwrap();
@@ -192,9 +222,19 @@ async fn history_needs_a_token_and_well_formed_queries(pool: sqlx::PgPool) {
     let response = history(&app, "", None).await;
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
     assert_error(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
-    assert_error(history(&app, "", Some("allotb1_x")).await, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    assert_error(
+        history(&app, "", Some("allotb1_x")).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
     // Staff must say whose.
-    assert_error(history(&app, "", Some(ADMIN_TOKEN)).await, StatusCode::BAD_REQUEST, "invalid_query").await;
+    assert_error(
+        history(&app, "", Some(ADMIN_TOKEN)).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    )
+    .await;
     for query in [
         "?limit=0",
         "?limit=101",

@@ -13,7 +13,12 @@ use std::sync::Arc;
 
 const ADD_TO_CART: &str = "/api/v1/order/addToCart";
 
-async fn buy_keyed(app: &TestApp, key: &str, body: &Value, extra: &[(&str, &str)]) -> reqwest::Response {
+async fn buy_keyed(
+    app: &TestApp,
+    key: &str,
+    body: &Value,
+    extra: &[(&str, &str)],
+) -> reqwest::Response {
     let mut request = app
         .client
         .post(app.url(ADD_TO_CART))
@@ -44,8 +49,10 @@ async fn accepted(response: reqwest::Response) -> (TransactionId, bool) {
 }
 
 async fn transactions_of(app: &TestApp, user: i64) -> i64 {
-    app.count(&format!("SELECT count(*) FROM transactions WHERE user_id = {user}"))
-        .await
+    app.count(&format!(
+        "SELECT count(*) FROM transactions WHERE user_id = {user}"
+    ))
+    .await
 }
 
 /// The Redis record of `key` for `user`.
@@ -101,7 +108,11 @@ async fn identical_requests_racing_with_one_key_make_one_transaction(pool: sqlx:
             other => panic!("unexpected {other}"),
         }
     }
-    assert_eq!(ids.len(), 1, "every 202 names the same transaction ({in_flight} were 409)");
+    assert_eq!(
+        ids.len(),
+        1,
+        "every 202 names the same transaction ({in_flight} were 409)"
+    );
     let id = *ids.first().unwrap();
     assert_eq!(app.wait_final_as(id, &token).await["status"], "succeeded");
     // Once settled, every retry is the same answer, marked as a replay.
@@ -156,7 +167,13 @@ async fn a_replay_after_the_decision_answers_the_same_transaction(pool: sqlx::Pg
     assert!(!replayed);
     assert_ne!(other_id, id);
     app.wait_final(other_id).await;
-    assert_eq!((transactions_of(&app, 7).await, transactions_of(&app, 8).await), (1, 1));
+    assert_eq!(
+        (
+            transactions_of(&app, 7).await,
+            transactions_of(&app, 8).await
+        ),
+        (1, 1)
+    );
     assert_eq!(app.product_stock(product).await, 96);
     app.shutdown().await;
 }
@@ -206,11 +223,22 @@ async fn the_same_key_with_another_request_is_422_and_writes_nothing(pool: sqlx:
         json!({"user_id": 7, "product_id": other_product, "quantity": 1}),
     ] {
         let response = buy_keyed(&app, "k-2", &another, &[]).await;
-        assert_error(response, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+        assert_error(
+            response,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+        )
+        .await;
     }
-    assert_eq!((app.total_queue_depth().await, app.redis_key_count().await), before);
+    assert_eq!(
+        (app.total_queue_depth().await, app.redis_key_count().await),
+        before
+    );
     // The key still answers its own request.
-    assert_eq!(accepted(buy_keyed(&app, "k-2", &body, &[]).await).await, (id, true));
+    assert_eq!(
+        accepted(buy_keyed(&app, "k-2", &body, &[]).await).await,
+        (id, true)
+    );
     app.shutdown().await;
 }
 
@@ -241,15 +269,28 @@ async fn bad_keys_are_400_and_write_nothing(pool: sqlx::PgPool) {
             .header("content-type", "application/json")
             .body(body.clone());
         for (name, value) in &headers {
-            request = request.header(*name, reqwest::header::HeaderValue::from_bytes(value).unwrap());
+            request = request.header(
+                *name,
+                reqwest::header::HeaderValue::from_bytes(value).unwrap(),
+            );
         }
         let response = request.send().await.unwrap();
         assert_error(response, StatusCode::BAD_REQUEST, "invalid_idempotency_key").await;
     }
     assert_eq!(app.total_queue_depth().await, 0);
-    assert_eq!(app.redis_key_count().await, 0, "no record, no pending status");
+    assert_eq!(
+        app.redis_key_count().await,
+        0,
+        "no record, no pending status"
+    );
     // A bad body with a good key: the body's error, and the key stays unused.
-    let response = buy_keyed(&app, "k-3", &json!({"user_id": 7, "product_id": product, "quantity": 0}), &[]).await;
+    let response = buy_keyed(
+        &app,
+        "k-3",
+        &json!({"user_id": 7, "product_id": product, "quantity": 0}),
+        &[],
+    )
+    .await;
     assert_error(response, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body").await;
     assert_eq!(app.redis_key_count().await, 0);
     // The longest key is fine.
@@ -354,8 +395,15 @@ async fn a_key_cut_off_mid_attempt_is_taken_over_with_the_same_transaction(pool:
     // The lease ran out and the answer was lost (the process died after the broker took the
     // message): the retry publishes the same transaction again.
     cut_off(&app, &record, 0).await;
-    assert_eq!(accepted(buy_keyed(&app, "k-6", &body, &[]).await).await, (id, false));
-    assert_eq!(app.total_queue_depth().await, 2, "the same transaction, twice");
+    assert_eq!(
+        accepted(buy_keyed(&app, "k-6", &body, &[]).await).await,
+        (id, false)
+    );
+    assert_eq!(
+        app.total_queue_depth().await,
+        2,
+        "the same transaction, twice"
+    );
     app.start_worker(Arc::new(SystemClock));
     assert_eq!(app.wait_final(id).await["status"], "succeeded");
     wait_for("both copies to be consumed", || async {
@@ -367,8 +415,14 @@ async fn a_key_cut_off_mid_attempt_is_taken_over_with_the_same_transaction(pool:
 
     // Cut off again once decided: the retry finds it decided and replays it.
     cut_off(&app, &record, 0).await;
-    assert_eq!(accepted(buy_keyed(&app, "k-6", &body, &[]).await).await, (id, true));
-    assert_eq!(accepted(buy_keyed(&app, "k-6", &body, &[]).await).await, (id, true));
+    assert_eq!(
+        accepted(buy_keyed(&app, "k-6", &body, &[]).await).await,
+        (id, true)
+    );
+    assert_eq!(
+        accepted(buy_keyed(&app, "k-6", &body, &[]).await).await,
+        (id, true)
+    );
     app.shutdown().await;
 }
 
@@ -395,12 +449,21 @@ async fn a_key_whose_transaction_was_withdrawn_gets_a_fresh_one(pool: sqlx::PgPo
 
     let (fresh, replayed) = accepted(buy_keyed(&app, "k-7", &body, &[]).await).await;
     assert!(!replayed);
-    assert_ne!(fresh, withdrawn, "a withdrawn transaction is never answered 202 again");
+    assert_ne!(
+        fresh, withdrawn,
+        "a withdrawn transaction is never answered 202 again"
+    );
     app.start_worker(Arc::new(SystemClock));
     assert_eq!(app.wait_final(fresh).await["status"], "succeeded");
     let old = app.wait_final(withdrawn).await;
-    assert_eq!((old["status"].as_str(), old["reason"].as_str()), (Some("rejected"), Some("not_accepted")));
+    assert_eq!(
+        (old["status"].as_str(), old["reason"].as_str()),
+        (Some("rejected"), Some("not_accepted"))
+    );
     assert_eq!(app.product_stock(product).await, 99, "sold once");
-    assert_eq!(accepted(buy_keyed(&app, "k-7", &body, &[]).await).await, (fresh, true));
+    assert_eq!(
+        accepted(buy_keyed(&app, "k-7", &body, &[]).await).await,
+        (fresh, true)
+    );
     app.shutdown().await;
 }

@@ -181,10 +181,27 @@ mod tests {
 
     #[test]
     fn usernames_follow_the_rule_and_fold_to_lower_case() {
-        assert_eq!(Username::parse("Alice.B-2_").unwrap().as_str(), "alice.b-2_");
+        assert_eq!(
+            Username::parse("Alice.B-2_").unwrap().as_str(),
+            "alice.b-2_"
+        );
         assert_eq!(Username::parse("abc").unwrap().as_str(), "abc");
-        assert_eq!(Username::parse(&"a".repeat(32)).unwrap().as_str(), "a".repeat(32));
-        for bad in ["ab", "", &"a".repeat(33), "_abc", ".abc", "-abc", "al ice", "alïce", "a@b.c", "abc\n"] {
+        assert_eq!(
+            Username::parse(&"a".repeat(32)).unwrap().as_str(),
+            "a".repeat(32)
+        );
+        for bad in [
+            "ab",
+            "",
+            &"a".repeat(33),
+            "_abc",
+            ".abc",
+            "-abc",
+            "al ice",
+            "alïce",
+            "a@b.c",
+            "abc\n",
+        ] {
             assert!(Username::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -192,15 +209,41 @@ mod tests {
     #[test]
     fn passwords_follow_the_rule() {
         let alice = Username::parse("alice").unwrap();
-        for good in ["correct horse", "        ", "pässwörd", &"x".repeat(128), "ALICE123"] {
-            assert_eq!(Password::from_plain(good).check_new(&alice), Ok(()), "{good:?}");
+        for good in [
+            "correct horse",
+            "        ",
+            "pässwörd",
+            &"x".repeat(128),
+            "ALICE123",
+        ] {
+            assert_eq!(
+                Password::from_plain(good).check_new(&alice),
+                Ok(()),
+                "{good:?}"
+            );
         }
-        for bad in ["short", &"x".repeat(129), "pass\tword", "pass\u{0}word", "password\n"] {
-            assert!(Password::from_plain(bad).check_new(&alice).is_err(), "{bad:?}");
+        for bad in [
+            "short",
+            &"x".repeat(129),
+            "pass\tword",
+            "pass\u{0}word",
+            "password\n",
+        ] {
+            assert!(
+                Password::from_plain(bad).check_new(&alice).is_err(),
+                "{bad:?}"
+            );
         }
         let named = Username::parse("longusername").unwrap();
-        assert!(Password::from_plain("LongUserName").check_new(&named).is_err());
-        assert_eq!(format!("{:?}", Password::from_plain("hunter22")), "Password(..)");
+        assert!(
+            Password::from_plain("LongUserName")
+                .check_new(&named)
+                .is_err()
+        );
+        assert_eq!(
+            format!("{:?}", Password::from_plain("hunter22")),
+            "Password(..)"
+        );
     }
 
     proptest! {
@@ -219,16 +262,28 @@ mod tests {
     #[tokio::test]
     async fn a_hash_verifies_its_password_only() {
         let hasher = Hasher::default();
-        let stored = hasher.hash(Password::from_plain("correct horse")).await.unwrap();
-        assert!(stored.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{stored}");
+        let stored = hasher
+            .hash(Password::from_plain("correct horse"))
+            .await
+            .unwrap();
+        assert!(
+            stored.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{stored}"
+        );
         assert!(!stored.contains("correct horse"));
         let check = |plain: &str, stored: Option<String>| {
             hasher.verify(Password::from_plain(plain), stored)
         };
         assert!(check("correct horse", Some(stored.clone())).await.unwrap());
         assert!(!check("correct horsE", Some(stored.clone())).await.unwrap());
-        assert!(!check("correct horse", None).await.unwrap(), "an unknown user never logs in");
-        let again = hasher.hash(Password::from_plain("correct horse")).await.unwrap();
+        assert!(
+            !check("correct horse", None).await.unwrap(),
+            "an unknown user never logs in"
+        );
+        let again = hasher
+            .hash(Password::from_plain("correct horse"))
+            .await
+            .unwrap();
         assert_ne!(stored, again, "a fresh salt each time");
     }
 }

@@ -106,8 +106,15 @@ mod tests {
             assert_eq!(limits.check_username(&alice), Ok(()));
         }
         let wait = limits.check_username(&alice).unwrap_err();
-        assert!(wait > Duration::from_secs(15) && wait <= Duration::from_secs(20), "{wait:?}");
-        assert_eq!(limits.check_username(&bob), Ok(()), "another username has its own");
+        assert!(
+            wait > Duration::from_secs(15) && wait <= Duration::from_secs(20),
+            "{wait:?}"
+        );
+        assert_eq!(
+            limits.check_username(&bob),
+            Ok(()),
+            "another username has its own"
+        );
 
         let here: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..5 {
@@ -115,7 +122,10 @@ mod tests {
         }
         assert!(limits.check_address(here).is_err());
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
-        assert!(limits.check_address(mapped).is_err(), "the same IPv4 client");
+        assert!(
+            limits.check_address(mapped).is_err(),
+            "the same IPv4 client"
+        );
         assert_eq!(limits.check_address("192.0.2.2".parse().unwrap()), Ok(()));
     }
 

@@ -122,8 +122,7 @@ impl FromRequestParts<AppState> for Caller {
                 )
             })?;
         // Constant-time, so response timing does not leak how much of a guess was right.
-        if constant_time_eq::constant_time_eq(presented.as_bytes(), state.admin_token.as_bytes())
-        {
+        if constant_time_eq::constant_time_eq(presented.as_bytes(), state.admin_token.as_bytes()) {
             return Ok(Caller::Staff);
         }
         let claims = state
@@ -213,11 +212,7 @@ pub fn authorize_read(
             !is_account(owner)
         }
     };
-    if allowed {
-        Ok(())
-    } else {
-        Err(not_found(id))
-    }
+    if allowed { Ok(()) } else { Err(not_found(id)) }
 }
 
 /// The 404 of a transaction that does not exist, or that the caller may not see.

@@ -187,7 +187,11 @@ mod tests {
             &format!("allotb2_{}", &token[PREFIX.len()..]),
             &token.replace('_', "/"),
         ] {
-            assert_eq!(key.verify(bad, at(0)), Err(TokenError::Malformed), "{bad:?}");
+            assert_eq!(
+                key.verify(bad, at(0)),
+                Err(TokenError::Malformed),
+                "{bad:?}"
+            );
         }
     }
 

@@ -24,7 +24,12 @@ use serde::{Deserialize, Serialize};
 pub struct Credentials {
     /// 3 to 32 characters: ASCII letters, digits, `.`, `_`, `-`, beginning with a letter or a
     /// digit. Case-insensitive (stored in lower case).
-    #[schema(example = "alice", min_length = 3, max_length = 32, pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{2,31}$")]
+    #[schema(
+        example = "alice",
+        min_length = 3,
+        max_length = 32,
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{2,31}$"
+    )]
     pub username: String,
     /// 8 to 128 characters, any but control characters; not the username. Never stored,
     /// logged or returned: only its Argon2id hash is kept.
@@ -49,7 +54,9 @@ pub struct NewAccount {
 pub struct Token {
     /// Send it as `Authorization: Bearer <token>`. Opaque to clients (`allotb1_` and 86
     /// characters); keep it secret.
-    #[schema(example = "allotb1_AZLf7uV0cgCWh0y3oVqQ5QADjX6kxoAAAAAAaUUMQRt5x0b0mQ6rbpj5Q1JX9a6N8m2wQm2aS1C3p3i0fCQ")]
+    #[schema(
+        example = "allotb1_AZLf7uV0cgCWh0y3oVqQ5QADjX6kxoAAAAAAaUUMQRt5x0b0mQ6rbpj5Q1JX9a6N8m2wQm2aS1C3p3i0fCQ"
+    )]
     pub token: String,
     /// Always `Bearer`.
     #[schema(example = "Bearer")]

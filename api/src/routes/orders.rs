@@ -3,8 +3,8 @@
 use crate::buyers::{self, Caller, pending};
 use crate::decisions::{Waiter, preference_applied, preferred_wait};
 use crate::error::{ApiError, ErrorBody};
-use crate::idempotency::{self, Fingerprint, IdempotencyKey, Remembered, Settled};
 use crate::extract::{self, AppJson};
+use crate::idempotency::{self, Fingerprint, IdempotencyKey, Remembered, Settled};
 use crate::intake::Refusal;
 use crate::sold_out::SoldOutAnswer;
 use crate::state::AppState;
@@ -130,8 +130,13 @@ async fn add_to_cart_once(
     let candidate = TransactionId::new();
     let waiter = wait.map(|_| state.decisions.wait_for(candidate));
     let work_state = state.clone();
-    let settled =
-        idempotency::once(&state, user_id, key, fingerprint, candidate, move |attempt| {
+    let settled = idempotency::once(
+        &state,
+        user_id,
+        key,
+        fingerprint,
+        candidate,
+        move |attempt| {
             async move {
                 // Only a first attempt may answer sold out: a retaken one may have reached
                 // the broker already, and must go the same way again.
@@ -150,8 +155,9 @@ async fn add_to_cart_once(
                 accept(&work_state, request).await?;
                 Ok(Remembered::Accepted(attempt.transaction_id))
             }
-        })
-        .await?;
+        },
+    )
+    .await?;
     answer_settled(&state, settled, wait, waiter).await
 }
 
