@@ -6,8 +6,10 @@
 //! another request is `422 idempotency_key_reused`; while the first attempt is still being
 //! accepted (milliseconds, a confirm timeout at worst) a second one is `409
 //! idempotency_key_in_flight` with `Retry-After: 1`, as the draft asks. A first attempt that is
-//! refused (`503`, or any error after the key was claimed) gives the key back: a retry is a new
-//! attempt. Without the header nothing here runs.
+//! refused (`503`) does not poison the key: if nothing was published (queue full, Redis down)
+//! the key is given back and a retry is a new attempt; if the broker may have stored the message
+//! (no confirm), the retry takes the key over at once with the same transaction id (see below).
+//! Without the header nothing here runs.
 //!
 //! What is remembered is the *outcome of accepting*, not the HTTP bytes: the transaction id
 //! (replayed as `202` with its `Location`, or, with `Prefer: wait`, as its final state) or a
@@ -178,6 +180,40 @@ pub enum Settled {
     Replayed(Remembered),
 }
 
+/// Why the work of a keyed request failed, and whether its transaction id may be used again
+/// by a fresh id's attempt.
+#[derive(Debug)]
+pub struct Failed {
+    /// The answer.
+    pub error: ApiError,
+    /// Nothing was published under the attempt's transaction id (the queue was full, Redis
+    /// refused the pending status, the request was invalid): the key is given back, and a
+    /// retry is a fresh attempt. Otherwise (the broker may have stored the message: no
+    /// confirm came) the key keeps the id, and the retry takes it over: PostgreSQL then tells
+    /// whether it was withdrawn (a fresh id) or not (the same id, published again).
+    pub nothing_sent: bool,
+}
+
+impl Failed {
+    /// A failure before anything was published.
+    pub fn nothing_sent(error: ApiError) -> Self {
+        Self {
+            error,
+            nothing_sent: true,
+        }
+    }
+}
+
+/// By default a failure may have published something: the key keeps its transaction id.
+impl From<ApiError> for Failed {
+    fn from(error: ApiError) -> Self {
+        Self {
+            error,
+            nothing_sent: false,
+        }
+    }
+}
+
 /// What the work of a keyed request is given.
 #[derive(Debug, Clone, Copy)]
 pub struct Attempt {
@@ -210,7 +246,7 @@ pub async fn once<F, Fut>(
 ) -> Result<Settled, ApiError>
 where
     F: FnOnce(Attempt) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Remembered, ApiError>> + Send + 'static,
+    Fut: Future<Output = Result<Remembered, Failed>> + Send + 'static,
 {
     let state = state.clone();
     tokio::spawn(async move {
@@ -234,11 +270,18 @@ where
                 }
                 Ok(Settled::Fresh(answer))
             }
-            Err(err) => {
-                if let Err(release) = record.release(attempt.transaction_id).await {
-                    tracing::warn!(error = %format_args!("{release:#}"), "could not release an idempotency key");
+            Err(failed) => {
+                // Free the key only if nothing can have reached the broker under this id;
+                // otherwise keep the id pinned and let the next attempt take it over at once.
+                let given_back = if attempt.first && failed.nothing_sent {
+                    record.release(attempt.transaction_id).await
+                } else {
+                    record.expire_lease(attempt.transaction_id).await
+                };
+                if let Err(err) = given_back {
+                    tracing::warn!(error = %format_args!("{err:#}"), "could not give an idempotency key back");
                 }
-                Err(err)
+                Err(failed.error)
             }
         }
     })
@@ -322,6 +365,14 @@ redis.call('HDEL', KEYS[1], 'lease')
 return 1
 ";
 
+/// Lets the claim of ARGV[1], if it is still in flight, be taken over at once.
+const EXPIRE_LEASE: &str = r"
+local rec = redis.call('HMGET', KEYS[1], 'tx', 'state')
+if rec[1] ~= ARGV[1] or rec[2] ~= 'in_flight' then return 0 end
+redis.call('HSET', KEYS[1], 'lease', '0')
+return 1
+";
+
 /// Gives back the claim of ARGV[1], if it is still in flight.
 const RELEASE: &str = r"
 local rec = redis.call('HMGET', KEYS[1], 'tx', 'state')
@@ -378,8 +429,13 @@ impl Record {
                     let stored = match stored::fetch_one(&state.pool, id).await {
                         Ok(stored) => stored,
                         Err(err) => {
-                            let _ = self.release(id).await;
-                            return Err(ApiError::from(err));
+                            // Still pinned to `id`: the next attempt tries the takeover again.
+                            let _ = self.expire_lease(id).await;
+                            tracing::warn!(error = %err, "cannot look up a retaken transaction");
+                            return Err(ApiError::unavailable(
+                                "the database is unavailable; the request was not accepted, try again",
+                                1,
+                            ));
                         }
                     };
                     let withdrawn = RejectReason::NotAccepted.as_str();
@@ -413,6 +469,15 @@ impl Record {
             .key(&self.key)
             .arg(id.to_string())
             .arg(serde_json::to_string(answer)?)
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn expire_lease(&self, id: TransactionId) -> anyhow::Result<()> {
+        let _: i64 = redis::Script::new(EXPIRE_LEASE)
+            .key(&self.key)
+            .arg(id.to_string())
             .invoke_async(&mut self.redis.clone())
             .await?;
         Ok(())

@@ -15,7 +15,9 @@ mod watch;
 
 pub use accounts::{Credentials, NewAccount, Token};
 pub use history::HistoryPage;
-pub use orders::{Accepted, AddToCart, accept, answer_settled, read_transaction};
+pub use orders::{
+    Accepted, AddToCart, accept, answer_settled, nothing_sent, read_transaction, refusal_error,
+};
 pub use products::{Product, ProductPage};
 pub use stats::Stats;
 pub use watch::WATCH_LIMIT;

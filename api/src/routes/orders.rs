@@ -4,7 +4,7 @@ use crate::buyers::{self, Caller, pending};
 use crate::decisions::{Waiter, preference_applied, preferred_wait};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{self, AppJson};
-use crate::idempotency::{self, Fingerprint, IdempotencyKey, Remembered, Settled};
+use crate::idempotency::{self, Failed, Fingerprint, IdempotencyKey, Remembered, Settled};
 use crate::intake::Refusal;
 use crate::sold_out::SoldOutAnswer;
 use crate::state::AppState;
@@ -112,7 +112,7 @@ pub async fn add_to_cart(
     tracing::Span::current().record("transaction_id", tracing::field::display(id));
     // Registered before the publish, so the decision cannot be announced before we listen.
     let waiter = wait.map(|_| state.decisions.wait_for(id));
-    accept(&state, request).await?;
+    accept(&state, request).await.map_err(refusal_error)?;
     answer_accepted(&state, id, wait, waiter, false).await
 }
 
@@ -142,7 +142,8 @@ async fn add_to_cart_once(
                 // the broker already, and must go the same way again.
                 if attempt.first && work_state.sold_out.contains(product_id) {
                     let answer = SoldOutAnswer::new(user_id, product_id, quantity);
-                    let json = serde_json::to_string(&answer).map_err(anyhow::Error::from)?;
+                    let json = serde_json::to_string(&answer).map_err(anyhow::Error::from);
+                    let json = json.map_err(|err| Failed::nothing_sent(err.into()))?;
                     return Ok(Remembered::Final(json));
                 }
                 let request = PurchaseRequest {
@@ -152,7 +153,12 @@ async fn add_to_cart_once(
                     quantity,
                     created_at: SystemClock.now(),
                 };
-                accept(&work_state, request).await?;
+                accept(&work_state, request)
+                    .await
+                    .map_err(|refusal| Failed {
+                        nothing_sent: nothing_sent(&refusal),
+                        error: refusal_error(refusal),
+                    })?;
                 Ok(Remembered::Accepted(attempt.transaction_id))
             }
         },
@@ -256,22 +262,29 @@ fn mark_replayed(response: &mut Response) {
 
 /// Hands `request` to the intake; an account's purchase is first indexed as pending (for its
 /// history), and unindexed if refused. Anonymous purchases do no more than the intake does.
-pub async fn accept(state: &AppState, request: PurchaseRequest) -> Result<(), ApiError> {
+pub async fn accept(state: &AppState, request: PurchaseRequest) -> Result<(), Refusal> {
     let (user, id) = (request.user_id, request.transaction_id);
     if buyers::is_account(user) {
         pending::note(state, user, id).await.map_err(|err| {
             tracing::warn!(error = %format_args!("{err:#}"), "refusing a request: Redis is unavailable");
-            refusal_error(Refusal::StoreUnavailable)
+            Refusal::StoreUnavailable
         })?;
     }
     let accepted = state.intake.accept(request).await;
     if accepted.is_err() {
         pending::forget(state, user, id).await;
     }
-    accepted.map_err(refusal_error)
+    accepted
 }
 
-fn refusal_error(refusal: Refusal) -> ApiError {
+/// Whether nothing of a refused request can have reached the broker (the queue was full, Redis
+/// refused first, the queue does not exist); `false` when the broker may have stored it
+/// unconfirmed (it was withdrawn, or could not be): see [`Failed`].
+pub fn nothing_sent(refusal: &Refusal) -> bool {
+    !matches!(refusal, Refusal::BrokerUnavailable)
+}
+
+pub fn refusal_error(refusal: Refusal) -> ApiError {
     let retry_after = refusal.retry_after_secs();
     match refusal {
         Refusal::QueueFull => ApiError::unavailable(
