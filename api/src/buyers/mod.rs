@@ -15,6 +15,16 @@
 //!
 //! [`resolve`] (who buys) and [`authorize_read`] (who may read a transaction) are the two
 //! decisions every purchase and read endpoint makes; they are pure.
+//!
+//! A purchase endpoint (`addToCart`, and any other that accepts purchases) takes [`Caller`]
+//! before its body, then: [`resolve`] the buyer from the body's optional `user_id`; if
+//! [`crate::idempotency::key_of`] finds a key, run its accepting inside
+//! [`crate::idempotency::once`] (with a [`crate::idempotency::Fingerprint`] of the validated
+//! request, and [`crate::idempotency::Failed`] saying whether a refusal published nothing) and
+//! answer with [`crate::routes::answer_settled`]; around the intake, [`pending::note`] the
+//! transaction first and [`pending::forget`] it if refused (no-ops for anonymous buyers), so
+//! that an account's history lists it from its `202` on. `addToCart` does exactly this
+//! ([`crate::routes::accept`] for one request).
 
 pub mod accounts;
 pub mod credentials;
