@@ -141,6 +141,7 @@ test("a buyer signs up on the page, buys as the account and sees the order in My
     const userId = Number(await page.locator("#who-id").textContent());
     assert.ok(userId >= 1e15, `an account id: ${userId}`);
     assert.equal(await page.locator("#anonymous-id").isHidden(), true, "no user id to type");
+    assert.equal(await page.locator("#login-form").isHidden(), true, "no login form once logged in");
 
     const row = page.locator(`tr[data-product-id="${product.id}"]`);
     await row.waitFor();
@@ -154,6 +155,7 @@ test("a buyer signs up on the page, buys as the account and sees the order in My
     const order = page.locator(`#my-orders tr[data-transaction-id="${id}"][data-status="succeeded"]`);
     await order.waitFor();
     assert.match(await order.locator(".state").textContent(), new RegExp(number));
+    assert.equal(await order.locator("td").nth(1).textContent(), product.name);
 
     // The transaction is the account's, and not readable without its token.
     const anonymous = await fetch(`${baseUrl}/api/v1/transaction/${id}`);

@@ -33,7 +33,9 @@ pub struct Credentials {
     pub username: String,
     /// 8 to 128 characters, any but control characters; not the username. Never stored,
     /// logged or returned: only its Argon2id hash is kept.
-    #[schema(value_type = String, example = "correct horse battery", min_length = 8, max_length = 128, format = Password)]
+    // The pattern says what the length cannot: no control character (Unicode `Cc`).
+    #[schema(value_type = String, example = "correct horse battery", min_length = 8, max_length = 128, format = Password,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")]
     pub password: Password,
 }
 
