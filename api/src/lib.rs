@@ -8,6 +8,7 @@
 //! `127.0.0.1:0` and drive a real server; `main` only reads the configuration and calls it.
 
 pub mod backlog;
+pub mod catalogue;
 pub mod config;
 pub mod decisions;
 pub mod error;
@@ -17,7 +18,6 @@ pub mod observe;
 pub mod openapi;
 pub mod publisher;
 pub mod routes;
-pub mod sold_out;
 pub mod state;
 
 pub use config::ApiConfig;
@@ -36,9 +36,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let publisher = state.publisher.clone();
-    let refresher = state.sold_out_refresh.map(|every| {
+    let refresher = state.catalogue_refresh.map(|every| {
         state
-            .sold_out
+            .catalogue
             .clone()
             .spawn_refresher(state.pool.clone(), every)
     });

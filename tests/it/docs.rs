@@ -17,7 +17,9 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/metrics"),
     ("GET", "/readyz"),
+    ("PATCH", "/api/v1/products/{id}"),
     ("POST", "/api/v1/order/addToCart"),
+    ("POST", "/api/v1/orders"),
     ("POST", "/api/v1/products"),
     ("POST", "/api/v1/products/{id}/restock"),
 ];

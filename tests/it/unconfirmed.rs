@@ -19,7 +19,7 @@ async fn a_withdrawn_request_is_never_sold_when_its_message_arrives(pool: PgPool
 
     let withdrawal = stored::withdraw(
         &app.pool,
-        std::slice::from_ref(&refused),
+        &[refused.clone().into()],
         partition_of(product),
         SystemClock.now(),
     )
@@ -68,7 +68,7 @@ async fn a_request_a_worker_decided_first_cannot_be_withdrawn(pool: PgPool) {
     let undecided = request(2, product, 1);
     let withdrawal = stored::withdraw(
         &app.pool,
-        &[sold.clone(), undecided.clone()],
+        &[sold.clone().into(), undecided.clone().into()],
         partition_of(product),
         SystemClock.now(),
     )

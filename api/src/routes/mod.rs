@@ -4,6 +4,7 @@
 //! and the OpenAPI document from the same list, so the document cannot miss a route. The web
 //! page, the docs and the document itself are added beside it, undocumented.
 
+mod baskets;
 mod health;
 mod orders;
 mod page;
@@ -11,8 +12,9 @@ mod products;
 mod stats;
 mod watch;
 
+pub use baskets::{NewOrder, OrderItem};
 pub use orders::{Accepted, AddToCart, read_transaction};
-pub use products::{Product, ProductPage};
+pub use products::{Product, ProductPage, ProductPatch};
 pub use stats::Stats;
 pub use watch::WATCH_LIMIT;
 
@@ -48,10 +50,11 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(orders::add_to_cart))
+        .routes(routes!(baskets::place_order))
         .routes(routes!(orders::get_transaction))
         .routes(routes!(watch::transaction_events))
         .routes(routes!(products::create, products::list))
-        .routes(routes!(products::get))
+        .routes(routes!(products::get, products::update))
         .routes(routes!(products::restock))
         .routes(routes!(stats::stats))
         .routes(routes!(health::healthz))

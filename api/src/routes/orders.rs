@@ -1,15 +1,16 @@
-//! Buying: `POST /api/v1/order/addToCart` and `GET /api/v1/transaction/{id}`.
+//! Buying: `POST /api/v1/order/addToCart` and `GET /api/v1/transaction/{id}`; [`accept`], the
+//! path every request to buy takes once validated (addToCart, and orders of several products
+//! in [`super::baskets`]).
 
+use crate::catalogue::FinalAnswer;
 use crate::decisions::{preference_applied, preferred_wait};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{self, AppJson};
 use crate::intake::Refusal;
-use crate::sold_out::SoldOutAnswer;
 use crate::state::AppState;
 use allot_shared::stored;
-use allot_shared::{Clock, SystemClock};
 use allot_shared::{
-    ProductId, PurchaseRequest, Quantity, Status, TransactionId, TransactionView, UserId,
+    Order, ProductId, PurchaseRequest, Quantity, Status, TransactionId, TransactionView, UserId,
 };
 use axum::Json;
 use axum::extract::{Path, State};
@@ -36,16 +37,17 @@ pub struct Accepted {
     pub status: Status,
 }
 
-/// Validates; answers a request for a sold-out product at once with its final outcome (see
-/// [`crate::sold_out`]); otherwise hands the request to the [`crate::intake`], which answers
-/// once the broker confirmed the message that carries it (202), or refused it (503 with
-/// `Retry-After`; nothing was accepted). With `Prefer: wait=N` an accepted request's answer is
-/// held until it is decided (200 with the final transaction) or N seconds passed (202).
+/// Validates, then [`accept`]s: a request for a product sold out, outside its sale window or
+/// paused is answered at once with its final outcome (see [`crate::catalogue`]); otherwise the
+/// [`crate::intake`] answers once the broker confirmed the message that carries it (202), or
+/// refused it (503 with `Retry-After`; nothing was accepted). With `Prefer: wait=N` an accepted
+/// request's answer is held until it is decided (200 with the final transaction) or N seconds
+/// passed (202).
 #[utoipa::path(post, path = "/api/v1/order/addToCart", tag = crate::openapi::ORDERS,
     request_body = AddToCart,
     params(("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer until the transaction is final, at most N seconds (capped at 10)")),
     responses(
-        (status = 200, description = "Final at once: sold out (rejected `out_of_stock`, nothing recorded, a `SoldOutAnswer`), or, with `Prefer: wait`, the transaction decided within the wait (a `TransactionView`, with `Preference-Applied`)", body = SoldOutAnswer),
+        (status = 200, description = "Final at once: sold out, or outside the product's sale window, or paused (rejected `out_of_stock`, `not_started`, `ended` or `paused`; nothing recorded; a `FinalAnswer`), or, with `Prefer: wait`, the transaction decided within the wait (a `TransactionView`, with `Preference-Applied`)", body = FinalAnswer),
         (status = 202, description = "Accepted: RabbitMQ confirmed the request; poll the transaction", body = Accepted,
             headers(("location" = String, description = "/api/v1/transaction/{id}"))),
         (status = 400, description = "`malformed_json`", body = ErrorBody),
@@ -58,8 +60,10 @@ pub struct Accepted {
     description = "Answers `202` with a transaction id once the request is stored for processing; \
         follow it with `GET /api/v1/transaction/{id}` (or watch its `/events`) until it is `succeeded` \
         with an order number or `rejected` with a reason. From a `202` on, the request reaches exactly \
-        one final outcome. A product already sold out is answered `200` at once with the final rejection \
-        (`out_of_stock`), and nothing is recorded. `503` with `Retry-After` means the request was not \
+        one final outcome. A product already sold out, outside its sale window or paused is answered `200` \
+        at once with the final rejection (`out_of_stock`, `not_started`, `ended`, `paused`), and nothing is \
+        recorded. A product with a `max_per_buyer` refuses units past it (`limit_exceeded`, decided by the \
+        worker). `503` with `Retry-After` means the request was not \
         accepted and will not be sold: retry later. Bad input is refused with a 4xx and nothing is recorded. \
         With `Prefer: wait=N` (at most 10 s) the answer is held until the request is decided: `200` with the \
         final transaction and `Preference-Applied`, or the usual `202` once N seconds passed.")]
@@ -75,27 +79,41 @@ pub async fn add_to_cart(
             state.max_quantity, body.quantity
         )));
     }
-    if state.sold_out.contains(body.product_id) {
-        let answer = SoldOutAnswer::new(body.user_id, body.product_id, body.quantity);
-        return Ok((StatusCode::OK, Json(answer)).into_response());
-    }
+    // The buyer: the body's user_id (buyer tokens will resolve it here).
+    let user_id = body.user_id;
     let request = PurchaseRequest {
         transaction_id: TransactionId::new(),
-        user_id: body.user_id,
+        user_id,
         product_id: body.product_id,
         quantity: body.quantity,
-        created_at: SystemClock.now(),
+        created_at: state.clock.now(),
     };
-    let id = request.transaction_id;
+    accept(&state, &headers, Order::from(request)).await
+}
+
+/// The path of a validated request to buy, for addToCart and orders alike: answered at once
+/// if the catalogue snapshot knows it cannot be served (`200`, final, nothing recorded);
+/// otherwise accepted through the intake (`202` with `Location`, or `503`), and with
+/// `Prefer: wait=N` held until it is decided (`200` with the transaction) or N seconds passed.
+pub async fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    order: Order,
+) -> Result<Response, ApiError> {
+    if let Some((product, reason)) = state.catalogue.refusal(&order) {
+        let answer = FinalAnswer::new(&order, reason, product);
+        return Ok((StatusCode::OK, Json(answer)).into_response());
+    }
+    let id = order.transaction_id;
     tracing::Span::current().record("transaction_id", tracing::field::display(id));
-    let wait = preferred_wait(&headers);
+    let wait = preferred_wait(headers);
     // Registered before the publish, so the decision cannot be announced before we listen.
     let waiter = wait.map(|_| state.decisions.wait_for(id));
-    state.intake.accept(request).await.map_err(refusal_error)?;
+    state.intake.accept(order).await.map_err(refusal_error)?;
 
     if let (Some(secs), Some(waiter)) = (wait, waiter) {
         let deadline = Instant::now() + Duration::from_secs(secs);
-        if let Some(view) = waiter.until_final(&state, deadline).await {
+        if let Some(view) = waiter.until_final(state, deadline).await {
             return Ok((StatusCode::OK, [preference_applied(secs)], Json(view)).into_response());
         }
     }
