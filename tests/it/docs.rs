@@ -163,9 +163,12 @@ async fn the_web_page_is_served_at_the_root(pool: sqlx::PgPool) {
     for needle in [
         "/api/v1/products?limit=1000&after=",
         "/api/v1/order/addToCart",
+        "/api/v1/orders",
         "/api/v1/stats",
         "/events",
         "id=\"user-id\"",
+        "id=\"basket\"",
+        "sale_starts_at",
     ] {
         assert!(html.contains(needle), "the page uses {needle}");
     }
