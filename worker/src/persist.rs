@@ -106,6 +106,9 @@ pub async fn lock_products(conn: &mut PgConnection, orders: &[Order]) -> anyhow:
             resumed.insert(id, last_resumed);
         }
     }
+    if resumed.is_empty() {
+        return Ok(locked); // no product of the batch was ever resumed: no closed pause
+    }
     // Requests accepted before their product's latest resume: a closed pause may cover them.
     let mut earliest: Option<DateTime<Utc>> = None;
     let mut paused_products = BTreeSet::new();
@@ -154,6 +157,9 @@ pub async fn buyer_units(
     rules: &HashMap<ProductId, Rules>,
     orders: &[Order],
 ) -> anyhow::Result<HashMap<(ProductId, UserId), i64>> {
+    if rules.is_empty() {
+        return Ok(HashMap::new());
+    }
     let pairs: BTreeSet<(i64, i64)> = orders
         .iter()
         .flat_map(|order| {

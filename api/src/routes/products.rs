@@ -26,18 +26,21 @@ pub struct Product {
     pub name: String,
     /// Units still for sale.
     pub stock: i64,
-    /// The most units one buyer may have succeeded with.
+    /// The most units one buyer may have succeeded with; present only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, nullable = false)]
     pub max_per_buyer: Option<i64>,
-    /// On sale from this time on (inclusive).
+    /// On sale from this time on (inclusive); present only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub sale_starts_at: Option<DateTime<Utc>>,
-    /// On sale until this time (exclusive).
+    /// On sale until this time (exclusive); present only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub sale_ends_at: Option<DateTime<Utc>>,
     /// Paused by staff since this time; present only while paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub paused_at: Option<DateTime<Utc>>,
 }
 
