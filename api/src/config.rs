@@ -28,7 +28,7 @@ pub struct ApiConfig {
     )]
     pub admin_token: String,
 
-    /// Largest quantity one purchase request may ask for.
+    /// Largest quantity one purchase request (or one line of an order) may ask for.
     #[arg(long, env = "ALLOT_MAX_QUANTITY", default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
     pub max_quantity: i64,
 
@@ -53,9 +53,10 @@ pub struct ApiConfig {
     #[arg(long, env = "ALLOT_ENVELOPES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub envelopes_in_flight: u16,
 
-    /// How often the set of sold-out products is re-read from PostgreSQL (milliseconds); a
-    /// request for a sold-out product is answered at once, without the broker. 0 switches the
-    /// short-circuit off.
+    /// How often the catalogue snapshot (the products sold out, and those with a sale window
+    /// or a pause) is re-read from PostgreSQL (milliseconds); a request for a sold-out product,
+    /// or outside its sale window, or while it is paused, is answered at once, without the
+    /// broker. 0 switches the short-circuit off: every request then goes to the worker.
     #[arg(long, env = "ALLOT_SOLD_OUT_REFRESH_MS", default_value_t = 200)]
     pub sold_out_refresh_ms: u64,
 

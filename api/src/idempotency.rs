@@ -13,8 +13,8 @@
 //!
 //! What is remembered is the *outcome of accepting*, not the HTTP bytes: the transaction id
 //! (replayed as `202` with its `Location`, or, with `Prefer: wait`, as its final state) or a
-//! final answer given at once (the sold-out answer, replayed as it was). Replays carry
-//! `Idempotent-Replayed: true`.
+//! final answer given at once (the catalogue's answer for a product sold out, outside its sale
+//! window or paused, replayed as it was). Replays carry `Idempotent-Replayed: true`.
 //!
 //! ## How one transaction is guaranteed
 //!
@@ -167,7 +167,7 @@ pub enum Remembered {
     /// Accepted (202) as this transaction.
     Accepted(TransactionId),
     /// Answered at once and finally with this JSON body (200), nothing recorded: the
-    /// sold-out answer.
+    /// catalogue's answer ([`crate::catalogue::FinalAnswer`]).
     Final(String),
 }
 
@@ -221,7 +221,7 @@ pub struct Attempt {
     pub transaction_id: TransactionId,
     /// `false` when an earlier attempt with this id may have reached the broker (its claim's
     /// lease ran out): then the request must be published again as it is, never answered
-    /// another way (no sold-out short-circuit), or two answers could exist for one key.
+    /// another way (no answer at once from the catalogue), or two answers could exist for one key.
     pub first: bool,
 }
 

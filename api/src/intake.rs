@@ -25,7 +25,7 @@ use crate::publisher::{PublishError, Publisher};
 use allot_shared::message::{envelope, envelope_len};
 use allot_shared::status_store::StatusStore;
 use allot_shared::stored::{self, Withdrawal};
-use allot_shared::{Clock, PartitionId, PurchaseRequest, SystemClock, TransactionView};
+use allot_shared::{Clock, Order, PartitionId, SystemClock, TransactionView};
 use sqlx::PgPool;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -88,7 +88,7 @@ pub struct Intake {
 
 /// One request handed to a lane, and where its answer goes.
 struct Job {
-    request: PurchaseRequest,
+    request: Order,
     json: Vec<u8>,
     answer: oneshot::Sender<Result<(), Refusal>>,
 }
@@ -125,9 +125,11 @@ impl Intake {
     }
 
     /// Accepts `request` once the broker confirmed the message that carries it; see the module
-    /// documentation.
-    pub async fn accept(&self, request: PurchaseRequest) -> Result<(), Refusal> {
-        let partition = self.publisher.partition_of(request.product_id);
+    /// documentation. An order of several products goes to the partition of its smallest
+    /// product id (the worker locks every product it names, whichever partition it belongs
+    /// to).
+    pub async fn accept(&self, request: Order) -> Result<(), Refusal> {
+        let partition = self.publisher.partition_of(request.routing_product());
         let (answer, answered) = oneshot::channel();
         let job = Job {
             json: request.to_json(),
@@ -203,8 +205,7 @@ impl Settler {
         let refusal = Refusal::of_publish(&err);
         let mut refused = Vec::with_capacity(batch.len());
         if err.is_ambiguous() {
-            let requests: Vec<PurchaseRequest> =
-                batch.iter().map(|job| job.request.clone()).collect();
+            let requests: Vec<Order> = batch.iter().map(|job| job.request.clone()).collect();
             let withdrawals = self.withdraw(partition, &requests).await;
             for (job, withdrawal) in batch.into_iter().zip(withdrawals) {
                 if withdrawal == Some(Withdrawal::AlreadyDecided) {
@@ -231,7 +232,7 @@ impl Settler {
     async fn withdraw(
         &self,
         partition: PartitionId,
-        requests: &[PurchaseRequest],
+        requests: &[Order],
     ) -> Vec<Option<Withdrawal>> {
         match stored::withdraw(&self.pool, requests, partition, SystemClock.now()).await {
             Ok(withdrawals) => withdrawals.into_iter().map(Some).collect(),

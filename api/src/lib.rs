@@ -9,6 +9,7 @@
 
 pub mod backlog;
 pub mod buyers;
+pub mod catalogue;
 pub mod config;
 pub mod decisions;
 pub mod error;
@@ -19,7 +20,6 @@ pub mod observe;
 pub mod openapi;
 pub mod publisher;
 pub mod routes;
-pub mod sold_out;
 pub mod state;
 
 pub use config::ApiConfig;
@@ -38,9 +38,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let publisher = state.publisher.clone();
-    let refresher = state.sold_out_refresh.map(|every| {
+    let refresher = state.catalogue_refresh.map(|every| {
         state
-            .sold_out
+            .catalogue
             .clone()
             .spawn_refresher(state.pool.clone(), every)
     });

@@ -41,7 +41,7 @@ pub const OPERATIONS: &str = "operations";
     tags(
         (name = ORDERS, description = "Buying, and following a purchase to its outcome"),
         (name = BUYERS, description = "Buyer accounts: sign up, log in for a bearer token, log out; a buyer's order history"),
-        (name = PRODUCTS, description = "The catalogue: anyone reads it; staff (bearer token) create and restock"),
+        (name = PRODUCTS, description = "The catalogue: anyone reads it; staff (bearer token) create, restock and set limits, sale windows and pauses"),
         (name = OPERATIONS, description = "Health, readiness, metrics and live statistics")
     ),
     modifiers(&AdminToken)
@@ -88,25 +88,28 @@ impl ConfiguredLimits {
 
 impl Modify for ConfiguredLimits {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let add_to_cart = openapi
-            .components
-            .as_mut()
-            .and_then(|components| components.schemas.get_mut("AddToCart"));
-        let Some(RefOr::T(Schema::Object(add_to_cart))) = add_to_cart else {
-            panic!("the document has the AddToCart schema");
-        };
-        add_to_cart.properties.insert(
-            "quantity".into(),
-            ObjectBuilder::new()
-                .schema_type(Type::Integer)
-                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
-                .minimum(Some(1))
-                .maximum(Some(self.max_quantity))
-                .description(Some(format!(
-                    "How many units: 1 to {} (this server's ALLOT_MAX_QUANTITY)",
-                    self.max_quantity
-                )))
-                .into(),
-        );
+        // addToCart's quantity, and the quantity of each line of an order.
+        for schema in ["AddToCart", "OrderItem"] {
+            let object = openapi
+                .components
+                .as_mut()
+                .and_then(|components| components.schemas.get_mut(schema));
+            let Some(RefOr::T(Schema::Object(object))) = object else {
+                panic!("the document has the {schema} schema");
+            };
+            object.properties.insert(
+                "quantity".into(),
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                    .minimum(Some(1))
+                    .maximum(Some(self.max_quantity))
+                    .description(Some(format!(
+                        "How many units: 1 to {} (this server's ALLOT_MAX_QUANTITY)",
+                        self.max_quantity
+                    )))
+                    .into(),
+            );
+        }
     }
 }

@@ -1,12 +1,13 @@
 //! What every request handler shares.
 
 use crate::buyers::Buyers;
+use crate::catalogue::Catalogue;
 use crate::config::ApiConfig;
 use crate::decisions::Decisions;
 use crate::intake::Intake;
 use crate::publisher::Publisher;
-use crate::sold_out::SoldOut;
 use allot_shared::status_store::StatusStore;
+use allot_shared::{Clock, SystemClock};
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
@@ -38,10 +39,14 @@ pub struct Shared {
     pub intake: Arc<Intake>,
     /// Waiters on decisions, woken by the worker's notifications.
     pub decisions: Arc<Decisions>,
-    /// Products sold out at the last refresh, answered without the broker.
-    pub sold_out: Arc<SoldOut>,
-    /// How often `sold_out` is refreshed; `None`: never (the short-circuit is off).
-    pub sold_out_refresh: Option<std::time::Duration>,
+    /// Products sold out, outside their sale window or paused at the last refresh: their
+    /// requests are answered without the broker.
+    pub catalogue: Arc<Catalogue>,
+    /// How often `catalogue` is refreshed; `None`: never (the short-circuit is off).
+    pub catalogue_refresh: Option<std::time::Duration>,
+    /// The time a request is accepted at (its `created_at`, at which a sale window or a pause
+    /// is judged), and a pause begins or ends at. The system clock; tests set their own.
+    pub clock: Arc<dyn Clock>,
     /// The staff's bearer token.
     pub admin_token: Arc<str>,
     /// Largest quantity one request may ask for.
@@ -66,6 +71,16 @@ impl AppState {
         config: &ApiConfig,
         pool: PgPool,
         redis: ConnectionManager,
+    ) -> anyhow::Result<Self> {
+        Self::build_with_clock(config, pool, redis, Arc::new(SystemClock)).await
+    }
+
+    /// [`AppState::build`], with the clock requests are accepted by.
+    pub async fn build_with_clock(
+        config: &ApiConfig,
+        pool: PgPool,
+        redis: ConnectionManager,
+        clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
         let publisher = Publisher::connect(
             &config.common.amqp_url,
@@ -93,8 +108,9 @@ impl AppState {
             publisher,
             intake: Arc::new(intake),
             decisions,
-            sold_out: Arc::default(),
-            sold_out_refresh: config.sold_out_refresh(),
+            catalogue: Arc::new(Catalogue::new(config.sold_out_refresh().is_some())),
+            catalogue_refresh: config.sold_out_refresh(),
+            clock,
             admin_token: config.admin_token.as_str().into(),
             max_quantity: config.max_quantity,
             metrics: crate::observe::install_metrics(),

@@ -3,6 +3,7 @@
 //! and shown to clients.
 
 use crate::ids::{ProductId, Quantity, TransactionId, UserId};
+use crate::message::{Line, Order};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -36,6 +37,14 @@ pub enum RejectReason {
     OutOfStock,
     /// No product with that id exists.
     UnknownProduct,
+    /// The buyer would have more units of the product than its `max_per_buyer`.
+    LimitExceeded,
+    /// Accepted before the product's `sale_starts_at`.
+    NotStarted,
+    /// Accepted at or after the product's `sale_ends_at`.
+    Ended,
+    /// Accepted while staff had paused the product's sale.
+    Paused,
     /// The API answered 503 (the broker's confirm did not come) and withdrew the request before
     /// any worker decided it. Nobody was told this transaction id; the record exists so that a
     /// message the broker stored after all can never take stock.
@@ -51,6 +60,10 @@ impl RejectReason {
         match self {
             RejectReason::OutOfStock => "out_of_stock",
             RejectReason::UnknownProduct => "unknown_product",
+            RejectReason::LimitExceeded => "limit_exceeded",
+            RejectReason::NotStarted => "not_started",
+            RejectReason::Ended => "ended",
+            RejectReason::Paused => "paused",
             RejectReason::NotAccepted => "not_accepted",
             RejectReason::Unprocessable => "unprocessable",
         }
@@ -64,6 +77,10 @@ impl FromStr for RejectReason {
         match s {
             "out_of_stock" => Ok(RejectReason::OutOfStock),
             "unknown_product" => Ok(RejectReason::UnknownProduct),
+            "limit_exceeded" => Ok(RejectReason::LimitExceeded),
+            "not_started" => Ok(RejectReason::NotStarted),
+            "ended" => Ok(RejectReason::Ended),
+            "paused" => Ok(RejectReason::Paused),
             "not_accepted" => Ok(RejectReason::NotAccepted),
             "unprocessable" => Ok(RejectReason::Unprocessable),
             other => Err(format!("unknown reject reason {other:?}")),
@@ -87,24 +104,52 @@ impl fmt::Display for OrderNumber {
     }
 }
 
+/// Why a transaction was rejected, and, for an order of several lines, the product of the first
+/// line that could not be served (a one-line transaction's product is its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub product: Option<ProductId>,
+}
+
 /// A decided transaction's result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Succeeded(OrderNumber),
-    Rejected(RejectReason),
+    Rejected(Rejection),
+}
+
+impl Outcome {
+    /// A rejection that names no line (a one-line transaction, or one refused as a whole).
+    pub fn rejected(reason: RejectReason) -> Self {
+        Outcome::Rejected(Rejection {
+            reason,
+            product: None,
+        })
+    }
 }
 
 /// A transaction as clients see it (`GET /api/v1/transaction/{id}`) and as Redis stores it.
 ///
-/// Optional fields are left out of the JSON when empty: `order_number` appears only on
-/// succeeded transactions, `reason` only on rejected ones, `decided_at` once decided.
+/// Optional fields are left out of the JSON when empty: `product_id` and `quantity` appear on a
+/// transaction of one line, `items` on an order of several; `order_number` only on succeeded
+/// transactions, `reason` only on rejected ones (`reason_product_id` on rejected orders of
+/// several lines), `decided_at` once decided.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TransactionView {
     pub transaction_id: TransactionId,
     pub status: Status,
     pub user_id: UserId,
-    pub product_id: ProductId,
-    pub quantity: Quantity,
+    /// The product; transactions of one line only (every addToCart, an order of one item).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_id: Option<ProductId>,
+    /// Its units; transactions of one line only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<Quantity>,
+    /// The lines of an order of several products, in the order they were listed; present only
+    /// on such orders (2 to 20 lines).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<Line>,
     /// `YYYYMMDD-nnnnn`; succeeded transactions only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "20261122-00001")]
@@ -112,6 +157,10 @@ pub struct TransactionView {
     /// Rejected transactions only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<RejectReason>,
+    /// The product of the first line that could not be served; rejected orders of several
+    /// lines only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_product_id: Option<ProductId>,
     pub created_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_at: Option<DateTime<Utc>>,
@@ -119,39 +168,58 @@ pub struct TransactionView {
 
 impl TransactionView {
     /// The view of a request that was accepted and not yet decided.
-    pub fn pending(request: &crate::PurchaseRequest) -> Self {
+    pub fn pending(order: &Order) -> Self {
+        let (product_id, quantity, items) = match order.lines.single() {
+            Some(line) => (Some(line.product_id), Some(line.quantity), Vec::new()),
+            None => (None, None, order.lines.to_vec()),
+        };
         Self {
-            transaction_id: request.transaction_id,
+            transaction_id: order.transaction_id,
             status: Status::Pending,
-            user_id: request.user_id,
-            product_id: request.product_id,
-            quantity: request.quantity,
+            user_id: order.user_id,
+            product_id,
+            quantity,
+            items,
             order_number: None,
             reason: None,
-            created_at: request.created_at,
+            reason_product_id: None,
+            created_at: order.created_at,
             decided_at: None,
         }
     }
 
     /// The view of a decided request.
-    pub fn decided(
-        request: &crate::PurchaseRequest,
-        outcome: Outcome,
-        decided_at: DateTime<Utc>,
-    ) -> Self {
-        let mut view = Self::pending(request);
+    pub fn decided(order: &Order, outcome: Outcome, decided_at: DateTime<Utc>) -> Self {
+        let mut view = Self::pending(order);
         view.decided_at = Some(decided_at);
+        view.set_outcome(outcome);
+        view
+    }
+
+    /// Sets the status and what goes with it (order number, or reason and the product named).
+    pub fn set_outcome(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::Succeeded(number) => {
-                view.status = Status::Succeeded;
-                view.order_number = Some(number.to_string());
+                self.status = Status::Succeeded;
+                self.order_number = Some(number.to_string());
             }
-            Outcome::Rejected(reason) => {
-                view.status = Status::Rejected;
-                view.reason = Some(reason);
+            Outcome::Rejected(rejection) => {
+                self.status = Status::Rejected;
+                self.reason = Some(rejection.reason);
+                self.reason_product_id = rejection.product;
             }
         }
-        view
+    }
+
+    /// The transaction's lines, however many it has.
+    pub fn lines(&self) -> Vec<Line> {
+        match (self.product_id, self.quantity) {
+            (Some(product_id), Some(quantity)) => vec![Line {
+                product_id,
+                quantity,
+            }],
+            _ => self.items.clone(),
+        }
     }
 }
 
@@ -178,6 +246,10 @@ mod tests {
         for reason in [
             RejectReason::OutOfStock,
             RejectReason::UnknownProduct,
+            RejectReason::LimitExceeded,
+            RejectReason::NotStarted,
+            RejectReason::Ended,
+            RejectReason::Paused,
             RejectReason::NotAccepted,
             RejectReason::Unprocessable,
         ] {

@@ -1,6 +1,7 @@
 // The web page in a real browser: headless Chromium (Debian's, driven by playwright-core) loads
 // allot's page, buys a product with the Buy button and sees the transaction go from pending to
-// its order number, the stock fall and the order counter move; signs up, buys as the account
+// its order number, the stock fall and the order counter move; orders two products together
+// from the basket; watches a sale's countdown reach its start; signs up, buys as the account
 // and finds the order in "My orders". Screenshots are kept.
 //
 // Environment: ALLOT_BASE_URL (a running allot), ALLOT_ADMIN_TOKEN (to create the product),
@@ -20,11 +21,11 @@ const artifacts = process.env.ALLOT_ARTIFACTS ?? path.resolve("artifacts");
 const executablePath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const TIMEOUT_MS = 20_000;
 
-async function createProduct(name, stock) {
+async function createProduct(name, stock, rules = {}) {
   const response = await fetch(`${baseUrl}/api/v1/products`, {
     method: "POST",
     headers: { "Content-Type": "application/json", Authorization: `Bearer ${adminToken}` },
-    body: JSON.stringify({ name, stock }),
+    body: JSON.stringify({ name, stock, ...rules }),
   });
   assert.equal(response.status, 201, "the product is created");
   return response.json();
@@ -170,6 +171,84 @@ test("a buyer signs up on the page, buys as the account and sees the order in My
     await page.click("#log-out");
     await page.locator("#login-form").waitFor();
     assert.equal(await page.locator("#my-orders-section").isHidden(), true);
+    assert.deepEqual(pageErrors, [], "no JavaScript errors");
+  } finally {
+    await close();
+  }
+});
+
+test("a buyer orders two products together from the basket", { timeout: 90_000 }, async () => {
+  const first = await createProduct(`Basket cap ${Date.now()}`, 2);
+  const second = await createProduct(`Basket scarf ${Date.now()}`, 2);
+  const { page, close } = await launch();
+  try {
+    const pageErrors = [];
+    page.on("pageerror", (error) => pageErrors.push(String(error)));
+    await page.goto(`${baseUrl}/`);
+    await page.fill("#user-id", "4343");
+    for (const product of [first, second]) {
+      const row = page.locator(`tr[data-product-id="${product.id}"]`);
+      await row.locator("button.add").click();
+      assert.equal(await row.locator("button.add").isDisabled(), true, "each product once");
+    }
+    assert.equal(await page.locator("#basket-lines li").count(), 2);
+    await page.fill(`#basket-lines li[data-product-id="${second.id}"] input.quantity`, "2");
+    await page.click("#place-order");
+    assert.equal(await page.locator("#basket-lines li").count(), 0, "the basket is emptied");
+
+    const orderNumber = page.locator("#purchases li[data-status='succeeded'] .order-number");
+    await orderNumber.waitFor();
+    const id = await page.locator("#purchases li").first().getAttribute("data-transaction-id");
+    const stored = await (await fetch(`${baseUrl}/api/v1/transaction/${id}`)).json();
+    assert.equal(stored.order_number, await orderNumber.textContent());
+    assert.deepEqual(stored.items, [
+      { product_id: first.id, quantity: 1 },
+      { product_id: second.id, quantity: 2 },
+    ]);
+    assert.equal(stored.user_id, 4343);
+    await page.waitForFunction(
+      (productId) => document.querySelector(`tr[data-product-id="${productId}"] .stock`).textContent === "0",
+      second.id,
+    );
+    assert.equal(await page.locator(`tr[data-product-id="${first.id}"] .stock`).textContent(), "1");
+    await screenshot(page, "web-page-basket.png");
+    assert.deepEqual(pageErrors, [], "no JavaScript errors");
+  } finally {
+    await close();
+  }
+});
+
+test("a sale that has not started counts down, then opens", { timeout: 90_000 }, async () => {
+  const { page, close } = await launch();
+  try {
+    // Created once the browser runs, so that the page sees the countdown however slow the launch.
+    const startsAt = new Date(Date.now() + 8_000);
+    const product = await createProduct(`Countdown drop ${Date.now()}`, 1, {
+      sale_starts_at: startsAt.toISOString(),
+      max_per_buyer: 1,
+    });
+    const pageErrors = [];
+    page.on("pageerror", (error) => pageErrors.push(String(error)));
+    await page.goto(`${baseUrl}/`);
+    const row = page.locator(`tr[data-product-id="${product.id}"]`);
+    await row.waitFor();
+    await page.waitForFunction(
+      (productId) => document.querySelector(`tr[data-product-id="${productId}"] .sale`).textContent.startsWith("opens in"),
+      product.id,
+    );
+    assert.match(await row.locator(".sale").textContent(), /^opens in 00:00:0[1-8] · max 1 per buyer$/);
+    assert.equal(await row.locator("button.buy").isDisabled(), true, "no buying before the start");
+
+    // The countdown ticks down to the start, and the Buy button opens.
+    await page.waitForFunction(
+      (productId) => document.querySelector(`tr[data-product-id="${productId}"] .sale`).textContent.startsWith("on sale"),
+      product.id,
+      { timeout: 20_000 },
+    );
+    assert.ok(Date.now() >= startsAt.getTime() - 1_000, "opened at its start");
+    await page.fill("#user-id", "4444");
+    await row.locator("button.buy").click();
+    await page.locator("#purchases li[data-status='succeeded'] .order-number").waitFor();
     assert.deepEqual(pageErrors, [], "no JavaScript errors");
   } finally {
     await close();

@@ -18,9 +18,11 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/metrics"),
     ("GET", "/readyz"),
+    ("PATCH", "/api/v1/products/{id}"),
     ("POST", "/api/v1/auth/login"),
     ("POST", "/api/v1/auth/logout"),
     ("POST", "/api/v1/order/addToCart"),
+    ("POST", "/api/v1/orders"),
     ("POST", "/api/v1/products"),
     ("POST", "/api/v1/products/{id}/restock"),
     ("POST", "/api/v1/users"),
@@ -165,6 +167,7 @@ async fn the_web_page_is_served_at_the_root(pool: sqlx::PgPool) {
     for needle in [
         "/api/v1/products?limit=1000&after=",
         "/api/v1/order/addToCart",
+        "/api/v1/orders",
         "/api/v1/stats",
         "/events",
         "id=\"user-id\"",
@@ -173,6 +176,8 @@ async fn the_web_page_is_served_at_the_root(pool: sqlx::PgPool) {
         "/api/v1/auth/logout",
         "/api/v1/orders/history",
         "Idempotency-Key",
+        "id=\"basket\"",
+        "sale_starts_at",
     ] {
         assert!(html.contains(needle), "the page uses {needle}");
     }

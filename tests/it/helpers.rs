@@ -5,8 +5,8 @@
 use allot_api::{ApiConfig, AppState};
 use allot_shared::partition::partition_for;
 use allot_shared::{
-    Clock, ManualClock, PartitionId, ProductId, PurchaseRequest, Quantity, SystemClock,
-    TransactionId, UserId, status_store,
+    Clock, Line, Lines, ManualClock, Order, PartitionId, ProductId, PurchaseRequest, Quantity,
+    SystemClock, TransactionId, UserId, status_store,
 };
 use allot_worker::WorkerConfig;
 use allot_worker::decider::Decider;
@@ -59,6 +59,8 @@ pub struct Options {
     pub max_quantity: i64,
     /// Any other change to the API's configuration (login limits, token lifetime, ...).
     pub tweak_api: fn(&mut ApiConfig),
+    /// The API's clock: the time requests are accepted at (the system clock if `None`).
+    pub api_clock: Option<ManualClock>,
 }
 
 impl Default for Options {
@@ -71,6 +73,7 @@ impl Default for Options {
             sold_out_refresh_ms: 0,
             max_quantity: 10,
             tweak_api: |_| {},
+            api_clock: None,
         }
     }
 }
@@ -147,7 +150,11 @@ pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
     )
     .await
     .expect("Redis is reachable");
-    let state = AppState::build(&api_config, pool.clone(), redis.clone())
+    let api_clock: Arc<dyn Clock> = match options.api_clock {
+        Some(clock) => Arc::new(clock),
+        None => Arc::new(SystemClock),
+    };
+    let state = AppState::build_with_clock(&api_config, pool.clone(), redis.clone(), api_clock)
         .await
         .expect("API state builds");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -317,27 +324,36 @@ impl TestApp {
 
     /// Places an order and asserts the exact 202 answer; returns the transaction id.
     pub async fn buy(&self, user_id: i64, product_id: i64, quantity: i64) -> TransactionId {
-        let response = self.add_to_cart(user_id, product_id, quantity).await;
-        assert_eq!(response.status(), StatusCode::ACCEPTED);
-        let location = response
-            .headers()
-            .get("location")
-            .expect("a Location header")
-            .to_str()
-            .unwrap()
-            .to_owned();
-        let body: Value = response.json().await.unwrap();
-        let id: uuid::Uuid = body["transaction_id"]
-            .as_str()
-            .expect("a transaction_id")
-            .parse()
-            .expect("a UUID");
-        assert_eq!(
-            body,
-            json!({"transaction_id": id.to_string(), "status": "pending"})
-        );
-        assert_eq!(location, format!("/api/v1/transaction/{id}"));
-        TransactionId(id)
+        accepted_id(self.add_to_cart(user_id, product_id, quantity).await).await
+    }
+
+    /// Posts an order of `items` (product, quantity) for `user_id` to `POST /api/v1/orders`.
+    pub async fn place_order(&self, user_id: i64, items: &[(i64, i64)]) -> Response {
+        let items: Vec<Value> = items
+            .iter()
+            .map(|&(product_id, quantity)| json!({"product_id": product_id, "quantity": quantity}))
+            .collect();
+        self.post_json(
+            "/api/v1/orders",
+            &json!({"user_id": user_id, "items": items}),
+        )
+        .await
+    }
+
+    /// Places an order and asserts the exact 202 answer; returns the transaction id.
+    pub async fn order(&self, user_id: i64, items: &[(i64, i64)]) -> TransactionId {
+        accepted_id(self.place_order(user_id, items).await).await
+    }
+
+    /// `PATCH /api/v1/products/{id}` with the admin token.
+    pub async fn patch_product(&self, product_id: i64, body: &Value) -> Response {
+        self.client
+            .patch(self.url(&format!("/api/v1/products/{product_id}")))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(body)
+            .send()
+            .await
+            .expect("PATCH is answered")
     }
 
     /// Signs `username` up (asserting 201) and returns the account's id.
@@ -547,6 +563,30 @@ impl TestApp {
     }
 }
 
+/// Asserts the exact 202 answer to a request to buy; returns its transaction id.
+pub async fn accepted_id(response: Response) -> TransactionId {
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let location = response
+        .headers()
+        .get("location")
+        .expect("a Location header")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    let id: uuid::Uuid = body["transaction_id"]
+        .as_str()
+        .expect("a transaction_id")
+        .parse()
+        .expect("a UUID");
+    assert_eq!(
+        body,
+        json!({"transaction_id": id.to_string(), "status": "pending"})
+    );
+    assert_eq!(location, format!("/api/v1/transaction/{id}"));
+    TransactionId(id)
+}
+
 /// Polls `check` until it returns `Some`, or panics naming `what` after [`DEADLINE`].
 pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
 where
@@ -630,6 +670,42 @@ pub fn request(user_id: i64, product_id: i64, quantity: i64) -> PurchaseRequest 
         quantity: Quantity::try_from(quantity).unwrap(),
         created_at: SystemClock.now(),
     }
+}
+
+/// An order of `items` (product, quantity) of `user_id`, accepted now.
+pub fn order_request(user_id: i64, items: &[(i64, i64)]) -> Order {
+    Order {
+        transaction_id: TransactionId::new(),
+        user_id: UserId::try_from(user_id).unwrap(),
+        lines: Lines::new(
+            items
+                .iter()
+                .map(|&(product, quantity)| Line {
+                    product_id: ProductId::try_from(product).unwrap(),
+                    quantity: Quantity::try_from(quantity).unwrap(),
+                })
+                .collect(),
+        )
+        .expect("valid lines"),
+        created_at: SystemClock.now(),
+    }
+}
+
+/// Drives a batch of orders through a decider directly, as the consumer loop would.
+pub async fn process_orders(
+    decider: &Decider,
+    partition: PartitionId,
+    orders: &[Order],
+) -> anyhow::Result<allot_worker::decider::BatchOutcome> {
+    let bodies: Vec<Vec<u8>> = orders.iter().map(Order::to_json).collect();
+    let items: Vec<Item<'_>> = bodies
+        .iter()
+        .map(|body| Item {
+            body,
+            message_id: None,
+        })
+        .collect();
+    decider.process_batch(partition, &items).await
 }
 
 /// Drives a batch through a decider directly, as the consumer loop would.

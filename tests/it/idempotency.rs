@@ -442,7 +442,7 @@ async fn a_key_whose_transaction_was_withdrawn_gets_a_fresh_one(pool: sqlx::PgPo
         created_at: SystemClock.now(),
     };
     let partition = crate::helpers::partition_of(product);
-    stored::withdraw(&app.pool, &[request], partition, SystemClock.now())
+    stored::withdraw(&app.pool, &[request.into()], partition, SystemClock.now())
         .await
         .unwrap();
     cut_off(&app, &record(&app, 7, "k-7"), 0).await;

@@ -13,7 +13,7 @@ use crate::poison;
 use crate::retry::{self, Failure};
 use allot_shared::status_store::StatusStore;
 use allot_shared::stored::StoredTransaction;
-use allot_shared::{Clock, Outcome, PartitionId, PurchaseRequest, TransactionId, TransactionView};
+use allot_shared::{Clock, Order, Outcome, PartitionId, TransactionId, TransactionView};
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
@@ -65,7 +65,7 @@ pub struct Decider {
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub partition: PartitionId,
-    pub requests: Vec<PurchaseRequest>,
+    pub requests: Vec<Order>,
     pub dead_letters: Vec<DeadLetter>,
 }
 
@@ -182,7 +182,7 @@ impl Decider {
         &self,
         partition: PartitionId,
         letter: &DeadLetter,
-        request: Option<&PurchaseRequest>,
+        request: Option<&Order>,
         decided_at: DateTime<Utc>,
     ) -> anyhow::Result<Option<StoredTransaction>> {
         let mut tx = self.pool.begin().await.context("failed to begin")?;
@@ -213,15 +213,20 @@ pub async fn commit_batches(
         .begin()
         .await
         .context("failed to begin a transaction")?;
-    // What the core needs: the stock, under lock, and the outcomes decided before.
-    let requests: Vec<PurchaseRequest> = batches
+    // What the core needs: the products' stock and rules, under lock, the buyers' units of
+    // limited products, and the outcomes decided before.
+    let requests: Vec<Order> = batches
         .iter()
         .flat_map(|batch| batch.requests.iter().cloned())
         .collect();
-    let stock = persist::lock_stock(&mut tx, &requests).await?;
+    let locked = persist::lock_products(&mut tx, &requests).await?;
+    let bought = persist::buyer_units(&mut tx, &locked.rules, &requests).await?;
     let stored = persist::stored_outcomes(&mut tx, &requests).await?;
+    let stock = locked.stock;
     let mut state = PartitionState {
         stock: stock.clone(),
+        rules: locked.rules,
+        bought: bought.clone(),
         decided: outcomes_of(&stored)?,
     };
     // Decide each batch in arrival order, then number the new sales, batch after batch (the
@@ -242,6 +247,7 @@ pub async fn commit_batches(
         .collect();
     // Write it all, and commit.
     persist::write_stock(&mut tx, &stock, &state.stock).await?;
+    persist::write_buyer_units(&mut tx, &bought, &state.bought).await?;
     let mut rows = Vec::with_capacity(requests.len());
     for (batch, decided) in batches.iter().zip(&decided) {
         for (request, decision) in batch.requests.iter().zip(decided) {
@@ -295,7 +301,7 @@ fn outcomes_of(
 
 /// The transactions named by unreadable items whose id, user, product and quantity can still
 /// be read (see [`poison::salvage`]), to reject.
-fn salvaged(dead_letters: &[DeadLetter], now: DateTime<Utc>) -> Vec<PurchaseRequest> {
+fn salvaged(dead_letters: &[DeadLetter], now: DateTime<Utc>) -> Vec<Order> {
     dead_letters
         .iter()
         .filter_map(|letter| poison::salvage(&letter.body, letter.message_id.as_deref(), now))
@@ -321,7 +327,7 @@ fn count(decided: &[Decided], dead_lettered: usize) -> BatchOutcome {
 /// what is stored (so a duplicate message can never change what clients see). An in-batch
 /// duplicate of a fresh request adds nothing: its first copy's view is there.
 fn views(
-    requests: &[PurchaseRequest],
+    requests: &[Order],
     decided: &[Decided],
     stored: &HashMap<TransactionId, StoredTransaction>,
     decided_at: DateTime<Utc>,

@@ -16,15 +16,15 @@
 //! [`resolve`] (who buys) and [`authorize_read`] (who may read a transaction) are the two
 //! decisions every purchase and read endpoint makes; they are pure.
 //!
-//! A purchase endpoint (`addToCart`, and any other that accepts purchases) takes [`Caller`]
-//! before its body, then: [`resolve`] the buyer from the body's optional `user_id`; if
-//! [`crate::idempotency::key_of`] finds a key, run its accepting inside
-//! [`crate::idempotency::once`] (with a [`crate::idempotency::Fingerprint`] of the validated
-//! request, and [`crate::idempotency::Failed`] saying whether a refusal published nothing) and
-//! answer with [`crate::routes::answer_settled`]; around the intake, [`pending::note`] the
-//! transaction first and [`pending::forget`] it if refused (no-ops for anonymous buyers), so
-//! that an account's history lists it from its `202` on. `addToCart` does exactly this
-//! ([`crate::routes::accept`] for one request).
+//! Both purchase endpoints (`addToCart` and `POST /api/v1/orders`) take [`Caller`] before
+//! their body, [`resolve`] the buyer from the body's optional `user_id`, and hand the validated
+//! order to [`crate::routes::accept`], which does the rest for both: if
+//! [`crate::idempotency::key_of`] finds a key, the accepting runs inside
+//! [`crate::idempotency::once`] (with a [`crate::idempotency::Fingerprint`] of the endpoint and
+//! the order's lines, and [`crate::idempotency::Failed`] saying whether a refusal published
+//! nothing); around the intake, [`pending::note`] indexes the transaction first and
+//! [`pending::forget`] unindexes it if refused (no-ops for anonymous buyers), so that an
+//! account's history lists it from its `202` on.
 
 pub mod accounts;
 pub mod credentials;

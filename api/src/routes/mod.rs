@@ -5,6 +5,7 @@
 //! page, the docs and the document itself are added beside it, undocumented.
 
 mod accounts;
+mod baskets;
 mod health;
 mod history;
 mod orders;
@@ -14,11 +15,10 @@ mod stats;
 mod watch;
 
 pub use accounts::{Credentials, NewAccount, Token};
+pub use baskets::{NewOrder, OrderItem};
 pub use history::HistoryPage;
-pub use orders::{
-    Accepted, AddToCart, accept, answer_settled, nothing_sent, read_transaction, refusal_error,
-};
-pub use products::{Product, ProductPage};
+pub use orders::{Accepted, AddToCart, accept, read_transaction};
+pub use products::{Product, ProductPage, ProductPatch};
 pub use stats::Stats;
 pub use watch::WATCH_LIMIT;
 
@@ -54,10 +54,11 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(orders::add_to_cart))
+        .routes(routes!(baskets::place_order))
         .routes(routes!(orders::get_transaction))
         .routes(routes!(watch::transaction_events))
         .routes(routes!(products::create, products::list))
-        .routes(routes!(products::get))
+        .routes(routes!(products::get, products::update))
         .routes(routes!(products::restock))
         .routes(routes!(stats::stats))
         .routes(routes!(accounts::sign_up))

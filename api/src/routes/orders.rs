@@ -1,17 +1,18 @@
-//! Buying: `POST /api/v1/order/addToCart` and `GET /api/v1/transaction/{id}`.
+//! Buying: `POST /api/v1/order/addToCart` and `GET /api/v1/transaction/{id}`; [`accept`], the
+//! path every request to buy takes once validated and its buyer resolved (addToCart, and orders
+//! of several products in [`super::baskets`]), with or without an `Idempotency-Key`.
 
 use crate::buyers::{self, Caller, pending};
+use crate::catalogue::FinalAnswer;
 use crate::decisions::{Waiter, preference_applied, preferred_wait};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{self, AppJson};
 use crate::idempotency::{self, Failed, Fingerprint, IdempotencyKey, Remembered, Settled};
 use crate::intake::Refusal;
-use crate::sold_out::SoldOutAnswer;
 use crate::state::AppState;
 use allot_shared::stored;
-use allot_shared::{Clock, SystemClock};
 use allot_shared::{
-    ProductId, PurchaseRequest, Quantity, Status, TransactionId, TransactionView, UserId,
+    Order, ProductId, PurchaseRequest, Quantity, Status, TransactionId, TransactionView, UserId,
 };
 use axum::Json;
 use axum::extract::{Path, State};
@@ -43,18 +44,26 @@ pub struct Accepted {
     pub status: Status,
 }
 
-/// Validates; answers a request for a sold-out product at once with its final outcome (see
-/// [`crate::sold_out`]); otherwise hands the request to the [`crate::intake`], which answers
-/// once the broker confirmed the message that carries it (202), or refused it (503 with
-/// `Retry-After`; nothing was accepted). With `Prefer: wait=N` an accepted request's answer is
-/// held until it is decided (200 with the final transaction) or N seconds passed (202).
+/// The operation names an `Idempotency-Key`'s [`Fingerprint`] is taken under: one key used on
+/// both endpoints is two different requests (`422 idempotency_key_reused`).
+pub const ADD_TO_CART: &str = "addToCart";
+/// See [`ADD_TO_CART`].
+pub const ORDERS: &str = "orders";
+
+/// Validates, resolves the buyer ([`buyers::resolve`]), then [`accept`]s: a request for a
+/// product sold out, outside its sale window or paused is answered at once with its final
+/// outcome (see [`crate::catalogue`]); otherwise the [`crate::intake`] answers once the broker
+/// confirmed the message that carries it (202), or refused it (503 with `Retry-After`; nothing
+/// was accepted). With `Prefer: wait=N` an accepted request's answer is held until it is decided
+/// (200 with the final transaction) or N seconds passed (202).
 #[utoipa::path(post, path = "/api/v1/order/addToCart", tag = crate::openapi::ORDERS,
     request_body = AddToCart,
     params(("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer until the transaction is final, at most N seconds (capped at 10)"),
         ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 257, description = "A key for safe retries (IETF httpapi draft): 1 to 255 printable ASCII characters, bare or as a quoted string (`\"...\"`). The same key with the same request from the same buyer makes one transaction and gets the same answer for 24 hours (marked `Idempotent-Replayed: true`); with another request, `422 idempotency_key_reused`; while the first is still being accepted, `409 idempotency_key_in_flight`. A refused attempt (`503`) leaves the key free.")),
     security((), ("buyer_token" = []), ("admin_token" = [])),
     responses(
-        (status = 200, description = "Final at once: sold out (rejected `out_of_stock`, nothing recorded, a `SoldOutAnswer`), or, with `Prefer: wait`, the transaction decided within the wait (a `TransactionView`, with `Preference-Applied`)", body = SoldOutAnswer),
+        (status = 200, description = "Final at once: sold out, or outside the product's sale window, or paused (rejected `out_of_stock`, `not_started`, `ended` or `paused`; nothing recorded; a `FinalAnswer`), or, with `Prefer: wait`, the transaction decided within the wait (a `TransactionView`, with `Preference-Applied`)", body = FinalAnswer,
+            headers(("idempotent-replayed" = String, description = "`true` on the answer of an earlier request with the same `Idempotency-Key`"))),
         (status = 202, description = "Accepted: RabbitMQ confirmed the request; poll the transaction", body = Accepted,
             headers(("location" = String, description = "/api/v1/transaction/{id}"),
                 ("idempotent-replayed" = String, description = "`true` on the answer of an earlier request with the same `Idempotency-Key`"))),
@@ -71,8 +80,10 @@ pub struct Accepted {
     description = "Answers `202` with a transaction id once the request is stored for processing; \
         follow it with `GET /api/v1/transaction/{id}` (or watch its `/events`) until it is `succeeded` \
         with an order number or `rejected` with a reason. From a `202` on, the request reaches exactly \
-        one final outcome. A product already sold out is answered `200` at once with the final rejection \
-        (`out_of_stock`), and nothing is recorded. `503` with `Retry-After` means the request was not \
+        one final outcome. A product already sold out, outside its sale window or paused is answered `200` \
+        at once with the final rejection (`out_of_stock`, `not_started`, `ended`, `paused`), and nothing is \
+        recorded. A product with a `max_per_buyer` refuses units past it (`limit_exceeded`, decided by the \
+        worker). `503` with `Retry-After` means the request was not \
         accepted and will not be sold: retry later. Bad input is refused with a 4xx and nothing is recorded. \
         With `Prefer: wait=N` (at most 10 s) the answer is held until the request is decided: `200` with the \
         final transaction and `Preference-Applied`, or the usual `202` once N seconds passed. \
@@ -93,82 +104,93 @@ pub async fn add_to_cart(
         )));
     }
     let user_id = buyers::resolve(&state, &caller, body.user_id)?;
-    let wait = preferred_wait(&headers);
-    if let Some(key) = idempotency::key_of(&headers)? {
-        return add_to_cart_once(state, key, user_id, body.product_id, body.quantity, wait).await;
-    }
-    if state.sold_out.contains(body.product_id) {
-        let answer = SoldOutAnswer::new(user_id, body.product_id, body.quantity);
-        return Ok((StatusCode::OK, Json(answer)).into_response());
-    }
     let request = PurchaseRequest {
         transaction_id: TransactionId::new(),
         user_id,
         product_id: body.product_id,
         quantity: body.quantity,
-        created_at: SystemClock.now(),
+        created_at: state.clock.now(),
     };
-    let id = request.transaction_id;
+    accept(&state, &headers, ADD_TO_CART, Order::from(request)).await
+}
+
+/// The path of a validated request to buy, for addToCart and orders alike (`operation` is
+/// [`ADD_TO_CART`] or [`ORDERS`]), once its buyer is resolved: answered at once if the
+/// catalogue snapshot knows it cannot be served (`200`, final, nothing recorded); otherwise
+/// accepted through the intake (`202` with `Location`, or `503`), and with `Prefer: wait=N`
+/// held until it is decided (`200` with the transaction) or N seconds passed. With an
+/// `Idempotency-Key` all of it runs at most once per key, buyer and request ([`accept_once`]).
+///
+/// An anonymous request without a key does no I/O here but the intake's: the key and the
+/// buyer's kind are read from what the request carries.
+pub async fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    operation: &'static str,
+    order: Order,
+) -> Result<Response, ApiError> {
+    let wait = preferred_wait(headers);
+    if let Some(key) = idempotency::key_of(headers)? {
+        return accept_once(state, key, operation, order, wait).await;
+    }
+    if let Some((product, reason)) = state.catalogue.refusal(&order) {
+        let answer = FinalAnswer::new(&order, reason, product);
+        return Ok((StatusCode::OK, Json(answer)).into_response());
+    }
+    let id = order.transaction_id;
     tracing::Span::current().record("transaction_id", tracing::field::display(id));
     // Registered before the publish, so the decision cannot be announced before we listen.
     let waiter = wait.map(|_| state.decisions.wait_for(id));
-    accept(&state, request).await.map_err(refusal_error)?;
-    answer_accepted(&state, id, wait, waiter, false).await
+    send(state, order).await.map_err(refusal_error)?;
+    answer_accepted(state, id, wait, waiter, false).await
 }
 
-/// `add_to_cart` with an `Idempotency-Key`: the same answer for the same request, one
-/// transaction at most (see [`crate::idempotency`]).
-async fn add_to_cart_once(
-    state: AppState,
+/// [`accept`] with an `Idempotency-Key`: the same answer for the same request (the same
+/// operation and lines; the buyer scopes the key), one transaction at most (see
+/// [`crate::idempotency`]).
+async fn accept_once(
+    state: &AppState,
     key: IdempotencyKey,
-    user_id: UserId,
-    product_id: ProductId,
-    quantity: Quantity,
+    operation: &'static str,
+    order: Order,
     wait: Option<u64>,
 ) -> Result<Response, ApiError> {
-    let fingerprint = Fingerprint::of("addToCart", &(product_id, quantity));
-    let candidate = TransactionId::new();
+    let fingerprint = Fingerprint::of(operation, &order.lines.as_slice());
+    let (user_id, candidate) = (order.user_id, order.transaction_id);
     let waiter = wait.map(|_| state.decisions.wait_for(candidate));
     let work_state = state.clone();
     let settled = idempotency::once(
-        &state,
+        state,
         user_id,
         key,
         fingerprint,
         candidate,
-        move |attempt| {
-            async move {
-                // Only a first attempt may answer sold out: a retaken one may have reached
-                // the broker already, and must go the same way again.
-                if attempt.first && work_state.sold_out.contains(product_id) {
-                    let answer = SoldOutAnswer::new(user_id, product_id, quantity);
-                    let json = serde_json::to_string(&answer).map_err(anyhow::Error::from);
-                    let json = json.map_err(|err| Failed::nothing_sent(err.into()))?;
-                    return Ok(Remembered::Final(json));
-                }
-                let request = PurchaseRequest {
-                    transaction_id: attempt.transaction_id,
-                    user_id,
-                    product_id,
-                    quantity,
-                    created_at: SystemClock.now(),
-                };
-                accept(&work_state, request)
-                    .await
-                    .map_err(|refusal| Failed {
-                        nothing_sent: nothing_sent(&refusal),
-                        error: refusal_error(refusal),
-                    })?;
-                Ok(Remembered::Accepted(attempt.transaction_id))
+        move |attempt| async move {
+            let mut order = order;
+            // Only a first attempt may answer at once: a retaken one may have reached the
+            // broker already, and must go the same way again.
+            if attempt.first
+                && let Some((product, reason)) = work_state.catalogue.refusal(&order)
+            {
+                let answer = FinalAnswer::new(&order, reason, product);
+                let json = serde_json::to_string(&answer).map_err(anyhow::Error::from);
+                let json = json.map_err(|err| Failed::nothing_sent(err.into()))?;
+                return Ok(Remembered::Final(json));
             }
+            order.transaction_id = attempt.transaction_id;
+            send(&work_state, order).await.map_err(|refusal| Failed {
+                nothing_sent: nothing_sent(&refusal),
+                error: refusal_error(refusal),
+            })?;
+            Ok(Remembered::Accepted(attempt.transaction_id))
         },
     )
     .await?;
-    answer_settled(&state, settled, wait, waiter).await
+    answer_settled(state, settled, wait, waiter).await
 }
 
 /// The answer of a keyed request, fresh or replayed.
-pub async fn answer_settled(
+async fn answer_settled(
     state: &AppState,
     settled: Settled,
     wait: Option<u64>,
@@ -260,17 +282,17 @@ fn mark_replayed(response: &mut Response) {
     );
 }
 
-/// Hands `request` to the intake; an account's purchase is first indexed as pending (for its
+/// Hands `order` to the intake; an account's purchase is first indexed as pending (for its
 /// history), and unindexed if refused. Anonymous purchases do no more than the intake does.
-pub async fn accept(state: &AppState, request: PurchaseRequest) -> Result<(), Refusal> {
-    let (user, id) = (request.user_id, request.transaction_id);
+async fn send(state: &AppState, order: Order) -> Result<(), Refusal> {
+    let (user, id) = (order.user_id, order.transaction_id);
     if buyers::is_account(user) {
         pending::note(state, user, id).await.map_err(|err| {
             tracing::warn!(error = %format_args!("{err:#}"), "refusing a request: Redis is unavailable");
             Refusal::StoreUnavailable
         })?;
     }
-    let accepted = state.intake.accept(request).await;
+    let accepted = state.intake.accept(order).await;
     if accepted.is_err() {
         pending::forget(state, user, id).await;
     }
@@ -280,11 +302,11 @@ pub async fn accept(state: &AppState, request: PurchaseRequest) -> Result<(), Re
 /// Whether nothing of a refused request can have reached the broker (the queue was full, Redis
 /// refused first, the queue does not exist); `false` when the broker may have stored it
 /// unconfirmed (it was withdrawn, or could not be): see [`Failed`].
-pub fn nothing_sent(refusal: &Refusal) -> bool {
+fn nothing_sent(refusal: &Refusal) -> bool {
     !matches!(refusal, Refusal::BrokerUnavailable)
 }
 
-pub fn refusal_error(refusal: Refusal) -> ApiError {
+fn refusal_error(refusal: Refusal) -> ApiError {
     let retry_after = refusal.retry_after_secs();
     match refusal {
         Refusal::QueueFull => ApiError::unavailable(

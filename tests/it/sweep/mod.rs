@@ -52,7 +52,7 @@ const QUEUES_EVERY: usize = 100;
 /// Everything a request could write in PostgreSQL and Redis.
 #[derive(Debug, PartialEq)]
 struct Written {
-    database: (i64, i64, String, i64, i64, i64, i64, i64),
+    database: (i64, i64, String, i64, i64, i64, i64, i64, i64, i64, i64),
     redis_keys: Vec<String>,
 }
 
@@ -60,10 +60,13 @@ async fn written(app: &TestApp) -> Written {
     let database = sqlx::query_as(
         "SELECT (SELECT count(*) FROM products), \
                 (SELECT coalesce(sum(stock), 0)::bigint FROM products), \
-                (SELECT coalesce(string_agg(id || ':' || name, ',' ORDER BY id), '') FROM products), \
+                (SELECT coalesce(string_agg(p::text, ',' ORDER BY id), '') FROM products p), \
                 (SELECT count(*) FROM transactions), \
                 (SELECT count(*) FROM dead_letters), \
                 (SELECT count(*) FROM order_counters), \
+                (SELECT count(*) FROM transaction_items), \
+                (SELECT count(*) FROM buyer_units), \
+                (SELECT count(*) FROM product_pauses), \
                 (SELECT count(*) FROM users), \
                 (SELECT count(*) FROM sessions)",
     )
