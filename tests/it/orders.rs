@@ -304,11 +304,15 @@ async fn a_bad_order_is_a_clear_422_and_writes_nothing(pool: PgPool) {
         (json!({"user_id": 7}), "missing field `items`"),
         (
             json!({"items": [{"product_id": a, "quantity": 1}]}),
-            "missing field `user_id`",
+            "user_id is required without a buyer's token",
         ),
         (
             json!({"user_id": 0, "items": [{"product_id": a, "quantity": 1}]}),
             "user_id must be a positive integer",
+        ),
+        (
+            json!({"user_id": 1_000_000_000_000_000_i64, "items": [{"product_id": a, "quantity": 1}]}),
+            "user_id must be below 1000000000000000 without a token",
         ),
         (
             json!({"user_id": 7, "product_id": a, "items": [{"product_id": a, "quantity": 1}]}),

@@ -1,9 +1,12 @@
 //! `POST /api/v1/orders`: an order of several products, decided all or nothing. It takes the
-//! path of addToCart ([`super::orders::accept`]): answered at once when the catalogue snapshot
-//! knows a line cannot be served, else accepted (202) once the broker confirmed it, to the
-//! partition of its smallest product id, where the worker locks every product it names.
+//! path of addToCart ([`super::orders::accept`]): the buyer resolved from the token or the body
+//! ([`crate::buyers::resolve`]), at most once per `Idempotency-Key`, answered at once when the
+//! catalogue snapshot knows a line cannot be served, else accepted (202) once the broker
+//! confirmed it, to the partition of its smallest product id, where the worker locks every
+//! product it names.
 
 use super::orders::{ORDERS, accept};
+use crate::buyers::{self, Caller};
 use crate::catalogue::FinalAnswer;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::AppJson;
@@ -22,7 +25,12 @@ use std::fmt;
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewOrder {
-    pub user_id: UserId,
+    /// The buyer, as in addToCart: 1 to 10^15 - 1 without a token (an anonymous buyer, while
+    /// `ALLOT_ANONYMOUS_BUYERS` is true); with a buyer's token leave it out, or send the
+    /// token's account id (10^15 and up; another id is `403`); with the staff token any buyer.
+    #[serde(default)]
+    #[schema(value_type = Option<i64>, format = Int64, minimum = 1, maximum = 999_999_999_999_999_i64)]
+    pub user_id: Option<UserId>,
     /// The lines of the order, 1 to 20, each product at most once; decided all or nothing.
     #[schema(value_type = Vec<OrderItem>, min_items = 1, max_items = 20)]
     pub items: Vec<Item>,
@@ -101,15 +109,22 @@ impl NewOrder {
 
 #[utoipa::path(post, path = "/api/v1/orders", tag = crate::openapi::ORDERS,
     request_body = NewOrder,
-    params(("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer until the order is final, at most N seconds (capped at 10)")),
+    params(("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer until the order is final, at most N seconds (capped at 10)"),
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 257, description = "A key for safe retries (IETF httpapi draft): 1 to 255 printable ASCII characters, bare or as a quoted string (`\"...\"`). The same key with the same items (in the same order) from the same buyer makes one transaction and gets the same answer for 24 hours (marked `Idempotent-Replayed: true`); with other items, or on addToCart, `422 idempotency_key_reused`; while the first is still being accepted, `409 idempotency_key_in_flight`. A refused attempt (`503`) leaves the key free.")),
+    security((), ("buyer_token" = []), ("admin_token" = [])),
     responses(
-        (status = 200, description = "Final at once: a line's product is sold out, outside its sale window or paused (rejected `out_of_stock`, `not_started`, `ended` or `paused`, naming the product in `reason_product_id` for an order of several items; nothing recorded; a `FinalAnswer`), or, with `Prefer: wait`, the order decided within the wait (a `TransactionView`, with `Preference-Applied`)", body = FinalAnswer),
+        (status = 200, description = "Final at once: a line's product is sold out, outside its sale window or paused (rejected `out_of_stock`, `not_started`, `ended` or `paused`, naming the product in `reason_product_id` for an order of several items; nothing recorded; a `FinalAnswer`), or, with `Prefer: wait`, the order decided within the wait (a `TransactionView`, with `Preference-Applied`)", body = FinalAnswer,
+            headers(("idempotent-replayed" = String, description = "`true` on the answer of an earlier request with the same `Idempotency-Key`"))),
         (status = 202, description = "Accepted: RabbitMQ confirmed the order; follow the transaction", body = Accepted,
-            headers(("location" = String, description = "/api/v1/transaction/{id}"))),
-        (status = 400, description = "`malformed_json`", body = ErrorBody),
+            headers(("location" = String, description = "/api/v1/transaction/{id}"),
+                ("idempotent-replayed" = String, description = "`true` on the answer of an earlier request with the same `Idempotency-Key`"))),
+        (status = 400, description = "`malformed_json`, or `invalid_idempotency_key` (empty, longer than 255 characters, not printable ASCII, or sent twice)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: a token that is not valid (forged, expired, revoked), or no token while `ALLOT_ANONYMOUS_BUYERS` is false", body = ErrorBody),
+        (status = 403, description = "`user_mismatch`: the body's `user_id` is not the token's account", body = ErrorBody),
+        (status = 409, description = "`idempotency_key_in_flight`: a request with this `Idempotency-Key` is still being accepted; retry after `Retry-After`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-        (status = 422, description = "`invalid_body`: missing, unknown or out-of-range field, no item or more than 20, an item that is not an object, a product listed twice", body = ErrorBody),
+        (status = 422, description = "`invalid_body`: missing, unknown or out-of-range field (an account's `user_id`, 10^15 and up, without its token), no item or more than 20, an item that is not an object, a product listed twice; or `idempotency_key_reused`: this `Idempotency-Key` came with another request", body = ErrorBody),
         (status = 503, description = "`unavailable`: not accepted, retry after `Retry-After`", body = ErrorBody),
     ),
     summary = "Order several products at once, all or nothing",
@@ -121,16 +136,19 @@ impl NewOrder {
         that could not be served; for an order of several items `reason_product_id` names its product. \
         Follow it with `GET /api/v1/transaction/{id}`, its `/events`, or `Prefer: wait=N` (at most 10 s). \
         An item whose product is already known to be sold out, outside its sale window or paused is answered \
-        `200` at once, final, and nothing is recorded. `503` with `Retry-After`: not accepted, retry later.")]
+        `200` at once, final, and nothing is recorded. `503` with `Retry-After`: not accepted, retry later. \
+        Who buys and safe retries as in addToCart: the token's account with a buyer's token, else the body's \
+        `user_id` (while `ALLOT_ANONYMOUS_BUYERS` is true); with `Idempotency-Key`, a retry of the same order \
+        makes no second transaction.")]
 #[tracing::instrument(skip_all, fields(items = body.items.len(), transaction_id))]
 pub async fn place_order(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     AppJson(body): AppJson<NewOrder>,
 ) -> Result<Response, ApiError> {
     let lines = body.lines(state.max_quantity)?;
-    // The buyer: the body's user_id, as addToCart takes it (buyer tokens will resolve it here).
-    let user_id = body.user_id;
+    let user_id = buyers::resolve(&state, &caller, body.user_id)?;
     let order = Order {
         transaction_id: TransactionId::new(),
         user_id,
