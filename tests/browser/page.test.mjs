@@ -1,8 +1,8 @@
 // The web page in a real browser: headless Chromium (Debian's, driven by playwright-core) loads
 // allot's page, buys a product with the Buy button and sees the transaction go from pending to
 // its order number, the stock fall and the order counter move; orders two products together
-// from the basket; watches a sale's countdown reach its start; signs up, buys as the account
-// and finds the order in "My orders". Screenshots are kept.
+// from the basket; watches a sale's countdown reach its start; signs up, buys and orders as the
+// account and finds both in "My orders". Screenshots are kept.
 //
 // Environment: ALLOT_BASE_URL (a running allot), ALLOT_ADMIN_TOKEN (to create the product),
 // ALLOT_ARTIFACTS (where the screenshot goes), CHROMIUM (default /usr/bin/chromium).
@@ -166,6 +166,33 @@ test("a buyer signs up on the page, buys as the account and sees the order in My
     })).json();
     assert.equal(staff.user_id, userId);
     assert.equal(staff.order_number, number);
+
+    // An order of two products from the basket, as the account: My orders lists it with both.
+    const second = await createProduct(`Account scarf ${Date.now()}`, 5);
+    for (const id of [product.id, second.id]) {
+      const productRow = page.locator(`tr[data-product-id="${id}"]`);
+      await productRow.waitFor();
+      await productRow.locator("button.add").click();
+    }
+    await page.click("#place-order");
+    await page.waitForFunction(() => {
+      const items = document.querySelectorAll("#purchases li");
+      return items.length === 2 && items[0].dataset.status !== "pending";
+    });
+    const placed = page.locator("#purchases li").first();
+    assert.equal(await placed.getAttribute("data-status"), "succeeded");
+    const orderId = await placed.getAttribute("data-transaction-id");
+    const basketOrder = page.locator(`#my-orders tr[data-transaction-id="${orderId}"][data-status="succeeded"]`);
+    await basketOrder.waitFor();
+    assert.equal(await basketOrder.locator("td").nth(1).textContent(), `${product.name}, ${second.name}`);
+    const storedOrder = await (await fetch(`${baseUrl}/api/v1/transaction/${orderId}`, {
+      headers: { Authorization: `Bearer ${adminToken}` },
+    })).json();
+    assert.equal(storedOrder.user_id, userId, "ordered as the account");
+    assert.deepEqual(storedOrder.items, [
+      { product_id: product.id, quantity: 1 },
+      { product_id: second.id, quantity: 1 },
+    ]);
 
     await screenshot(page, "web-page-account.png");
     await page.click("#log-out");
