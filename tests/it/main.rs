@@ -12,6 +12,7 @@ mod accounts;
 mod api_contract;
 mod bad_input;
 mod buyer_identity;
+mod buyer_orders;
 mod docs;
 mod envelopes;
 mod group_commit;
