@@ -72,6 +72,13 @@ pub const HOLD_MARGIN: Duration = Duration::from_secs(10);
 /// How long the keys of a partition live without a write.
 pub const KEY_TTL: Duration = Duration::from_secs(3600);
 
+/// How long a place in flight counts without an answer, for publishes that wait
+/// `confirm_timeout` for their confirm: that, plus [`HOLD_MARGIN`] for the settlement to reach
+/// Redis.
+pub fn hold_for(confirm_timeout: Duration) -> Duration {
+    confirm_timeout + HOLD_MARGIN
+}
+
 /// The estimate at which publishes to a queue whose broker limit is `max_length` are refused:
 /// four fifths of the limit (the fifth of margin absorbs the broker's loose application of its
 /// limit), the limit itself below 5.
@@ -208,12 +215,12 @@ pub struct Reads {
 
 impl Backlog {
     /// Shared estimates of `topology`'s queues, in `redis` under `redis_prefix`; a place in
-    /// flight counts for `confirm_timeout` plus [`HOLD_MARGIN`].
+    /// flight counts for at most `hold` (see [`hold_for`]).
     pub fn new(
         redis: ConnectionManager,
         redis_prefix: &str,
         topology: &Topology,
-        confirm_timeout: Duration,
+        hold: Duration,
     ) -> Backlog {
         let keys = topology
             .partitions()
@@ -228,8 +235,7 @@ impl Backlog {
                 redis,
                 keys,
                 bound: bound(topology.max_length),
-                hold_ms: u64::try_from((confirm_timeout + HOLD_MARGIN).as_millis())
-                    .unwrap_or(u64::MAX),
+                hold_ms: u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1),
                 instance: uuid::Uuid::new_v4().simple().to_string(),
                 next_token: AtomicU64::new(0),
                 reserve: reserve_script(),

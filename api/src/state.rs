@@ -83,7 +83,7 @@ impl AppState {
             redis.clone(),
             &config.common.redis_prefix,
             &topology,
-            config.confirm_timeout(),
+            crate::backlog::hold_for(config.confirm_timeout()),
         );
         let publisher = Publisher::connect(
             config.common.brokers(),

@@ -59,6 +59,8 @@ pub struct Options {
     pub max_quantity: i64,
     /// The API's clock: the time requests are accepted at (the system clock if `None`).
     pub api_clock: Option<ManualClock>,
+    /// Partitions of the deployment ([`PARTITIONS`] unless a test is about their spread).
+    pub partitions: u16,
 }
 
 impl Default for Options {
@@ -71,6 +73,7 @@ impl Default for Options {
             sold_out_refresh_ms: 0,
             max_quantity: 10,
             api_clock: None,
+            partitions: PARTITIONS,
         }
     }
 }
@@ -128,8 +131,9 @@ pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
 
     let mut api_config = ApiConfig::parse_from(["allot-api"]);
     api_config.common.amqp_url = amqp_url;
+    api_config.common.amqp_urls = Vec::new(); // whatever the environment says
     api_config.common.redis_url = redis_url;
-    api_config.common.partitions = PARTITIONS;
+    api_config.common.partitions = options.partitions;
     api_config.common.queue_prefix = unique.clone();
     api_config.common.redis_prefix = unique;
     api_config.common.queue_max_length = options.queue_max_length;

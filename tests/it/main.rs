@@ -9,6 +9,7 @@
 mod helpers;
 
 mod api_contract;
+mod backlog;
 mod bad_input;
 mod docs;
 mod envelopes;
