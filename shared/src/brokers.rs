@@ -261,7 +261,7 @@ impl Failover {
 }
 
 fn set_in_use(name: &'static str, address: &BrokerAddress, in_use: bool) {
-    metrics::gauge!("allot_broker_connection", "connection" => name, "address" => address.shown().to_owned())
+    metrics::gauge!("allot_broker_connection", "address" => address.shown().to_owned(), "connection" => name)
         .set(if in_use { 1.0 } else { 0.0 });
 }
 

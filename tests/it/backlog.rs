@@ -2,8 +2,7 @@
 //! instance through Redis: the estimate's rules one by one against real Redis, then two API
 //! instances publishing to one queue, which never accept more messages than the bound.
 
-use crate::helpers::{DEADLINE, Options, accepted_id, partition_of, spawn_app, wait_for};
-use allot_api::AppState;
+use crate::helpers::{DEADLINE, ExtraApi, Options, accepted_id, partition_of, spawn_app, wait_for};
 use allot_api::backlog::{Backlog, bound};
 use allot_shared::amqp::Topology;
 use allot_shared::{PartitionId, TransactionId, status_store};
@@ -12,7 +11,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::oneshot;
 
 const P: PartitionId = PartitionId(1);
 
@@ -243,41 +241,6 @@ async fn a_read_sent_before_the_counters_were_lost_is_ignored() {
     fixture.clean().await;
 }
 
-/// A second API instance on the same configuration (queues, Redis prefix, database).
-struct SecondApi {
-    address: String,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl SecondApi {
-    async fn start(app: &crate::helpers::TestApp) -> SecondApi {
-        let state = AppState::build(&app.api_config, app.pool.clone(), app.redis.clone())
-            .await
-            .expect("the second API state builds");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(allot_api::run(listener, state, async move {
-            let _ = stopped.await;
-        }));
-        SecondApi {
-            address,
-            stop,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(DEADLINE, self.task)
-            .await
-            .expect("the second API stops")
-            .unwrap()
-            .unwrap();
-    }
-}
-
 /// Two API instances, six clients sending as fast as they are answered to one partition, no
 /// worker: the queue ends with exactly the bound in messages (8 for a limit of 10), never more,
 /// and every request answered 202, none of those answered 503, is then decided.
@@ -291,7 +254,7 @@ async fn two_api_instances_never_accept_more_than_the_bound_together(pool: sqlx:
         },
     )
     .await;
-    let second = SecondApi::start(&app).await;
+    let second = ExtraApi::start(&app, &app.api_config).await;
     let product = app.create_product("contested queue", 1_000).await;
     let partition = partition_of(product);
     let bases = [app.address.clone(), second.address.clone()];

@@ -11,6 +11,7 @@ mod helpers;
 mod api_contract;
 mod backlog;
 mod bad_input;
+mod brokers;
 mod docs;
 mod envelopes;
 mod group_commit;
