@@ -23,6 +23,7 @@ mod pipeline;
 mod poison;
 mod sale_windows;
 mod sold_out;
+mod spread;
 mod sweep;
 mod unconfirmed;
 mod waiting;

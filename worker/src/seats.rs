@@ -168,7 +168,7 @@ impl Seats {
         {
             seat.last_step_back = Some(Instant::now());
             step_back.cancel();
-            tracing::info!(%partition, "handed a partition this worker does not own; stepping back after this batch");
+            tracing::info!(worker = %self.worker, %partition, "handed a partition this worker does not own; stepping back after this batch");
         }
         drop(seat);
         if newly {
@@ -208,6 +208,7 @@ impl Seats {
         metrics::gauge!("allot_worker_instances").set(workers.len() as f64);
         metrics::gauge!("allot_worker_partitions_owned").set(owned as f64);
         tracing::info!(
+            worker = %self.worker,
             workers = workers.len(),
             owned,
             stepped_back,
@@ -338,7 +339,7 @@ pub async fn hold_seat(context: SeatContext, partition: PartitionId) -> anyhow::
             ),
         }
         metrics::counter!("allot_worker_handovers_total").increment(1);
-        tracing::debug!(%partition, "stepped back; joining the line again");
+        tracing::debug!(worker = %seats.worker(), %partition, "stepped back; joining the line again");
     }
 }
 
