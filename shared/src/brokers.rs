@@ -25,6 +25,14 @@ use std::time::Duration;
 /// How long one address may take to answer (TCP and the AMQP handshake). A node that accepts
 /// TCP but never finishes the handshake (stopped, overloaded) costs this much, then the next
 /// address is tried.
+///
+/// lapin starts a thread for a connection before its handshake, and a connection abandoned in
+/// the middle of it keeps that thread for as long as the node holds the socket open. So an
+/// address that once timed out is *probed* before lapin connects to it again: a plain TCP
+/// connection that sends the AMQP protocol header and waits for the first byte of the
+/// broker's answer, within this same timeout. A node still hung fails the probe and costs no
+/// thread; one that answers is cleared. (Only hung addresses are probed: RabbitMQ logs a probe
+/// as a client that closed its connection early.)
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One broker address: the URL lapin connects to, and the same without its credentials, for
@@ -188,6 +196,8 @@ pub struct Failover {
     name: &'static str,
     /// Whether a connection was opened before (the next one is a reconnect).
     connected_before: bool,
+    /// Per address: it once did not answer within [`CONNECT_TIMEOUT`]; probe it first.
+    hung: Vec<bool>,
 }
 
 impl Failover {
@@ -199,11 +209,13 @@ impl Failover {
             set_in_use(name, address, false);
         }
         let rotation = Rotation::new(brokers.addresses().len());
+        let hung = vec![false; brokers.addresses().len()];
         Self {
             brokers,
             rotation,
             name,
             connected_before: false,
+            hung,
         }
     }
 
@@ -214,6 +226,14 @@ impl Failover {
         let mut failures = Vec::new();
         for index in self.rotation.round() {
             let address = self.brokers.addresses()[index].clone();
+            if self.hung[index] {
+                if let Err(failure) = probe(&address).await {
+                    tracing::debug!(connection = self.name, broker = %address, error = %failure, "RabbitMQ address still does not answer");
+                    failures.push(format!("{address}: {failure}"));
+                    continue;
+                }
+                self.hung[index] = false;
+            }
             let attempt =
                 tokio::time::timeout(CONNECT_TIMEOUT, amqp::connect(address.url(), self.name));
             let failure = match attempt.await {
@@ -231,7 +251,10 @@ impl Failover {
                     return Ok((connection, address));
                 }
                 Ok(Err(err)) => format!("{err:#}"),
-                Err(_elapsed) => format!("no answer within {CONNECT_TIMEOUT:?}"),
+                Err(_elapsed) => {
+                    self.hung[index] = true;
+                    format!("no answer within {CONNECT_TIMEOUT:?}")
+                }
             };
             tracing::debug!(connection = self.name, broker = %address, error = %failure, "RabbitMQ address did not answer");
             failures.push(format!("{address}: {failure}"));
@@ -257,6 +280,26 @@ impl Failover {
 
     pub fn brokers(&self) -> &Brokers {
         &self.brokers
+    }
+}
+
+/// Whether `address` answers the AMQP protocol header within [`CONNECT_TIMEOUT`] (see there).
+async fn probe(address: &BrokerAddress) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri: lapin::uri::AMQPUri = address.url().parse()?;
+    let answer = async {
+        let mut socket =
+            tokio::net::TcpStream::connect((uri.authority.host.as_str(), uri.authority.port))
+                .await?;
+        socket.write_all(b"AMQP\x00\x00\x09\x01").await?;
+        let mut first = [0u8; 1];
+        socket.read_exact(&mut first).await?;
+        std::io::Result::Ok(())
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, answer).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_elapsed) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
     }
 }
 

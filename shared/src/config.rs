@@ -116,9 +116,21 @@ mod tests {
         common: CommonConfig,
     }
 
+    /// Parses `args` alone: the variables of the environment the tests run in (`deploy/local.sh
+    /// env` sets some) are switched off.
     fn parse(args: &[&str]) -> Result<CommonConfig, clap::Error> {
-        Cli::try_parse_from(std::iter::once("allot").chain(args.iter().copied()))
-            .map(|cli| cli.common)
+        use clap::{CommandFactory, FromArgMatches};
+        let mut command = Cli::command();
+        let ids: Vec<clap::Id> = command
+            .get_arguments()
+            .map(|arg| arg.get_id().clone())
+            .collect();
+        for id in ids {
+            command = command.mut_arg(id, |arg| arg.env(None));
+        }
+        let matches =
+            command.try_get_matches_from(std::iter::once("allot").chain(args.iter().copied()))?;
+        Cli::from_arg_matches(&matches).map(|cli| cli.common)
     }
 
     fn shown(config: &CommonConfig) -> Vec<String> {

@@ -348,3 +348,73 @@ async fn with_no_address_answering_the_api_refuses_to_start_and_the_worker_waits
     relay.kill().await;
     app.shutdown().await;
 }
+
+/// lapin threads of this process (nextest runs each test in a process of its own).
+fn lapin_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "lapin-io-loop")
+        .count()
+}
+
+/// An address that once hung is probed (a bare TCP connection and the AMQP header) before
+/// lapin connects to it again: a node still hung costs no connection thread, and one that
+/// answers again is used.
+#[tokio::test]
+async fn a_hung_address_is_probed_before_it_is_connected_again() {
+    let live = std::env::var("ALLOT_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:55672/allot-test".into());
+    let upstream = broker_address(&live);
+    // Silent until told to relay.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let relaying = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let switch = relaying.clone();
+    let node = tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut connections = JoinSet::new();
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            if !switch.load(std::sync::atomic::Ordering::SeqCst) {
+                held.push(inbound);
+                continue;
+            }
+            connections.spawn(async move {
+                if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let url = url_at(&live, at);
+    let brokers = allot_shared::brokers::Brokers::new([url.as_str()]).unwrap();
+    let mut failover = allot_shared::brokers::Failover::new(brokers, "allot-tests");
+
+    let before = lapin_threads();
+    let first = failover.connect().await.unwrap_err();
+    assert!(
+        format!("{first:#}").contains("no answer within"),
+        "{first:#}"
+    );
+    let abandoned = lapin_threads();
+    assert!(
+        abandoned > before,
+        "lapin's thread of the abandoned handshake"
+    );
+    let second = failover.connect().await.unwrap_err();
+    assert!(
+        format!("{second:#}").contains("no answer within"),
+        "{second:#}"
+    );
+    assert_eq!(
+        lapin_threads(),
+        abandoned,
+        "the probe costs no lapin thread"
+    );
+
+    relaying.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (connection, address) = failover.connect().await.expect("the node answers again");
+    assert_eq!(address.url(), url);
+    connection.close(200, "done".into()).await.unwrap();
+    node.abort();
+}
