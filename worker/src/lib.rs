@@ -275,6 +275,7 @@ async fn session(
     let _ = monitor.await;
     // Leaves the list of workers (bounded by the Redis timeout).
     let _ = listed.await;
+    shared.seats.session_ended();
     // Bounded: closing a connection whose node hangs must not hold the next session.
     let close = connection.close(200, "worker session ending".into());
     match tokio::time::timeout(Duration::from_secs(5), close).await {

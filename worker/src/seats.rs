@@ -217,15 +217,27 @@ impl Seats {
         owned
     }
 
-    /// Forgets the assignment (the session ended: this worker is no longer listed).
-    fn forget_assignment(&self) {
-        for seat in &self.seats {
-            seat.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .ownership = Ownership::Unknown;
+    /// The session ended (its seats closed or aborted with the connection, this worker no
+    /// longer listed): forgets the seats and the assignment.
+    pub fn session_ended(&self) {
+        for (index, seat) in self.seats.iter().enumerate() {
+            let mut seat = seat
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let was_active = seat.active;
+            seat.ownership = Ownership::Unknown;
+            seat.subscribed = false;
+            seat.active = false;
+            seat.step_back = None;
+            drop(seat);
+            if was_active {
+                let partition = u16::try_from(index).expect("at most 1024 partitions");
+                record_active(PartitionId(partition), false);
+            }
         }
         self.workers.store(0, Ordering::Relaxed);
         metrics::gauge!("allot_worker_partitions_owned").set(0.0);
+        metrics::gauge!("allot_worker_instances").set(0.0);
     }
 
     fn all_subscribed(&self) -> bool {
@@ -384,6 +396,107 @@ pub async fn keep_listed(
             }
         }
     }
-    seats.forget_assignment();
     membership.leave(&me).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(worker: &str) -> Member {
+        Member {
+            worker: worker.into(),
+            session: 1,
+        }
+    }
+
+    /// Seats of worker `me` over `partitions`, every one subscribed; the tokens to watch.
+    fn subscribed(me: &str, partitions: u16) -> (Seats, Vec<CancellationToken>) {
+        let seats = Seats::new(me.into(), partitions);
+        let tokens: Vec<CancellationToken> = (0..partitions)
+            .map(|p| {
+                let token = CancellationToken::new();
+                seats.subscribed_to(PartitionId(p), token.clone());
+                token
+            })
+            .collect();
+        (seats, tokens)
+    }
+
+    #[test]
+    fn a_new_list_steps_back_from_exactly_the_partitions_others_own() {
+        let (seats, tokens) = subscribed("b", 16);
+        assert!(seats.all_subscribed());
+        let owned = seats.apply(&[member("a"), member("b"), member("c")]);
+        let view = seats.view();
+        assert_eq!(view.owned.len(), owned);
+        assert!((5..=6).contains(&owned));
+        assert_eq!(view.workers, 3);
+        for (p, token) in tokens.iter().enumerate() {
+            let mine = view.owned.contains(&(p as u16));
+            assert_eq!(token.is_cancelled(), !mine, "partition {p}");
+        }
+        // The same assignment as every other worker computes.
+        let owners = spread::assign(&["a", "b", "c"], 16);
+        let expected: Vec<u16> = (0..16u16)
+            .filter(|&p| owners[usize::from(p)] == Some(1))
+            .collect();
+        assert_eq!(view.owned, expected);
+    }
+
+    #[test]
+    fn a_worker_listed_twice_across_sessions_counts_once() {
+        let (seats, _) = subscribed("b", 16);
+        let old = Member {
+            worker: "b".into(),
+            session: 1,
+        };
+        let new = Member {
+            worker: "b".into(),
+            session: 2,
+        };
+        assert_eq!(seats.apply(&[member("a"), old, new]), 8);
+        assert_eq!(seats.view().workers, 2);
+    }
+
+    #[test]
+    fn a_delivery_of_a_partition_another_owns_steps_back_once_a_second() {
+        let (seats, _) = subscribed("b", 4);
+        assert_eq!(seats.apply(&[member("a"), member("b")]), 2);
+        let theirs = (0..4u16)
+            .find(|p| !seats.view().owned.contains(p))
+            .map(PartitionId)
+            .unwrap();
+        // Joined again after the list changed; then handed the partition by RabbitMQ.
+        let token = CancellationToken::new();
+        seats.subscribed_to(theirs, token.clone());
+        seats.seat(theirs).last_step_back = None;
+        seats.delivered(theirs);
+        assert!(token.is_cancelled(), "steps back after the batch in hand");
+        assert_eq!(seats.view().active, vec![theirs.0]);
+        // Back in line and handed it again at once: decides, does not step back this time.
+        let again = CancellationToken::new();
+        seats.subscribed_to(theirs, again.clone());
+        seats.delivered(theirs);
+        assert!(!again.is_cancelled(), "at most once a second");
+    }
+
+    #[test]
+    fn deliveries_of_owned_partitions_or_before_any_list_never_step_back() {
+        let (seats, tokens) = subscribed("b", 4);
+        for p in 0..4 {
+            seats.delivered(PartitionId(p)); // no list yet: ownership unknown
+        }
+        assert!(tokens.iter().all(|t| !t.is_cancelled()));
+        assert_eq!(seats.view().active, vec![0, 1, 2, 3]);
+        seats.apply(&[member("b")]);
+        for p in 0..4 {
+            seats.delivered(PartitionId(p));
+        }
+        assert!(tokens.iter().all(|t| !t.is_cancelled()), "it owns them all");
+        seats.session_ended();
+        let view = seats.view();
+        assert_eq!((view.workers, view.subscribed), (0, 0));
+        assert!(view.owned.is_empty() && view.active.is_empty());
+    }
 }
