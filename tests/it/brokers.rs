@@ -297,7 +297,8 @@ async fn with_no_address_answering_the_api_refuses_to_start_and_the_worker_waits
     let app = spawn_app(pool, Options::without_worker()).await;
     let live = app.api_config.common.amqp_url.clone();
     let upstream = broker_address(&live);
-    let first = url_at(&live, dead_address().await);
+    // Nothing listens on port 1 (privileged, never an ephemeral port).
+    let first = url_at(&live, "127.0.0.1:1".parse().unwrap());
     // The second address is a relay that is not listening yet; it starts later, at that port.
     let port = dead_address().await;
     let second = url_at(&live, port);
