@@ -414,21 +414,6 @@ impl Publisher {
         self.link.read().expect("publisher link lock").is_up()
     }
 
-    /// The broker address the connection uses (the last one, while it is down), without
-    /// credentials.
-    pub fn broker_address(&self) -> BrokerAddress {
-        self.link
-            .read()
-            .expect("publisher link lock")
-            .address
-            .clone()
-    }
-
-    /// The queue bound this publisher reserves its places in.
-    pub fn backlog(&self) -> &Backlog {
-        &self.backlog
-    }
-
     /// Closes the connection (after the server drained its requests).
     pub async fn close(&self) {
         self.reconnect.abort();
