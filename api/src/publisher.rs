@@ -418,8 +418,12 @@ impl Publisher {
     pub async fn close(&self) {
         self.reconnect.abort();
         let link = self.link.read().expect("publisher link lock").clone();
-        if let Err(err) = link.connection.close(200, "api shutting down".into()).await {
-            tracing::debug!(error = %err, "closing the RabbitMQ connection");
+        // Bounded: a node that hangs must not hold the API's exit.
+        let close = link.connection.close(200, "api shutting down".into());
+        match tokio::time::timeout(Duration::from_secs(5), close).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::debug!(error = %err, "closing the RabbitMQ connection"),
+            Err(_elapsed) => tracing::debug!("closing the RabbitMQ connection timed out"),
         }
     }
 }
