@@ -40,7 +40,8 @@ pub enum Refusal {
     /// The broker is down or did not confirm.
     #[error("the order queue is unavailable")]
     BrokerUnavailable,
-    /// Redis could not record the pending status; nothing was published.
+    /// Redis could not record the pending status, or reserve a place in the queue's shared
+    /// bound; nothing was published.
     #[error("the status store is unavailable")]
     StoreUnavailable,
     /// The partition queue does not exist.
@@ -61,6 +62,7 @@ impl Refusal {
         match err {
             PublishError::QueueFull => Refusal::QueueFull,
             PublishError::Unroutable(queue) => Refusal::Unroutable(queue.clone()),
+            PublishError::BoundUnavailable(_) => Refusal::StoreUnavailable,
             PublishError::Timeout
             | PublishError::Disconnected
             | PublishError::Unreachable(_)

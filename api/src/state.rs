@@ -1,6 +1,7 @@
 //! What every request handler shares.
 
 use crate::buyers::Buyers;
+use crate::backlog::Backlog;
 use crate::catalogue::Catalogue;
 use crate::config::ApiConfig;
 use crate::decisions::Decisions;
@@ -82,9 +83,19 @@ impl AppState {
         redis: ConnectionManager,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
+        // First, so that the publisher's broker metrics are recorded from its first connection.
+        let metrics = crate::observe::install_metrics();
+        let topology = config.common.topology();
+        let backlog = Backlog::new(
+            redis.clone(),
+            &config.common.redis_prefix,
+            &topology,
+            crate::backlog::hold_for(config.confirm_timeout()),
+        );
         let publisher = Publisher::connect(
-            &config.common.amqp_url,
-            config.common.topology(),
+            config.common.brokers(),
+            topology,
+            backlog,
             config.confirm_timeout(),
             usize::from(config.publish_channels),
         )
@@ -113,7 +124,7 @@ impl AppState {
             clock,
             admin_token: config.admin_token.as_str().into(),
             max_quantity: config.max_quantity,
-            metrics: crate::observe::install_metrics(),
+            metrics,
             shutdown: CancellationToken::new(),
             redis,
             buyers: Buyers::from_config(config),

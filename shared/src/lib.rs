@@ -6,6 +6,7 @@
 //! never disagree about a queue name, a Redis key or the shape of a message.
 
 pub mod amqp;
+pub mod brokers;
 pub mod clock;
 pub mod config;
 pub mod db;

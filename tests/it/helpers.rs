@@ -61,6 +61,8 @@ pub struct Options {
     pub tweak_api: fn(&mut ApiConfig),
     /// The API's clock: the time requests are accepted at (the system clock if `None`).
     pub api_clock: Option<ManualClock>,
+    /// Partitions of the deployment ([`PARTITIONS`] unless a test is about their spread).
+    pub partitions: u16,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
             max_quantity: 10,
             tweak_api: |_| {},
             api_clock: None,
+            partitions: PARTITIONS,
         }
     }
 }
@@ -131,8 +134,9 @@ pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
 
     let mut api_config = ApiConfig::parse_from(["allot-api"]);
     api_config.common.amqp_url = amqp_url;
+    api_config.common.amqp_urls = Vec::new(); // whatever the environment says
     api_config.common.redis_url = redis_url;
-    api_config.common.partitions = PARTITIONS;
+    api_config.common.partitions = options.partitions;
     api_config.common.queue_prefix = unique.clone();
     api_config.common.redis_prefix = unique;
     api_config.common.queue_max_length = options.queue_max_length;
@@ -560,6 +564,103 @@ impl TestApp {
             .fetch_one(&self.pool)
             .await
             .unwrap()
+    }
+}
+
+/// Another API instance beside a [`TestApp`]'s, on the same database and Redis, with a
+/// configuration of its own (the same one for a second replica, or another broker list).
+pub struct ExtraApi {
+    /// `http://127.0.0.1:<port>`
+    pub address: String,
+    running: Running,
+}
+
+impl ExtraApi {
+    /// Builds and starts it; panics if it cannot start (see [`ExtraApi::build`]).
+    pub async fn start(app: &TestApp, config: &ApiConfig) -> ExtraApi {
+        Self::build(app, config).await.expect("the API starts")
+    }
+
+    /// Builds and starts it, or the error that kept it from starting.
+    pub async fn build(app: &TestApp, config: &ApiConfig) -> anyhow::Result<ExtraApi> {
+        let state = AppState::build(config, app.pool.clone(), app.redis.clone()).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(allot_api::run(listener, state, async move {
+            let _ = stopped.await;
+        }));
+        Ok(ExtraApi {
+            address,
+            running: Running { stop, task },
+        })
+    }
+
+    pub async fn add_to_cart(
+        &self,
+        client: &reqwest::Client,
+        user_id: i64,
+        product_id: i64,
+    ) -> Response {
+        client
+            .post(format!("{}/api/v1/order/addToCart", self.address))
+            .json(&json!({"user_id": user_id, "product_id": product_id, "quantity": 1}))
+            .send()
+            .await
+            .expect("POST is answered")
+    }
+
+    /// Stops it gracefully, asserting a clean exit.
+    pub async fn stop(self) {
+        self.running.stop().await;
+    }
+}
+
+/// A worker instance beside a [`TestApp`]'s (which runs one at most), with a configuration of
+/// its own.
+pub struct ExtraWorker {
+    /// `http://127.0.0.1:<port>` of its HTTP server (`/readyz`, `/partitions`, `/metrics`).
+    pub address: String,
+    running: Running,
+}
+
+impl ExtraWorker {
+    pub fn start(app: &TestApp, config: &WorkerConfig) -> ExtraWorker {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        listener.set_nonblocking(true).unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(allot_worker::serve(
+            listener,
+            config.clone(),
+            app.pool.clone(),
+            app.redis.clone(),
+            Arc::new(SystemClock),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        ExtraWorker {
+            address,
+            running: Running { stop, task },
+        }
+    }
+
+    /// `GET <path>` on its HTTP server, as JSON, with its status.
+    pub async fn get(&self, client: &reqwest::Client, path: &str) -> (StatusCode, Value) {
+        let response = client
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("the worker answers");
+        let status = response.status();
+        (status, response.json().await.expect("a JSON answer"))
+    }
+
+    /// Stops it gracefully (SIGTERM), asserting a clean exit.
+    pub async fn stop(self) {
+        self.running.stop().await;
     }
 }
 

@@ -27,6 +27,7 @@ pub fn install_metrics() -> PrometheusHandle {
         metrics::counter!("allot_worker_decisions_total", "outcome" => outcome).increment(0);
     }
     metrics::counter!("allot_worker_set_aside_total").increment(0);
+    metrics::counter!("allot_worker_handovers_total").increment(0);
     // Registered (an empty histogram renders its buckets at 0), nothing recorded.
     let _ = metrics::histogram!("allot_worker_batch_size");
     let _ = metrics::histogram!("allot_worker_commit_duration_seconds");
