@@ -1,7 +1,7 @@
 //! What every request handler shares.
 
-use crate::buyers::Buyers;
 use crate::backlog::Backlog;
+use crate::buyers::Buyers;
 use crate::catalogue::Catalogue;
 use crate::config::ApiConfig;
 use crate::decisions::Decisions;
