@@ -334,6 +334,24 @@ pub enum Request {
     Command(Command),
 }
 
+impl From<Order> for Request {
+    fn from(order: Order) -> Self {
+        Request::Order(order)
+    }
+}
+
+impl From<PurchaseRequest> for Request {
+    fn from(request: PurchaseRequest) -> Self {
+        Request::Order(Order::from(request))
+    }
+}
+
+impl From<Command> for Request {
+    fn from(command: Command) -> Self {
+        Request::Command(command)
+    }
+}
+
 impl Request {
     pub fn to_json(&self) -> Vec<u8> {
         match self {

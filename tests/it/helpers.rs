@@ -789,6 +789,8 @@ pub fn order_request(user_id: i64, items: &[(i64, i64)]) -> Order {
         )
         .expect("valid lines"),
         created_at: SystemClock.now(),
+        hold: None,
+        slot: None,
     }
 }
 
