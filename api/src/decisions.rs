@@ -139,7 +139,7 @@ impl Decisions {
 #[derive(Debug)]
 pub enum Wake {
     /// A notification: the transaction as announced.
-    Notified(TransactionView),
+    Notified(Box<TransactionView>),
     /// Time to re-read the store (a notification may have been lost), or the deadline.
     Recheck,
     /// The server is shutting down.
@@ -173,7 +173,7 @@ impl Waiter {
     ) -> Option<TransactionView> {
         loop {
             match self.next(state, deadline).await {
-                Wake::Notified(view) if done(&view) => return Some(view),
+                Wake::Notified(view) if done(&view) => return Some(*view),
                 Wake::Stopped => return None,
                 Wake::Notified(_) | Wake::Recheck => {}
             }
@@ -208,7 +208,7 @@ impl Waiter {
             view = notified => match view {
                 Some(view) => {
                     self.decided = Some(self.decisions.register(self.id));
-                    Wake::Notified(view)
+                    Wake::Notified(Box::new(view))
                 }
                 None => {
                     self.decided = None;

@@ -430,7 +430,7 @@ fn buyers_of(orders: &[&Order], holds: &HashMap<TransactionId, Hold>) -> Vec<(Pr
     let of_holds = holds
         .values()
         .flat_map(|hold| hold.lines.iter().map(|line| (line.product_id, hold.user)));
-    of_orders.chain(of_holds).collect()
+    of_orders.chain(of_holds)
 }
 
 /// The outcomes of stored rows, as the core takes them.
@@ -605,12 +605,12 @@ impl<'a> LatestViews<'a> {
         if decision.fresh {
             let view = TransactionView::decided(order, decision.outcome, self.decided_at);
             self.views.insert(id, view);
-        } else if !self.views.contains_key(&id) {
+        } else if let std::collections::hash_map::Entry::Vacant(entry) = self.views.entry(id) {
             // A replay shows what is stored; an in-batch duplicate what its first copy shows.
             let Some(row) = stored.get(&id) else {
                 return Ok(None);
             };
-            self.views.insert(id, row.to_view()?);
+            entry.insert(row.to_view()?);
         }
         Ok(Some(id))
     }

@@ -186,6 +186,9 @@ pub async fn lock_products(
     Ok(locked)
 }
 
+/// A slot row as [`lock_slots`] reads it: id, capacity, taken, held, end.
+type SlotRow = (i64, i64, i64, i64, Option<DateTime<Utc>>);
+
 /// Locks the slots the batch names (`FOR UPDATE`, in id order, after the products) and returns
 /// them. A slot missing from the result does not exist. No statement when the batch names none.
 pub async fn lock_slots(
@@ -196,7 +199,7 @@ pub async fn lock_slots(
         return Ok(HashMap::new());
     }
     let ids: Vec<i64> = slot_ids.iter().copied().collect();
-    let rows: Vec<(i64, i64, i64, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+    let rows: Vec<SlotRow> = sqlx::query_as(
         "SELECT id, capacity, taken, held, ends_at FROM slots WHERE id = ANY($1) \
          ORDER BY id FOR UPDATE",
     )

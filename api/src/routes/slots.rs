@@ -136,11 +136,14 @@ fn checked_capacity(capacity: i64) -> Result<i64, ApiError> {
     }
 }
 
+/// A slot's window: when it starts and ends, each if set.
+type Window = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
 /// The window, checked: times within the years 1 to 9999, the start before the end.
 fn checked_window(
     starts_at: Option<DateTime<Utc>>,
     ends_at: Option<DateTime<Utc>>,
-) -> Result<(Option<DateTime<Utc>>, Option<DateTime<Utc>>), ApiError> {
+) -> Result<Window, ApiError> {
     let starts_at = checked_time("starts_at", starts_at)?;
     let ends_at = checked_time("ends_at", ends_at)?;
     if let (Some(starts), Some(ends)) = (starts_at, ends_at)

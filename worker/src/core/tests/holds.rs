@@ -36,10 +36,12 @@ struct Scenario {
     limits: Vec<Option<i64>>,
     /// Per slot: capacity, and `ends_at` in seconds (after the epoch), if any.
     slots: Vec<(i64, Option<i64>)>,
-    /// Batches: the seconds that pass before it, its steps, whether it is delivered again
-    /// after its commit, and capacity changes applied before it (slot index, new capacity).
-    batches: Vec<(i64, Vec<Step>, bool, Vec<(usize, i64)>)>,
+    batches: Vec<ScenarioBatch>,
 }
+
+/// A batch of a scenario: the seconds that pass before it, its steps, whether it is delivered
+/// again after its commit, and capacity changes applied before it (slot index, new capacity).
+type ScenarioBatch = (i64, Vec<Step>, bool, Vec<(usize, i64)>);
 
 fn scenario() -> impl Strategy<Value = Scenario> {
     (
