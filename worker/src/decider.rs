@@ -419,8 +419,12 @@ fn slots_of(orders: &[&Order], holds: &HashMap<TransactionId, Hold>) -> BTreeSet
     slots.map(SlotId::get).collect()
 }
 
-/// Every (product, buyer) pair of the orders and the open holds.
-fn buyers_of(orders: &[&Order], holds: &HashMap<TransactionId, Hold>) -> Vec<(ProductId, UserId)> {
+/// Every (product, buyer) pair of the orders and the open holds (read only when the batch has a
+/// limited product).
+fn buyers_of<'a>(
+    orders: &'a [&'a Order],
+    holds: &'a HashMap<TransactionId, Hold>,
+) -> impl Iterator<Item = (ProductId, UserId)> + 'a {
     let of_orders = orders.iter().flat_map(|order| {
         order
             .lines
