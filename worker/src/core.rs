@@ -245,7 +245,11 @@ fn decide_order(state: &mut PartitionState, order: &Order, now: DateTime<Utc>) -
     }
     match order.hold {
         Some(seconds) => {
-            let expires_at = now + TimeDelta::seconds(seconds.get());
+            // The API allows at most a week; a foreign message asking for more than time can
+            // say is held as long as it can be.
+            let expires_at = TimeDelta::try_seconds(seconds.get())
+                .and_then(|hold| now.checked_add_signed(hold))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
             state.holds.insert(
                 order.transaction_id,
                 Hold {
