@@ -20,7 +20,9 @@
 //! product row, so the window is exact whatever the snapshot's age.
 
 use allot_shared::sale::Sale;
-use allot_shared::{Line, Order, ProductId, Quantity, RejectReason, Status, UserId};
+use allot_shared::{
+    HoldSeconds, Line, Order, ProductId, Quantity, RejectReason, SlotId, Status, UserId,
+};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -86,6 +88,12 @@ pub struct FinalAnswer {
     /// The product of the first line that cannot be served; orders of several lines only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason_product_id: Option<ProductId>,
+    /// The slot the request named, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot_id: Option<SlotId>,
+    /// The hold the request asked for, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_seconds: Option<HoldSeconds>,
     /// Always `true`: this outcome will not change, and nothing was recorded.
     #[serde(rename = "final")]
     #[schema(rename = "final")]
@@ -108,6 +116,8 @@ impl FinalAnswer {
                 order.lines.to_vec()
             },
             reason_product_id: single.is_none().then_some(product),
+            slot_id: order.slot,
+            hold_seconds: order.hold,
             is_final: true,
         }
     }
@@ -259,6 +269,8 @@ mod tests {
             )
             .unwrap(),
             created_at: at(created),
+            hold: None,
+            slot: None,
         }
     }
 

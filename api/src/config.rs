@@ -32,6 +32,10 @@ pub struct ApiConfig {
     #[arg(long, env = "ALLOT_MAX_QUANTITY", default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
     pub max_quantity: i64,
 
+    /// Longest hold a purchase may ask for (`hold_seconds`), in seconds.
+    #[arg(long, env = "ALLOT_MAX_HOLD_SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(i64).range(1..=604_800))]
+    pub max_hold_seconds: i64,
+
     /// How long to wait for RabbitMQ to confirm a publish before answering 503 (milliseconds).
     #[arg(long, env = "ALLOT_CONFIRM_TIMEOUT_MS", default_value_t = 5000)]
     pub confirm_timeout_ms: u64,

@@ -83,6 +83,17 @@ pub enum ApiError {
     /// is still being accepted.
     #[error("a request with this Idempotency-Key is still being processed; retry in a moment")]
     IdempotencyKeyInFlight,
+    /// 422 `unknown_slot`: an order names a slot that does not exist.
+    #[error("{0}")]
+    UnknownSlot(String),
+    /// 409 `hold_expired`: a checkout or cancel of a hold that expired first (its units went
+    /// back).
+    #[error("{0}")]
+    HoldExpired(String),
+    /// 409 `not_held`: a checkout or cancel of a transaction that is not held (still pending,
+    /// already checked out, cancelled, or not a hold); the message says its status.
+    #[error("{0}")]
+    NotHeld(String),
 }
 
 /// The body of every error response (also its OpenAPI schema).
@@ -97,7 +108,8 @@ pub struct ErrorDetail<'a> {
     /// `payload_too_large`, `invalid_id`, `invalid_query`, `unauthorized`, `not_found`,
     /// `method_not_allowed`, `unavailable` or `internal`; for buyers `invalid_credentials`,
     /// `user_mismatch`, `username_taken`, `rate_limited`, `invalid_idempotency_key`,
-    /// `idempotency_key_reused` or `idempotency_key_in_flight`.
+    /// `idempotency_key_reused` or `idempotency_key_in_flight`; for holds and slots
+    /// `unknown_slot`, `not_held` or `hold_expired`.
     #[schema(example = "invalid_body")]
     pub code: &'a str,
     /// For humans; may change.
@@ -128,7 +140,11 @@ impl ApiError {
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unauthenticated(_) | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
             ApiError::UserMismatch(_) => StatusCode::FORBIDDEN,
-            ApiError::UsernameTaken(_) | ApiError::IdempotencyKeyInFlight => StatusCode::CONFLICT,
+            ApiError::UsernameTaken(_)
+            | ApiError::IdempotencyKeyInFlight
+            | ApiError::HoldExpired(_)
+            | ApiError::NotHeld(_) => StatusCode::CONFLICT,
+            ApiError::UnknownSlot(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::InvalidIdempotencyKey(_) => StatusCode::BAD_REQUEST,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -156,6 +172,9 @@ impl ApiError {
             ApiError::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::IdempotencyKeyInFlight => "idempotency_key_in_flight",
+            ApiError::UnknownSlot(_) => "unknown_slot",
+            ApiError::HoldExpired(_) => "hold_expired",
+            ApiError::NotHeld(_) => "not_held",
         }
     }
 }

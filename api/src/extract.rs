@@ -6,7 +6,7 @@
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use allot_shared::{ProductId, TransactionId};
+use allot_shared::{ProductId, SlotId, TransactionId};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{
@@ -191,6 +191,14 @@ pub fn product_id(raw: &str) -> Result<ProductId, ApiError> {
         .ok()
         .and_then(|id| ProductId::try_from(id).ok())
         .ok_or_else(|| ApiError::InvalidId(format!("product id {raw:?} is not a positive integer")))
+}
+
+/// Parses a slot id from the path (400 `invalid_id` unless a positive integer).
+pub fn slot_id(raw: &str) -> Result<SlotId, ApiError> {
+    raw.parse::<i64>()
+        .ok()
+        .and_then(|id| SlotId::try_from(id).ok())
+        .ok_or_else(|| ApiError::InvalidId(format!("slot id {raw:?} is not a positive integer")))
 }
 
 /// The client's address: the TCP peer's (see [`crate::buyers::limits`] on proxies), or the

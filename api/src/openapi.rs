@@ -22,6 +22,10 @@ pub const BUYER_TOKEN: &str = "buyer_token";
 pub const ORDERS: &str = "orders";
 /// Tag of accounts, login and history.
 pub const BUYERS: &str = "buyers";
+/// Tag of checkout and cancel of holds.
+pub const HOLDS: &str = "holds";
+/// Tag of the capacity counters (slots).
+pub const SLOTS: &str = "slots";
 /// Tag of the catalogue endpoints.
 pub const PRODUCTS: &str = "products";
 /// Tag of health, readiness, metrics and statistics.
@@ -41,7 +45,9 @@ pub const OPERATIONS: &str = "operations";
     tags(
         (name = ORDERS, description = "Buying, and following a purchase to its outcome"),
         (name = BUYERS, description = "Buyer accounts: sign up, log in for a bearer token, log out; a buyer's order history"),
+        (name = HOLDS, description = "Holds: a purchase with `hold_seconds` takes its units without an order number; check it out (numbered then), cancel it, or let it expire"),
         (name = PRODUCTS, description = "The catalogue: anyone reads it; staff (bearer token) create, restock and set limits, sale windows and pauses"),
+        (name = SLOTS, description = "Capacity counters (delivery slots): anyone reads them with their places taken, held and remaining; staff create and change them"),
         (name = OPERATIONS, description = "Health, readiness, metrics and live statistics")
     ),
     modifiers(&AdminToken)
@@ -76,12 +82,15 @@ impl Modify for AdminToken {
 pub struct ConfiguredLimits {
     /// `ALLOT_MAX_QUANTITY`.
     pub max_quantity: i64,
+    /// `ALLOT_MAX_HOLD_SECONDS`.
+    pub max_hold_seconds: i64,
 }
 
 impl ConfiguredLimits {
     pub fn of(state: &AppState) -> Self {
         Self {
             max_quantity: state.max_quantity,
+            max_hold_seconds: state.max_hold_seconds,
         }
     }
 }
@@ -107,6 +116,35 @@ impl Modify for ConfiguredLimits {
                     .description(Some(format!(
                         "How many units: 1 to {} (this server's ALLOT_MAX_QUANTITY)",
                         self.max_quantity
+                    )))
+                    .into(),
+            );
+        }
+        // The hold a purchase may ask for.
+        for schema in ["AddToCart", "NewOrder"] {
+            let object = openapi
+                .components
+                .as_mut()
+                .and_then(|components| components.schemas.get_mut(schema));
+            let Some(RefOr::T(Schema::Object(object))) = object else {
+                panic!("the document has the {schema} schema");
+            };
+            object.properties.insert(
+                "hold_seconds".into(),
+                ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+                        Type::Integer,
+                        Type::Null,
+                    ]))
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                    .minimum(Some(1))
+                    .maximum(Some(self.max_hold_seconds))
+                    .description(Some(format!(
+                        "Hold the units (and the slot's place) for this many seconds instead of \
+                         buying at once: 1 to {} (this server's ALLOT_MAX_HOLD_SECONDS); absent or \
+                         null: buy now. A hold is `held`, without an order number, until checked \
+                         out, cancelled or expired",
+                        self.max_hold_seconds
                     )))
                     .into(),
             );

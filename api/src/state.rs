@@ -52,6 +52,8 @@ pub struct Shared {
     pub admin_token: Arc<str>,
     /// Largest quantity one request may ask for.
     pub max_quantity: i64,
+    /// Longest hold one request may ask for, in seconds.
+    pub max_hold_seconds: i64,
     /// Renders this process's Prometheus metrics.
     pub metrics: PrometheusHandle,
     /// Cancelled when the server starts shutting down, so that long-lived responses (status
@@ -124,6 +126,7 @@ impl AppState {
             clock,
             admin_token: config.admin_token.as_str().into(),
             max_quantity: config.max_quantity,
+            max_hold_seconds: config.max_hold_seconds,
             metrics,
             shutdown: CancellationToken::new(),
             redis,

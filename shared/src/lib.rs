@@ -23,6 +23,10 @@ pub mod telemetry;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::CommonConfig;
-pub use ids::{PartitionId, ProductId, Quantity, TransactionId, UserId};
-pub use message::{Line, Lines, Order, PurchaseRequest};
-pub use outcome::{OrderNumber, Outcome, RejectReason, Rejection, Status, TransactionView};
+pub use ids::{
+    CommandId, HoldSeconds, PartitionId, ProductId, Quantity, SlotId, TransactionId, UserId,
+};
+pub use message::{Command, CommandKind, Line, Lines, Order, PurchaseRequest, Request};
+pub use outcome::{
+    CommandOutcome, OrderNumber, Outcome, RejectReason, Rejection, Status, TransactionView,
+};

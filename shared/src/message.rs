@@ -15,14 +15,21 @@
 //!
 //! A request of one line (every addToCart, an order of one item) is the flat JSON of
 //! [`PurchaseRequest`], byte for byte what earlier versions wrote; an order of several lines
-//! carries them as `items` ([`Order`]).
+//! carries them as `items` ([`Order`]). A hold adds `"hold_seconds"`, an order for a capacity
+//! counter `"slot_id"`, after the other fields and only when present, so a request without
+//! them is the same bytes as before they existed.
+//!
+//! A checkout or cancel of a hold travels the same way, as a [`Command`] item of its hold's
+//! partition (`{"command": "checkout", "command_id": "…", "transaction_id": "…",
+//! "created_at": "…"}`), and so does an expiry the worker's sweeper asks for (`"expire"`): the
+//! serial path that took the hold's units is the one that confirms or releases them.
 //!
 //! The worker reads a message as a list of items, each one request's JSON, and decides them in
 //! the order of the list, exactly as if they had come one by one: an item that cannot be read
 //! is set aside alone. A body that is not an envelope is one item: the single-request message
 //! of earlier versions, still understood, or a foreign message set aside as it is.
 
-use crate::ids::{ProductId, Quantity, TransactionId, UserId};
+use crate::ids::{CommandId, HoldSeconds, ProductId, Quantity, SlotId, TransactionId, UserId};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -136,9 +143,10 @@ impl std::ops::Deref for Lines {
     }
 }
 
-/// One accepted request to buy: a buyer, one or more [`Lines`], the time the API accepted it.
-/// Decided all or nothing. On the wire, one line is the flat JSON of [`PurchaseRequest`] (the
-/// same bytes), several are `items`.
+/// One accepted request to buy: a buyer, one or more [`Lines`], the time the API accepted it,
+/// and optionally a hold and a slot. Decided all or nothing. On the wire, one line is the flat
+/// JSON of [`PurchaseRequest`] (the same bytes, when there is no hold or slot), several are
+/// `items`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Order {
     pub transaction_id: TransactionId,
@@ -146,6 +154,11 @@ pub struct Order {
     pub lines: Lines,
     /// When the API accepted it; a sale window or a pause is judged at this time.
     pub created_at: DateTime<Utc>,
+    /// A hold: the units (and the slot's place) are taken for this long, without an order
+    /// number, until a checkout, a cancel or the expiry. `None`: sold outright.
+    pub hold: Option<HoldSeconds>,
+    /// The capacity counter the order takes one place of, besides its products' units.
+    pub slot: Option<SlotId>,
 }
 
 impl From<PurchaseRequest> for Order {
@@ -158,6 +171,8 @@ impl From<PurchaseRequest> for Order {
                 quantity: request.quantity,
             }),
             created_at: request.created_at,
+            hold: None,
+            slot: None,
         }
     }
 }
@@ -171,6 +186,10 @@ struct OneLineWire<'a> {
     product_id: ProductId,
     quantity: Quantity,
     created_at: &'a DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hold_seconds: Option<HoldSeconds>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slot_id: Option<SlotId>,
 }
 
 #[derive(Serialize)]
@@ -179,6 +198,10 @@ struct ItemsWire<'a> {
     user_id: UserId,
     items: &'a [Line],
     created_at: &'a DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hold_seconds: Option<HoldSeconds>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slot_id: Option<SlotId>,
 }
 
 /// Either wire form, as read back.
@@ -193,6 +216,10 @@ struct AnyWire {
     #[serde(default)]
     items: Option<Vec<Line>>,
     created_at: DateTime<Utc>,
+    #[serde(default)]
+    hold_seconds: Option<HoldSeconds>,
+    #[serde(default)]
+    slot_id: Option<SlotId>,
 }
 
 impl Order {
@@ -204,12 +231,16 @@ impl Order {
                 product_id: line.product_id,
                 quantity: line.quantity,
                 created_at: &self.created_at,
+                hold_seconds: self.hold,
+                slot_id: self.slot,
             }),
             None => serde_json::to_vec(&ItemsWire {
                 transaction_id: self.transaction_id,
                 user_id: self.user_id,
                 items: &self.lines,
                 created_at: &self.created_at,
+                hold_seconds: self.hold,
+                slot_id: self.slot,
             }),
         };
         json.expect("an Order always serialises")
@@ -237,6 +268,8 @@ impl Order {
             user_id: wire.user_id,
             lines,
             created_at: wire.created_at,
+            hold: wire.hold_seconds,
+            slot: wire.slot_id,
         })
     }
 
@@ -248,6 +281,102 @@ impl Order {
             .map(|line| line.product_id)
             .min()
             .expect("an order has a line")
+    }
+}
+
+/// What a [`Command`] does to its hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    /// Confirm the hold: `succeeded`, with its order number, if it has not expired.
+    Checkout,
+    /// Release the hold: `rejected` (`cancelled`), its units back.
+    Cancel,
+    /// Release the hold if it has expired: `rejected` (`expired`), its units back. Sent by the
+    /// worker's expiry sweeper, never by a client.
+    Expire,
+}
+
+impl CommandKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Checkout => "checkout",
+            CommandKind::Cancel => "cancel",
+            CommandKind::Expire => "expire",
+        }
+    }
+}
+
+/// A command about a hold: a checkout or cancel the API accepted, or an expiry the worker's
+/// sweeper asks for. Travels in its hold's partition queue, as an item of a batch envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    #[serde(rename = "command")]
+    pub kind: CommandKind,
+    pub command_id: CommandId,
+    /// The hold.
+    pub transaction_id: TransactionId,
+    /// When it was accepted (by the API) or asked for (by the sweeper).
+    pub created_at: DateTime<Utc>,
+}
+
+impl Command {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a Command always serialises")
+    }
+}
+
+/// One item of a batch envelope: a request to buy, or a command about a hold.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    Order(Order),
+    Command(Command),
+}
+
+impl From<Order> for Request {
+    fn from(order: Order) -> Self {
+        Request::Order(order)
+    }
+}
+
+impl From<PurchaseRequest> for Request {
+    fn from(request: PurchaseRequest) -> Self {
+        Request::Order(Order::from(request))
+    }
+}
+
+impl From<Command> for Request {
+    fn from(command: Command) -> Self {
+        Request::Command(command)
+    }
+}
+
+impl Request {
+    pub fn to_json(&self) -> Vec<u8> {
+        match self {
+            Request::Order(order) => order.to_json(),
+            Request::Command(command) => command.to_json(),
+        }
+    }
+
+    /// Reads an item: an [`Order`] (tried first: the common case), else a [`Command`]. The
+    /// error is the order's when neither reads.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        match Order::from_json(bytes) {
+            Ok(order) => Ok(Request::Order(order)),
+            Err(order_error) => serde_json::from_slice::<Command>(bytes)
+                .map(Request::Command)
+                .map_err(|_| order_error),
+        }
+    }
+
+    /// The transaction it is about: the order's own, or the command's hold.
+    pub fn transaction_id(&self) -> TransactionId {
+        match self {
+            Request::Order(order) => order.transaction_id,
+            Request::Command(command) => command.transaction_id,
+        }
     }
 }
 
@@ -336,6 +465,7 @@ mod tests {
             lines: Lines::new(vec![line(2, 3)]).unwrap(),
             ..order.clone()
         };
+        assert_eq!(built.hold, None);
         assert_eq!(built, order);
         assert_eq!(built.to_json(), request.to_json());
     }
@@ -359,6 +489,54 @@ mod tests {
         );
         assert_eq!(Order::from_json(&order.to_json()).unwrap(), order);
         assert_eq!(order.routing_product().get(), 4);
+    }
+
+    #[test]
+    fn a_hold_and_a_slot_come_after_the_other_fields_and_only_when_present() {
+        let request = request(8);
+        let mut order = Order::from(request.clone());
+        order.hold = Some(HoldSeconds::try_from(600).unwrap());
+        order.slot = Some(SlotId::try_from(3).unwrap());
+        let json = String::from_utf8(order.to_json()).unwrap();
+        let plain = String::from_utf8(request.to_json()).unwrap();
+        assert_eq!(
+            json,
+            format!(
+                "{},\"hold_seconds\":600,\"slot_id\":3}}",
+                plain.trim_end_matches('}')
+            )
+        );
+        assert_eq!(Order::from_json(json.as_bytes()).unwrap(), order);
+        assert_eq!(
+            Request::from_json(json.as_bytes()).unwrap(),
+            Request::Order(order)
+        );
+        assert!(Order::from_json(br#"{"transaction_id":"00000000-0000-0000-0000-000000000001","user_id":1,"product_id":2,"quantity":1,"created_at":"2023-11-14T22:13:20Z","hold_seconds":0}"#).is_err());
+    }
+
+    #[test]
+    fn a_command_reads_back_and_is_no_order() {
+        let command = Command {
+            kind: CommandKind::Checkout,
+            command_id: CommandId(uuid::Uuid::from_u128(9)),
+            transaction_id: TransactionId(uuid::Uuid::from_u128(4)),
+            created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+        };
+        let json: serde_json::Value = serde_json::from_slice(&command.to_json()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"command": "checkout",
+                "command_id": "00000000-0000-0000-0000-000000000009",
+                "transaction_id": "00000000-0000-0000-0000-000000000004",
+                "created_at": "2023-11-14T22:13:20Z"})
+        );
+        let read = Request::from_json(&command.to_json()).unwrap();
+        assert_eq!(read, Request::Command(command.clone()));
+        assert_eq!(read.transaction_id(), command.transaction_id);
+        assert!(Order::from_json(&command.to_json()).is_err());
+        // Neither: the order's error is reported.
+        let err = Request::from_json(br#"{"command":"refund"}"#).unwrap_err();
+        assert!(err.to_string().contains("missing field"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! `transaction_lines` gives every transaction's lines either way (one row per line), and
 //! [`StoredTransaction::lines`] does the same for a loaded row.
 
-use crate::ids::{ProductId, Quantity, TransactionId, UserId};
-use crate::message::{Line, Order};
+use crate::ids::{CommandId, HoldSeconds, ProductId, Quantity, SlotId, TransactionId, UserId};
+use crate::message::{Command, Line, Order};
 use crate::outcome::{OrderNumber, Outcome, Rejection, Status, TransactionView};
 use anyhow::{Context, anyhow};
 use chrono::{DateTime, NaiveDate, Utc};
@@ -35,6 +35,14 @@ pub struct StoredTransaction {
     pub item_products: Option<Vec<i64>>,
     /// Their quantities.
     pub item_quantities: Option<Vec<i64>>,
+    /// The hold asked for (hold requests only).
+    pub hold_seconds: Option<i32>,
+    /// When the hold ends by itself (set once it was granted).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The slot the order takes a place of.
+    pub slot_id: Option<i64>,
+    /// The slot a rejection names.
+    pub reason_slot_id: Option<i64>,
 }
 
 /// `SELECT`s every column of [`StoredTransaction`], with the given `WHERE` clause. The lines of
@@ -44,7 +52,8 @@ macro_rules! select_transactions_where {
     ($condition:literal) => {
         concat!(
             "SELECT id, user_id, product_id, quantity, status, reason, reason_product_id, ",
-            "order_day, order_seq, created_at, decided_at, ",
+            "order_day, order_seq, created_at, decided_at, hold_seconds, expires_at, slot_id, ",
+            "reason_slot_id, ",
             "CASE WHEN product_id IS NULL THEN ARRAY(SELECT i.product_id FROM transaction_items i ",
             "WHERE i.transaction_id = t.id ORDER BY i.position) END AS item_products, ",
             "CASE WHEN product_id IS NULL THEN ARRAY(SELECT i.quantity FROM transaction_items i ",
@@ -73,7 +82,14 @@ impl StoredTransaction {
                     .reason_product_id
                     .map(|id| ProductId::try_from(id).map_err(anyhow::Error::msg))
                     .transpose()?,
+                slot: self
+                    .reason_slot_id
+                    .map(|id| SlotId::try_from(id).map_err(anyhow::Error::msg))
+                    .transpose()?,
             })),
+            ("held", None, None, None) if self.expires_at.is_some() => Ok(Outcome::Held {
+                expires_at: self.expires_at.expect("checked"),
+            }),
             _ => Err(anyhow!(
                 "transaction {} has an inconsistent stored outcome",
                 self.id
@@ -138,12 +154,48 @@ impl StoredTransaction {
             order_number: None,
             reason: None,
             reason_product_id: None,
+            reason_slot_id: None,
+            slot_id: self.slot()?,
+            hold_seconds: self.hold()?,
+            expires_at: self.expires_at,
             created_at: self.created_at,
             decided_at: Some(self.decided_at),
         };
         view.set_outcome(self.outcome()?);
         Ok(view)
     }
+
+    /// The slot the order takes a place of, if any.
+    pub fn slot(&self) -> anyhow::Result<Option<SlotId>> {
+        self.slot_id
+            .map(|id| SlotId::try_from(id).map_err(anyhow::Error::msg))
+            .transpose()
+            .with_context(|| format!("transaction {} has an invalid stored slot_id", self.id))
+    }
+
+    /// The hold asked for, if any.
+    pub fn hold(&self) -> anyhow::Result<Option<HoldSeconds>> {
+        self.hold_seconds
+            .map(|secs| HoldSeconds::try_from(i64::from(secs)).map_err(anyhow::Error::msg))
+            .transpose()
+            .with_context(|| format!("transaction {} has an invalid stored hold", self.id))
+    }
+}
+
+/// Locks the rows of those of `ids` that were decided (`FOR UPDATE`, in id order) and returns
+/// them: the holds a batch's commands name, locked before anything else the batch locks (see
+/// the worker's `persist::lock_holds`).
+pub async fn lock_many<'e>(
+    executor: impl PgExecutor<'e>,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<StoredTransaction>> {
+    sqlx::query_as(select_transactions_where!(
+        "id = ANY($1) ORDER BY id FOR UPDATE OF t"
+    ))
+    .bind(ids)
+    .persistent(false)
+    .fetch_all(executor)
+    .await
 }
 
 /// Loads the stored rows of those of `ids` that were decided.
@@ -199,6 +251,12 @@ pub struct RowColumns {
     pub product_ids: Vec<Option<i64>>,
     pub quantities: Vec<Option<i64>>,
     pub created_at: Vec<DateTime<Utc>>,
+    /// The hold each asked for, if any.
+    pub hold_seconds: Vec<Option<i32>>,
+    /// The slot of each, if any.
+    pub slot_ids: Vec<Option<i64>>,
+    /// Whether any row has a hold or a slot (else those two columns need not be written).
+    pub any_hold_or_slot: bool,
     /// The lines of the orders of several lines: transaction id, position, product, quantity.
     pub items: ItemColumns,
 }
@@ -218,6 +276,14 @@ impl RowColumns {
         self.ids.push(order.transaction_id.0);
         self.user_ids.push(order.user_id.get());
         self.created_at.push(order.created_at);
+        // The API allows at most ALLOT_MAX_HOLD_SECONDS (far below i32::MAX); a foreign message
+        // asking for more is stored as the longest hold a row can say.
+        let hold = order
+            .hold
+            .map(|secs| i32::try_from(secs.get()).unwrap_or(i32::MAX));
+        self.hold_seconds.push(hold);
+        self.slot_ids.push(order.slot.map(SlotId::get));
+        self.any_hold_or_slot |= order.hold.is_some() || order.slot.is_some();
         match order.lines.single() {
             Some(line) => {
                 self.product_ids.push(Some(line.product_id.get()));
@@ -273,10 +339,11 @@ pub async fn withdraw<'e>(
     // is checked at the end of the statement, when the rows exist).
     let withdrawn: Vec<Uuid> = sqlx::query_scalar(
         "WITH withdrawn AS ( \
-           INSERT INTO transactions (id, user_id, product_id, quantity, created_at, status, \
-                                     reason, partition, decided_at) \
+           INSERT INTO transactions (id, user_id, product_id, quantity, created_at, \
+                                     hold_seconds, slot_id, status, reason, partition, decided_at) \
            SELECT u.*, 'rejected', $6, $7, $8 \
-           FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::timestamptz[]) AS u \
+           FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::timestamptz[], \
+                       $13::integer[], $14::bigint[]) AS u \
            ON CONFLICT (id) DO NOTHING RETURNING id), \
          items AS ( \
            INSERT INTO transaction_items (transaction_id, position, product_id, quantity) \
@@ -297,6 +364,8 @@ pub async fn withdraw<'e>(
     .bind(&rows.items.positions)
     .bind(&rows.items.product_ids)
     .bind(&rows.items.quantities)
+    .bind(&rows.hold_seconds)
+    .bind(&rows.slot_ids)
     .fetch_all(executor)
     .await?;
     let withdrawn: std::collections::HashSet<Uuid> = withdrawn.into_iter().collect();
@@ -320,4 +389,78 @@ pub enum Withdrawal {
     Withdrawn,
     /// A worker decided it first: the broker had stored it, so it was accepted after all.
     AlreadyDecided,
+}
+
+/// Records each of `commands` (checkouts and cancels the API could not get confirmed) as
+/// withdrawn unless a worker decided it first, and says for each what stands: `Withdrawn`, or
+/// the outcome the worker gave it (the primary key on the command id arbitrates, as
+/// [`withdraw`] does for requests). A withdrawn command that reaches a worker later does
+/// nothing.
+pub async fn withdraw_commands(
+    pool: &sqlx::PgPool,
+    commands: &[Command],
+    at: DateTime<Utc>,
+) -> sqlx::Result<Vec<crate::CommandOutcome>> {
+    let ids: Vec<Uuid> = commands.iter().map(|c| c.command_id.0).collect();
+    let holds: Vec<Uuid> = commands.iter().map(|c| c.transaction_id.0).collect();
+    let kinds: Vec<&str> = commands.iter().map(|c| c.kind.as_str()).collect();
+    let created: Vec<DateTime<Utc>> = commands.iter().map(|c| c.created_at).collect();
+    let withdrawn: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO hold_commands (command_id, transaction_id, kind, outcome, created_at, \
+                                    decided_at) \
+         SELECT u.command_id, u.transaction_id, u.kind, 'withdrawn', u.created_at, $5 \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[]) \
+           AS u(command_id, transaction_id, kind, created_at) \
+         ON CONFLICT (command_id) DO NOTHING RETURNING command_id",
+    )
+    .bind(&ids)
+    .bind(&holds)
+    .bind(&kinds)
+    .bind(&created)
+    .bind(at)
+    .fetch_all(pool)
+    .await?;
+    let withdrawn: std::collections::HashSet<Uuid> = withdrawn.into_iter().collect();
+    // Those a worker decided first: read after the insert (which waited for the worker's
+    // commit), in a statement of their own, so the worker's rows are seen.
+    let decided: Vec<Uuid> = ids
+        .iter()
+        .filter(|id| !withdrawn.contains(id))
+        .copied()
+        .collect();
+    let mut stands: std::collections::HashMap<Uuid, String> = std::collections::HashMap::new();
+    if !decided.is_empty() {
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT command_id, outcome FROM hold_commands WHERE command_id = ANY($1)",
+        )
+        .bind(&decided)
+        .fetch_all(pool)
+        .await?;
+        stands.extend(rows);
+    }
+    Ok(ids
+        .iter()
+        .map(|id| {
+            stands
+                .get(id)
+                .and_then(|outcome| outcome.parse().ok())
+                .unwrap_or(crate::CommandOutcome::Withdrawn)
+        })
+        .collect())
+}
+
+/// What the worker did with a command, once it decided it (or the API withdrew it).
+pub async fn command_outcome<'e>(
+    executor: impl PgExecutor<'e>,
+    command: CommandId,
+) -> anyhow::Result<Option<crate::CommandOutcome>> {
+    let outcome: Option<String> =
+        sqlx::query_scalar("SELECT outcome FROM hold_commands WHERE command_id = $1")
+            .bind(command.0)
+            .fetch_optional(executor)
+            .await
+            .context("failed to read a command's outcome")?;
+    outcome
+        .map(|outcome| outcome.parse().map_err(|e| anyhow!("{e}")))
+        .transpose()
 }

@@ -2,7 +2,8 @@
 // allot's page, buys a product with the Buy button and sees the transaction go from pending to
 // its order number, the stock fall and the order counter move; orders two products together
 // from the basket; watches a sale's countdown reach its start; signs up, buys and orders as the
-// account and finds both in "My orders". Screenshots are kept.
+// account and finds both in "My orders"; holds a product with a delivery slot, sees its
+// countdown, checks it out, holds again and cancels. Screenshots are kept.
 //
 // Environment: ALLOT_BASE_URL (a running allot), ALLOT_ADMIN_TOKEN (to create the product),
 // ALLOT_ARTIFACTS (where the screenshot goes), CHROMIUM (default /usr/bin/chromium).
@@ -28,6 +29,16 @@ async function createProduct(name, stock, rules = {}) {
     body: JSON.stringify({ name, stock, ...rules }),
   });
   assert.equal(response.status, 201, "the product is created");
+  return response.json();
+}
+
+async function createSlot(name, capacity) {
+  const response = await fetch(`${baseUrl}/api/v1/slots`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Authorization: `Bearer ${adminToken}` },
+    body: JSON.stringify({ name, capacity }),
+  });
+  assert.equal(response.status, 201, "the slot is created");
   return response.json();
 }
 
@@ -276,6 +287,76 @@ test("a sale that has not started counts down, then opens", { timeout: 90_000 },
     await page.fill("#user-id", "4444");
     await row.locator("button.buy").click();
     await page.locator("#purchases li[data-status='succeeded'] .order-number").waitFor();
+    assert.deepEqual(pageErrors, [], "no JavaScript errors");
+  } finally {
+    await close();
+  }
+});
+
+test("a buyer holds a product with a delivery slot, checks it out, then holds and cancels", { timeout: 90_000 }, async () => {
+  const product = await createProduct(`Held sneaker ${Date.now()}`, 3);
+  const slot = await createSlot(`Browser slot ${Date.now()}`, 1);
+  const { page, close } = await launch();
+  try {
+    const pageErrors = [];
+    page.on("pageerror", (error) => pageErrors.push(String(error)));
+    await page.goto(`${baseUrl}/`);
+    await page.fill("#user-id", "4545");
+    const slotRow = page.locator(`#slots tr[data-slot-id="${slot.id}"]`);
+    await slotRow.waitFor();
+    assert.equal(await slotRow.locator(".remaining").textContent(), "1");
+    await page.check("#hold");
+    await page.fill("#hold-seconds", "120");
+    await page.selectOption("#slot", String(slot.id));
+    const row = page.locator(`tr[data-product-id="${product.id}"]`);
+    await row.locator("button.buy").click();
+
+    // Held: a countdown, Check out and Cancel; the stock and the slot's place are taken.
+    const held = page.locator("#purchases li[data-status='held']").first();
+    await held.waitFor();
+    assert.match(await held.locator(".state").textContent(), /^held · expires in 00:0[12]:\d\d$/);
+    const id = await held.getAttribute("data-transaction-id");
+    const stored = await (await fetch(`${baseUrl}/api/v1/transaction/${id}`)).json();
+    assert.equal(stored.status, "held");
+    assert.equal(stored.hold_seconds, 120);
+    assert.equal(stored.slot_id, slot.id);
+    assert.ok(Date.parse(stored.expires_at) > Date.now(), "expires later");
+    await page.waitForFunction(
+      (productId) => document.querySelector(`tr[data-product-id="${productId}"] .stock`).textContent === "2",
+      product.id,
+    );
+    await page.waitForFunction(
+      (slotId) => document.querySelector(`#slots tr[data-slot-id="${slotId}"] .held`).textContent === "1",
+      slot.id,
+    );
+    assert.equal(await slotRow.locator(".remaining").textContent(), "0");
+    assert.equal(await page.locator(`#slot option[value="${slot.id}"]`).isDisabled(), true, "a full slot cannot be chosen");
+    await screenshot(page, "web-page-hold.png");
+
+    await held.locator("button.checkout").click();
+    const number = page.locator(`#purchases li[data-transaction-id="${id}"][data-status="succeeded"] .order-number`);
+    await number.waitFor();
+    const checkedOut = await (await fetch(`${baseUrl}/api/v1/transaction/${id}`)).json();
+    assert.equal(checkedOut.order_number, await number.textContent());
+    await page.waitForFunction(
+      (slotId) => document.querySelector(`#slots tr[data-slot-id="${slotId}"] .taken`).textContent === "1",
+      slot.id,
+    );
+
+    // Another hold, without a slot, cancelled: its unit comes back.
+    await page.selectOption("#slot", "");
+    await row.locator("button.buy").click();
+    const second = page.locator("#purchases li[data-status='held']").first();
+    await second.waitFor();
+    const secondId = await second.getAttribute("data-transaction-id");
+    await second.locator("button.cancel").click();
+    const cancelled = page.locator(`#purchases li[data-transaction-id="${secondId}"][data-status="rejected"] .state`);
+    await cancelled.waitFor();
+    assert.equal(await cancelled.textContent(), "rejected: cancelled");
+    await page.waitForFunction(
+      (productId) => document.querySelector(`tr[data-product-id="${productId}"] .stock`).textContent === "2",
+      product.id,
+    );
     assert.deepEqual(pageErrors, [], "no JavaScript errors");
   } finally {
     await close();

@@ -12,6 +12,8 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("GET", "/api/v1/orders/history"),
     ("GET", "/api/v1/products"),
     ("GET", "/api/v1/products/{id}"),
+    ("GET", "/api/v1/slots"),
+    ("GET", "/api/v1/slots/{id}"),
     ("GET", "/api/v1/stats"),
     ("GET", "/api/v1/transaction/{id}"),
     ("GET", "/api/v1/transaction/{id}/events"),
@@ -19,12 +21,16 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("GET", "/readyz"),
     ("PATCH", "/api/v1/products/{id}"),
+    ("PATCH", "/api/v1/slots/{id}"),
     ("POST", "/api/v1/auth/login"),
     ("POST", "/api/v1/auth/logout"),
     ("POST", "/api/v1/order/addToCart"),
     ("POST", "/api/v1/orders"),
     ("POST", "/api/v1/products"),
     ("POST", "/api/v1/products/{id}/restock"),
+    ("POST", "/api/v1/slots"),
+    ("POST", "/api/v1/transaction/{id}/cancel"),
+    ("POST", "/api/v1/transaction/{id}/checkout"),
     ("POST", "/api/v1/users"),
 ];
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -39,6 +45,7 @@ async fn document(app: &TestApp) -> Value {
 fn concrete(path: &str) -> String {
     path.replace("{id}/restock", "1/restock")
         .replace("products/{id}", "products/1")
+        .replace("slots/{id}", "slots/1")
         .replace("{id}", &uuid::Uuid::now_v7().to_string())
 }
 
@@ -206,12 +213,18 @@ async fn the_document_states_the_limits_the_server_enforces_configured_ones_incl
     assert_eq!(quantity["minimum"], 1, "{quantity}");
     assert_eq!(quantity["maximum"], 3, "the configured maximum: {quantity}");
 
+    let hold = &add_to_cart["properties"]["hold_seconds"];
+    assert_eq!(hold["minimum"], 1, "{hold}");
+    assert_eq!(hold["maximum"], 3600, "ALLOT_MAX_HOLD_SECONDS: {hold}");
+
     // Every field of addToCart at its documented minimum, then at its maximum, is accepted;
-    // one past either, in any field, is refused.
+    // one past either, in any field, is refused. (`slot_id` names a slot, which must exist: it
+    // is left out, as an optional field may be.)
     let fields: Vec<(&str, i128, i128)> = add_to_cart["properties"]
         .as_object()
         .unwrap()
         .iter()
+        .filter(|(name, _)| name.as_str() != "slot_id")
         .map(|(name, schema)| {
             let schema = resolve_schema(&doc, schema);
             let bound = |key: &str| {

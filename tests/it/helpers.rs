@@ -415,6 +415,65 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Creates a slot of `capacity` places (with any other fields of `extra`) and returns its
+    /// id.
+    pub async fn create_slot(&self, name: &str, capacity: i64, extra: Value) -> i64 {
+        let mut body = json!({"name": name, "capacity": capacity});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        let response = self.post_admin("/api/v1/slots", &body).await;
+        assert_eq!(response.status(), StatusCode::CREATED, "create slot {body}");
+        let body: Value = response.json().await.unwrap();
+        body["id"].as_i64().expect("a slot id")
+    }
+
+    /// `GET /api/v1/slots/{id}` (asserting 200).
+    pub async fn slot(&self, slot_id: i64) -> Value {
+        let response = self.get(&format!("/api/v1/slots/{slot_id}")).await;
+        assert_eq!(response.status(), StatusCode::OK, "GET slot {slot_id}");
+        response.json().await.unwrap()
+    }
+
+    /// Asks to hold `quantity` of `product_id` for `hold_seconds`, asserting the 202; returns
+    /// the transaction id.
+    pub async fn hold(
+        &self,
+        user_id: i64,
+        product_id: i64,
+        quantity: i64,
+        hold_seconds: i64,
+    ) -> TransactionId {
+        accepted_id(
+            self.post_json(
+                "/api/v1/order/addToCart",
+                &json!({"user_id": user_id, "product_id": product_id, "quantity": quantity,
+                        "hold_seconds": hold_seconds}),
+            )
+            .await,
+        )
+        .await
+    }
+
+    /// `POST /api/v1/transaction/{id}/<action>` (`checkout` or `cancel`), with `token` if
+    /// given.
+    pub async fn settle(&self, id: TransactionId, action: &str, token: Option<&str>) -> Response {
+        let mut request = self
+            .client
+            .post(self.url(&format!("/api/v1/transaction/{id}/{action}")));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("the command is answered")
+    }
+
+    /// Stops the API gracefully (its queues and keys stay, unlike [`TestApp::shutdown`]).
+    pub async fn stop_api(&mut self) {
+        if let Some(api) = self.api.take() {
+            api.stop().await;
+        }
+    }
+
     /// The transaction as `GET /api/v1/transaction/{id}` shows it (asserting 200).
     pub async fn transaction(&self, id: TransactionId) -> Value {
         let response = self.get(&format!("/api/v1/transaction/{id}")).await;
@@ -789,6 +848,8 @@ pub fn order_request(user_id: i64, items: &[(i64, i64)]) -> Order {
         )
         .expect("valid lines"),
         created_at: SystemClock.now(),
+        hold: None,
+        slot: None,
     }
 }
 

@@ -4,7 +4,8 @@
 //! per batch ([`decider`], with all SQL in [`persist`]), publishes the statuses to Redis and
 //! acks. What follows a failed attempt is the pure [`retry`] policy. Several worker instances
 //! share the partitions evenly ([`seats`], with the pure [`spread`] and the list of live
-//! workers in [`membership`]).
+//! workers in [`membership`]). Holds past their expiry are found in the database and their
+//! release asked for through their partition's queue ([`expiry`]).
 //!
 //! [`run`] is the whole worker; `main` only reads the configuration and calls it.
 
@@ -13,6 +14,7 @@ pub mod config;
 pub mod consumer;
 pub mod core;
 pub mod decider;
+pub mod expiry;
 pub mod group;
 pub mod http;
 pub mod membership;
@@ -89,6 +91,13 @@ pub async fn serve(
     let brokers = config.common.brokers();
     tracing::info!(worker = %worker_id, brokers = %brokers, "worker starting");
     let mut failover = Failover::new(brokers, "allot-worker");
+    let sweeper = Arc::new(expiry::Sweeper {
+        pool: pool.clone(),
+        clock: clock.clone(),
+        topology: config.common.topology(),
+        seats: seats.clone(),
+        every: config.hold_sweep(),
+    });
     let decider = Arc::new(Decider::new(
         pool,
         redis,
@@ -116,6 +125,7 @@ pub async fn serve(
             let shared = Shared {
                 config: &config,
                 decider: &decider,
+                sweeper: &sweeper,
                 seats: &seats,
                 membership: &membership,
                 broker_up: &broker_up,
@@ -187,6 +197,8 @@ const MAX_PAUSE: Duration = Duration::from_secs(2);
 struct Shared<'a> {
     config: &'a WorkerConfig,
     decider: &'a Arc<Decider>,
+    /// Asks for the release of holds past their expiry, while the session consumes.
+    sweeper: &'a Arc<expiry::Sweeper>,
     seats: &'a Arc<Seats>,
     membership: &'a Arc<Membership>,
     /// Tells `/readyz` whether the session is consuming.
@@ -240,6 +252,12 @@ async fn session(
             monitor::watch_queue_depths(&connection, topology, stop).await;
         })
     };
+    let sweeping = {
+        let connection = connection.clone();
+        let stop = session_stop.clone();
+        let sweeper = shared.sweeper.clone();
+        tokio::spawn(async move { sweeper.run(&connection, stop).await })
+    };
 
     // Until shutdown, a consumer's end, or the connection found down. lapin does not always
     // wake a consumer whose connection died, so the connection is also watched.
@@ -273,6 +291,7 @@ async fn session(
         consumers.shutdown().await;
     }
     let _ = monitor.await;
+    let _ = sweeping.await;
     // Leaves the list of workers (bounded by the Redis timeout).
     let _ = listed.await;
     shared.seats.session_ended();

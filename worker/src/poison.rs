@@ -6,7 +6,7 @@
 use crate::decider::Item;
 use crate::persist::DeadLetter;
 use allot_shared::clock::to_stored_precision;
-use allot_shared::{Line, Lines, Order, ProductId, Quantity, TransactionId, UserId};
+use allot_shared::{Line, Lines, Order, ProductId, Quantity, Request, TransactionId, UserId};
 use chrono::{DateTime, Utc};
 
 /// What can be recovered from an item that is not a valid [`Order`]: enough to record its
@@ -41,18 +41,28 @@ pub fn salvage(body: &[u8], message_id: Option<&str>, now: DateTime<Utc>) -> Opt
         user_id: UserId::try_from(positive(&value, "user_id")?).ok()?,
         lines,
         created_at: to_stored_precision(created_at),
+        hold: None,
+        slot: None,
     })
 }
 
-/// Splits items into the orders they carry and the unreadable rest, in order.
-pub fn parse(items: &[Item<'_>]) -> (Vec<Order>, Vec<DeadLetter>) {
+/// Splits items into the requests they carry (orders and commands about holds) and the
+/// unreadable rest, in order.
+pub fn parse(items: &[Item<'_>]) -> (Vec<Request>, Vec<DeadLetter>) {
     let mut requests = Vec::with_capacity(items.len());
     let mut dead_letters = Vec::new();
     for item in items {
-        match Order::from_json(item.body) {
+        match Request::from_json(item.body) {
             Ok(mut request) => {
                 // Stored to the microsecond: keep the published status identical to the row.
-                request.created_at = to_stored_precision(request.created_at);
+                match &mut request {
+                    Request::Order(order) => {
+                        order.created_at = to_stored_precision(order.created_at);
+                    }
+                    Request::Command(command) => {
+                        command.created_at = to_stored_precision(command.created_at);
+                    }
+                }
                 requests.push(request);
             }
             Err(err) => dead_letters.push(DeadLetter {
@@ -66,7 +76,8 @@ pub fn parse(items: &[Item<'_>]) -> (Vec<Order>, Vec<DeadLetter>) {
 }
 
 /// The order an item that keeps failing names, if it can be read at all: the item itself
-/// when it parses, else what [`salvage`] recovers.
+/// when it parses, else what [`salvage`] recovers. A command about a hold names no order: it
+/// is set aside alone (its hold stays as it is, and expires if nobody settles it).
 pub fn request_named_by(item: &Item<'_>, now: DateTime<Utc>) -> Option<Order> {
     Order::from_json(item.body)
         .ok()

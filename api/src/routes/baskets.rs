@@ -5,7 +5,7 @@
 //! confirmed it, to the partition of its smallest product id, where the worker locks every
 //! product it names.
 
-use super::orders::{ORDERS, accept};
+use super::orders::{ORDERS, accept, check_slot, hold_of};
 use crate::buyers::{self, Caller};
 use crate::catalogue::FinalAnswer;
 use crate::error::{ApiError, ErrorBody};
@@ -13,7 +13,7 @@ use crate::extract::AppJson;
 use crate::routes::Accepted;
 use crate::state::AppState;
 use allot_shared::message::MAX_LINES;
-use allot_shared::{Line, Lines, Order, ProductId, Quantity, TransactionId, UserId};
+use allot_shared::{Line, Lines, Order, ProductId, Quantity, SlotId, TransactionId, UserId};
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -34,6 +34,17 @@ pub struct NewOrder {
     /// The lines of the order, 1 to 20, each product at most once; decided all or nothing.
     #[schema(value_type = Vec<OrderItem>, min_items = 1, max_items = 20)]
     pub items: Vec<Item>,
+    /// Hold the units for this many seconds instead of buying them at once: 1 to this server's
+    /// `ALLOT_MAX_HOLD_SECONDS`. The order is then `held` (no order number yet) until it is
+    /// checked out (`POST /api/v1/transaction/{id}/checkout`), cancelled, or expires.
+    #[serde(default)]
+    #[schema(value_type = Option<i64>, format = Int64, minimum = 1, maximum = 3600)]
+    pub hold_seconds: Option<i64>,
+    /// A capacity counter (delivery slot, `GET /api/v1/slots`) to take one place of as well,
+    /// all or nothing.
+    #[serde(default)]
+    #[schema(value_type = Option<i64>, format = Int64, minimum = 1)]
+    pub slot_id: Option<SlotId>,
 }
 
 /// One line of an order: a JSON object with exactly these two fields.
@@ -148,12 +159,16 @@ pub async fn place_order(
     AppJson(body): AppJson<NewOrder>,
 ) -> Result<Response, ApiError> {
     let lines = body.lines(state.max_quantity)?;
+    let hold = hold_of(&state, body.hold_seconds)?;
     let user_id = buyers::resolve(&state, &caller, body.user_id)?;
+    check_slot(&state, body.slot_id).await?;
     let order = Order {
         transaction_id: TransactionId::new(),
         user_id,
         lines,
         created_at: state.clock.now(),
+        hold,
+        slot: body.slot_id,
     };
     accept(&state, &headers, ORDERS, order).await
 }

@@ -8,9 +8,11 @@ mod accounts;
 mod baskets;
 mod health;
 mod history;
+mod holds;
 mod orders;
 mod page;
 mod products;
+mod slots;
 mod stats;
 mod watch;
 
@@ -19,6 +21,7 @@ pub use baskets::{NewOrder, OrderItem};
 pub use history::HistoryPage;
 pub use orders::{Accepted, AddToCart, accept, read_transaction};
 pub use products::{Product, ProductPage, ProductPatch};
+pub use slots::{NewSlot, Slot, SlotPage, SlotPatch};
 pub use stats::Stats;
 pub use watch::WATCH_LIMIT;
 
@@ -57,9 +60,13 @@ pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(baskets::place_order))
         .routes(routes!(orders::get_transaction))
         .routes(routes!(watch::transaction_events))
+        .routes(routes!(holds::checkout))
+        .routes(routes!(holds::cancel))
         .routes(routes!(products::create, products::list))
         .routes(routes!(products::get, products::update))
         .routes(routes!(products::restock))
+        .routes(routes!(slots::create, slots::list))
+        .routes(routes!(slots::get, slots::update))
         .routes(routes!(stats::stats))
         .routes(routes!(accounts::sign_up))
         .routes(routes!(accounts::login))

@@ -12,7 +12,8 @@ use crate::intake::Refusal;
 use crate::state::AppState;
 use allot_shared::stored;
 use allot_shared::{
-    Order, ProductId, PurchaseRequest, Quantity, Status, TransactionId, TransactionView, UserId,
+    HoldSeconds, Order, ProductId, PurchaseRequest, Quantity, SlotId, Status, TransactionId,
+    TransactionView, UserId,
 };
 use axum::Json;
 use axum::extract::{Path, State};
@@ -35,6 +36,60 @@ pub struct AddToCart {
     pub user_id: Option<UserId>,
     pub product_id: ProductId,
     pub quantity: Quantity,
+    /// Hold the units for this many seconds instead of buying them at once: 1 to this server's
+    /// `ALLOT_MAX_HOLD_SECONDS`. The transaction is then `held` (no order number yet) until it
+    /// is checked out (`POST /api/v1/transaction/{id}/checkout`), cancelled, or expires.
+    #[serde(default)]
+    #[schema(value_type = Option<i64>, format = Int64, minimum = 1, maximum = 3600)]
+    pub hold_seconds: Option<i64>,
+    /// A capacity counter (delivery slot, `GET /api/v1/slots`) to take one place of as well,
+    /// all or nothing.
+    #[serde(default)]
+    #[schema(value_type = Option<i64>, format = Int64, minimum = 1)]
+    pub slot_id: Option<SlotId>,
+}
+
+/// Checks a request's `hold_seconds` (1 to `ALLOT_MAX_HOLD_SECONDS`).
+pub fn hold_of(
+    state: &AppState,
+    hold_seconds: Option<i64>,
+) -> Result<Option<HoldSeconds>, ApiError> {
+    let Some(secs) = hold_seconds else {
+        return Ok(None);
+    };
+    if !(1..=state.max_hold_seconds).contains(&secs) {
+        return Err(ApiError::InvalidBody(format!(
+            "hold_seconds must be between 1 and {}, got {secs}",
+            state.max_hold_seconds
+        )));
+    }
+    HoldSeconds::try_from(secs)
+        .map(Some)
+        .map_err(ApiError::InvalidBody)
+}
+
+/// Checks that `slot` exists (one primary-key read, only for orders that name a slot):
+/// `422 unknown_slot` if not, `503` if the database cannot say. Whether it has a place left, or
+/// has ended, is the worker's to decide, under the slot's row lock.
+pub async fn check_slot(state: &AppState, slot: Option<SlotId>) -> Result<(), ApiError> {
+    let Some(slot) = slot else {
+        return Ok(());
+    };
+    let found: Option<i64> = sqlx::query_scalar("SELECT id FROM slots WHERE id = $1")
+        .bind(slot.get())
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(|err| {
+            tracing::warn!(error = %err, "cannot check a slot: the database is unavailable");
+            ApiError::unavailable(
+                "the database is unavailable; the request was not accepted, try again",
+                1,
+            )
+        })?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(ApiError::UnknownSlot(format!("no slot {slot}"))),
+    }
 }
 
 /// The 202 answer: the id to poll.
@@ -103,7 +158,9 @@ pub async fn add_to_cart(
             state.max_quantity, body.quantity
         )));
     }
+    let hold = hold_of(&state, body.hold_seconds)?;
     let user_id = buyers::resolve(&state, &caller, body.user_id)?;
+    check_slot(&state, body.slot_id).await?;
     let request = PurchaseRequest {
         transaction_id: TransactionId::new(),
         user_id,
@@ -111,7 +168,10 @@ pub async fn add_to_cart(
         quantity: body.quantity,
         created_at: state.clock.now(),
     };
-    accept(&state, &headers, ADD_TO_CART, Order::from(request)).await
+    let mut order = Order::from(request);
+    order.hold = hold;
+    order.slot = body.slot_id;
+    accept(&state, &headers, ADD_TO_CART, order).await
 }
 
 /// The path of a validated request to buy, for addToCart and orders alike (`operation` is
@@ -155,7 +215,11 @@ async fn accept_once(
     order: Order,
     wait: Option<u64>,
 ) -> Result<Response, ApiError> {
-    let fingerprint = Fingerprint::of(operation, &order.lines.as_slice());
+    // A request without a hold or a slot keeps the fingerprint it had before they existed.
+    let fingerprint = match (order.hold, order.slot) {
+        (None, None) => Fingerprint::of(operation, &order.lines.as_slice()),
+        (hold, slot) => Fingerprint::of(operation, &(order.lines.as_slice(), hold, slot)),
+    };
     let (user_id, candidate) = (order.user_id, order.transaction_id);
     let waiter = wait.map(|_| state.decisions.wait_for(candidate));
     let work_state = state.clone();
@@ -247,7 +311,7 @@ async fn answer_accepted(
         };
         let decided = match decided {
             Some(view) => Some(view),
-            None => waiter.until_final(state, deadline).await,
+            None => waiter.until_decided(state, deadline).await,
         };
         if let Some(view) = decided {
             let mut response =
@@ -306,7 +370,7 @@ fn nothing_sent(refusal: &Refusal) -> bool {
     !matches!(refusal, Refusal::BrokerUnavailable)
 }
 
-fn refusal_error(refusal: Refusal) -> ApiError {
+pub(super) fn refusal_error(refusal: Refusal) -> ApiError {
     let retry_after = refusal.retry_after_secs();
     match refusal {
         Refusal::QueueFull => ApiError::unavailable(
@@ -372,7 +436,7 @@ pub async fn get_transaction(
     buyers::authorize_read(&state, &caller, id, view.user_id)?;
     let view = if view.status == Status::Pending {
         let deadline = Instant::now() + Duration::from_secs(secs);
-        waiter.until_final(&state, deadline).await.unwrap_or(view)
+        waiter.until_decided(&state, deadline).await.unwrap_or(view)
     } else {
         view
     };

@@ -19,13 +19,18 @@ pub const MAX_STOCK: i64 = 1_000_000_000_000;
 pub const MAX_NAME_CHARS: usize = 200;
 
 /// A product as clients see it. The rules appear only when set: a product without a limit,
-/// window or pause reads `{"id", "name", "stock"}`.
+/// window, pause or held units reads `{"id", "name", "stock"}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Product {
     pub id: i64,
     pub name: String,
-    /// Units still for sale.
+    /// Units still for sale: held units (open holds) are not counted here.
     pub stock: i64,
+    /// Units held by open holds (taken out of `stock`, not sold yet); present only when some
+    /// are.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schema(minimum = 1)]
+    pub held: i64,
     /// The most units one buyer may have succeeded with; present only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, nullable = false)]
@@ -47,8 +52,12 @@ pub struct Product {
 /// The columns of [`Product`], for `SELECT` and `RETURNING`.
 macro_rules! product_columns {
     () => {
-        "id, name, stock, max_per_buyer, sale_starts_at, sale_ends_at, paused_at"
+        "id, name, stock, held, max_per_buyer, sale_starts_at, sale_ends_at, paused_at"
     };
+}
+
+fn is_zero(units: &i64) -> bool {
+    *units == 0
 }
 
 impl Product {
@@ -125,6 +134,45 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
+/// A name (of a product or a slot) as sent, checked: 1 to [`MAX_NAME_CHARS`] characters, no
+/// control characters, not only whitespace; returned trimmed.
+pub fn checked_name(name: &str) -> Result<&str, ApiError> {
+    // Checked as sent, so the limits are the ones the document states (NAME_PATTERN): a
+    // padded name does not get past the length limit, nor a tab past the control characters.
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(ApiError::InvalidBody(format!(
+            "name must have 1 to {MAX_NAME_CHARS} characters"
+        )));
+    }
+    // PostgreSQL text cannot hold NUL; no name needs any control character.
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::InvalidBody(
+            "name may not contain control characters".into(),
+        ));
+    }
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(ApiError::InvalidBody(
+            "name must have a character other than whitespace".into(),
+        ));
+    }
+    Ok(name)
+}
+
+/// A time of a request body, checked: within the years 1 to 9999, kept to the microsecond
+/// (PostgreSQL's precision). `field` names it in the error.
+pub fn checked_time(
+    field: &str,
+    value: Option<DateTime<Utc>>,
+) -> Result<Option<DateTime<Utc>>, ApiError> {
+    match value {
+        Some(time) if !(1..=9999).contains(&time.year()) => Err(ApiError::InvalidBody(format!(
+            "{field} must be a time between the years 1 and 9999, got {time}"
+        ))),
+        _ => Ok(value.map(to_stored_precision)),
+    }
+}
+
 /// A product's rules, checked: the limit in range, the times within years 1 to 9999 (kept to
 /// the microsecond, PostgreSQL's precision), the start before the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,16 +191,10 @@ impl Rules {
                 "max_per_buyer must be between 1 and {MAX_STOCK}, got {max}"
             )));
         }
-        let time = |field: &str, value: Option<DateTime<Utc>>| match value {
-            Some(time) if !(1..=9999).contains(&time.year()) => Err(ApiError::InvalidBody(
-                format!("{field} must be a time between the years 1 and 9999, got {time}"),
-            )),
-            _ => Ok(value.map(to_stored_precision)),
-        };
         let rules = Rules {
             max_per_buyer: self.max_per_buyer,
-            sale_starts_at: time("sale_starts_at", self.sale_starts_at)?,
-            sale_ends_at: time("sale_ends_at", self.sale_ends_at)?,
+            sale_starts_at: checked_time("sale_starts_at", self.sale_starts_at)?,
+            sale_ends_at: checked_time("sale_ends_at", self.sale_ends_at)?,
         };
         if let (Some(starts), Some(ends)) = (rules.sale_starts_at, rules.sale_ends_at)
             && starts >= ends
@@ -214,25 +256,7 @@ pub async fn create(
     State(state): State<AppState>,
     AppJson(body): AppJson<NewProduct>,
 ) -> Result<(StatusCode, Json<Product>), ApiError> {
-    // Checked as sent, so the limits are the ones the document states (NAME_PATTERN): a
-    // padded name does not get past the length limit, nor a tab past the control characters.
-    if body.name.chars().count() > MAX_NAME_CHARS {
-        return Err(ApiError::InvalidBody(format!(
-            "name must have 1 to {MAX_NAME_CHARS} characters"
-        )));
-    }
-    // PostgreSQL text cannot hold NUL; no name needs any control character.
-    if body.name.chars().any(char::is_control) {
-        return Err(ApiError::InvalidBody(
-            "name may not contain control characters".into(),
-        ));
-    }
-    let name = body.name.trim();
-    if name.is_empty() {
-        return Err(ApiError::InvalidBody(
-            "name must have a character other than whitespace".into(),
-        ));
-    }
+    let name = checked_name(&body.name)?;
     if !(0..=MAX_STOCK).contains(&body.stock) {
         return Err(ApiError::InvalidBody(format!(
             "stock must be between 0 and {MAX_STOCK}, got {}",
@@ -521,8 +545,8 @@ async fn resume(
     Ok(())
 }
 
-/// When a limit is set on a product that had none: counts each buyer's succeeded units of it
-/// so far into `buyer_units` (from then on the worker keeps them), under the product's row lock,
+/// When a limit is set on a product that had none: counts each buyer's succeeded and held
+/// units of it so far into `buyer_units` (from then on the worker keeps them), under the product's row lock,
 /// so that the limit counts what was bought before it too.
 async fn count_buyer_units(tx: &mut sqlx::PgConnection, id: ProductId) -> Result<(), ApiError> {
     sqlx::query("DELETE FROM buyer_units WHERE product_id = $1")
@@ -533,7 +557,7 @@ async fn count_buyer_units(tx: &mut sqlx::PgConnection, id: ProductId) -> Result
         "INSERT INTO buyer_units (product_id, user_id, units) \
          SELECT $1, t.user_id, sum(l.quantity) FROM transaction_lines l \
          JOIN transactions t ON t.id = l.transaction_id \
-         WHERE l.product_id = $1 AND t.status = 'succeeded' GROUP BY t.user_id",
+         WHERE l.product_id = $1 AND t.status IN ('succeeded', 'held') GROUP BY t.user_id",
     )
     .bind(id.get())
     .execute(&mut *tx)

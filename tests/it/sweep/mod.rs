@@ -44,6 +44,9 @@ const CLIENT_ERROR_CODES: &[&str] = &[
     "invalid_idempotency_key",
     "idempotency_key_reused",
     "idempotency_key_in_flight",
+    "unknown_slot",
+    "not_held",
+    "hold_expired",
 ];
 /// Queue depths are read every this many requests (and at the end): a request that got
 /// through would also have left its pending status in Redis, which is read after each one.
@@ -53,6 +56,8 @@ const QUEUES_EVERY: usize = 100;
 #[derive(Debug, PartialEq)]
 struct Written {
     database: (i64, i64, String, i64, i64, i64, i64, i64, i64, i64, i64),
+    /// Slots, and commands about holds.
+    capacity: (String, i64),
     redis_keys: Vec<String>,
 }
 
@@ -73,6 +78,13 @@ async fn written(app: &TestApp) -> Written {
     .fetch_one(&app.pool)
     .await
     .expect("the database answers");
+    let capacity = sqlx::query_as(
+        "SELECT (SELECT coalesce(string_agg(s::text, ',' ORDER BY id), '') FROM slots s), \
+                (SELECT count(*) FROM hold_commands)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("the database answers");
     let mut redis_keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}:*", app.api_config.common.redis_prefix))
         .query_async(&mut app.redis.clone())
@@ -81,6 +93,7 @@ async fn written(app: &TestApp) -> Written {
     redis_keys.sort();
     Written {
         database,
+        capacity,
         redis_keys,
     }
 }

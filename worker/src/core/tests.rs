@@ -7,7 +7,28 @@ use proptest::prelude::*;
 use std::collections::HashSet;
 
 mod envelopes;
+mod holds;
 mod orders;
+
+/// The core on orders alone, decided at the epoch: what the tests of orders (without holds)
+/// need. Shadows [`super::decide`] in these tests.
+fn decide(state: &mut PartitionState, orders: &[Order]) -> OrderDecisions {
+    let requests: Vec<Request> = orders.iter().cloned().map(Request::Order).collect();
+    OrderDecisions(super::decide(state, &requests, micros(0)))
+}
+
+/// [`Decisions`] of orders alone.
+struct OrderDecisions(Decisions);
+
+impl OrderDecisions {
+    fn sold(&self) -> i64 {
+        self.0.sold()
+    }
+
+    fn number(&self, day: NaiveDate, first_seq: i64) -> Vec<Decided> {
+        self.0.number(day, first_seq).orders
+    }
+}
 
 fn day() -> NaiveDate {
     NaiveDate::from_ymd_opt(2026, 11, 22).unwrap()
@@ -41,6 +62,8 @@ fn order(id: u128, user: i64, lines: &[(i64, i64)], at: i64) -> Order {
         )
         .unwrap(),
         created_at: micros(at),
+        hold: None,
+        slot: None,
     }
 }
 

@@ -245,7 +245,7 @@ proptest! {
         prop_assert_eq!(&store.stock, &model_stock);
         let mut seqs: Vec<i64> = store.outcomes.values().filter_map(|outcome| match outcome {
             Outcome::Succeeded(number) => Some(number.seq),
-            Outcome::Rejected(_) => None,
+            Outcome::Rejected(_) | Outcome::Held { .. } => None,
         }).collect();
         seqs.sort_unstable();
         prop_assert_eq!(&seqs, &(1..=store.last_seq).collect::<Vec<_>>(), "gapless, each once");

@@ -210,6 +210,7 @@ impl Model {
         });
         let outcome = match first_failing {
             Some((product_id, reason)) => Outcome::Rejected(Rejection {
+                slot: None,
                 reason,
                 product: (lines.len() > 1).then(|| product(product_id)),
             }),
@@ -332,12 +333,14 @@ fn an_order_is_all_or_nothing_and_names_the_first_line_that_cannot_be_served() {
         [
             Outcome::Rejected(Rejection {
                 reason: RejectReason::OutOfStock,
-                product: Some(product(2))
+                product: Some(product(2)),
+                slot: None,
             }),
             succeeded(7),
             Outcome::Rejected(Rejection {
                 reason: RejectReason::UnknownProduct,
-                product: Some(product(9))
+                product: Some(product(9)),
+                slot: None,
             }),
         ]
     );
@@ -404,7 +407,7 @@ fn requests_are_judged_at_their_acceptance_time_at_the_exact_edges() {
         .number(day(), 1)
         .iter()
         .map(|d| match d.outcome {
-            Outcome::Succeeded(_) => None,
+            Outcome::Succeeded(_) | Outcome::Held { .. } => None,
             Outcome::Rejected(rejection) => Some(rejection.reason),
         })
         .collect();
