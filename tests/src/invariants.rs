@@ -24,6 +24,14 @@ use std::fmt;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+/// Every [`Outcome`]: each transaction, with the product of its first line.
+macro_rules! outcomes {
+    () => {
+        "SELECT t.id, t.user_id, l.product_id, t.status, t.reason FROM transactions t \
+         JOIN transaction_lines l ON l.transaction_id = t.id AND l.position = 0"
+    };
+}
+
 /// How many examples a violation quotes.
 const EXAMPLES: usize = 5;
 
@@ -140,13 +148,11 @@ pub async fn accepted_decided_once(
     accepted: &HashMap<Uuid, i64>,
 ) -> Result<(Vec<Outcome>, Vec<String>)> {
     let ids: Vec<Uuid> = accepted.keys().copied().collect();
-    let rows: Vec<Outcome> = sqlx::query_as(
-        "SELECT id, user_id, product_id, status, reason FROM transactions WHERE id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(pool)
-    .await
-    .context("reading the accepted transactions")?;
+    let rows: Vec<Outcome> = sqlx::query_as(concat!(outcomes!(), " WHERE t.id = ANY($1)"))
+        .bind(&ids)
+        .fetch_all(pool)
+        .await
+        .context("reading the accepted transactions")?;
     let mut violations = Vec::new();
     if rows.len() != ids.len() {
         violations.push(format!(
@@ -177,6 +183,8 @@ pub async fn accepted_decided_once(
 pub struct Outcome {
     pub id: Uuid,
     pub user_id: i64,
+    /// The product of its first line: of its only one for an `addToCart` (an order of several
+    /// products lists them in `transaction_items`).
     pub product_id: i64,
     pub status: String,
     pub reason: Option<String>,
@@ -184,7 +192,7 @@ pub struct Outcome {
 
 /// Every row of `transactions`.
 pub async fn every_outcome(pool: &PgPool) -> Result<Vec<Outcome>> {
-    sqlx::query_as("SELECT id, user_id, product_id, status, reason FROM transactions")
+    sqlx::query_as(outcomes!())
         .fetch_all(pool)
         .await
         .context("reading every transaction")
@@ -192,7 +200,8 @@ pub async fn every_outcome(pool: &PgPool) -> Result<Vec<Outcome>> {
 
 /// Per product of `supply` (its initial stock plus every restock): units sold ==
 /// `min(demand, supply)` and the stock left == supply − sold. Demand: the units asked for by
-/// requests that reached a decision.
+/// requests that reached a decision. For sales without holds: units an open hold keeps are
+/// neither sold nor in the stock.
 pub async fn sold_within_supply(
     pool: &PgPool,
     supply: &BTreeMap<i64, i64>,
@@ -229,11 +238,13 @@ pub async fn stock_by_product(pool: &PgPool) -> Result<HashMap<i64, i64>> {
         .collect())
 }
 
-/// Units sold per product.
+/// Units sold per product, over every line of every succeeded transaction (an `addToCart`'s
+/// one line, or each item of an order of several products).
 pub async fn sold_by_product(pool: &PgPool) -> Result<HashMap<i64, i64>> {
     Ok(sqlx::query_as(
-        "SELECT product_id, sum(quantity)::bigint FROM transactions \
-         WHERE status = 'succeeded' GROUP BY product_id",
+        "SELECT l.product_id, sum(l.quantity)::bigint FROM transaction_lines l \
+         JOIN transactions t ON t.id = l.transaction_id \
+         WHERE t.status = 'succeeded' GROUP BY l.product_id",
     )
     .fetch_all(pool)
     .await
