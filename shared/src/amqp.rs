@@ -123,3 +123,47 @@ impl Topology {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology(quorum_group_size: Option<u16>) -> Topology {
+        Topology {
+            queue_prefix: "t".into(),
+            partitions: 2,
+            max_length: 10,
+            quorum_group_size,
+        }
+    }
+
+    #[test]
+    fn a_single_node_declares_the_arguments_it_always_did() {
+        let args = topology(None).arguments();
+        let mut keys: Vec<&str> = args.inner().keys().map(|key| key.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "x-max-length",
+                "x-overflow",
+                "x-queue-type",
+                "x-single-active-consumer"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cluster_replicates_each_queue_with_its_leader_balanced() {
+        let args = topology(Some(3)).arguments();
+        assert_eq!(
+            args.inner().get("x-quorum-initial-group-size"),
+            Some(&AMQPValue::LongLongInt(3))
+        );
+        assert_eq!(
+            args.inner().get("x-queue-leader-locator"),
+            Some(&AMQPValue::LongString("balanced".into()))
+        );
+        assert_eq!(args.inner().len(), 6);
+    }
+}

@@ -34,6 +34,7 @@ impl Fixture {
             queue_prefix: prefix.clone(),
             partitions: 4,
             max_length,
+            quorum_group_size: None,
         };
         Fixture {
             redis,

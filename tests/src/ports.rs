@@ -272,9 +272,10 @@ impl PortMap {
                 self.database_url(deployment.database()),
             ),
             ("ALLOT_AMQP_URL".into(), self.amqp_url(deployment.vhost())),
-            // The broker list, when set, replaces ALLOT_AMQP_URL: set to the same one node, so
-            // that a list in the caller's environment cannot point this copy elsewhere.
-            ("ALLOT_AMQP_URLS".into(), self.amqp_url(deployment.vhost())),
+            // The broker list, when set, replaces ALLOT_AMQP_URL: set to the copy's nodes (its
+            // one node, or a cluster's, node 1 first), so that a list in the caller's
+            // environment cannot point this copy elsewhere.
+            ("ALLOT_AMQP_URLS".into(), self.amqp_urls(deployment.vhost())),
             (
                 "ALLOT_REDIS_URL".into(),
                 self.redis_url(deployment.redis_database()),
@@ -286,25 +287,21 @@ impl PortMap {
             ),
         ]
         .into_iter()
-        .chain(self.cluster_env(deployment.vhost()))
+        .chain(self.cluster_env())
         .collect()
     }
 
-    /// In cluster mode, what points allot at every node and replicates its queues on all of
-    /// them: `ALLOT_AMQP_URLS` (node 1 first; `ALLOT_AMQP_URL` stays node 1's) and
-    /// `ALLOT_QUORUM_GROUP_SIZE` (the number of nodes). Nothing for a single node, whose
-    /// configuration stays the default.
-    pub fn cluster_env(self, vhost: &str) -> Vec<(String, String)> {
+    /// In cluster mode, what replicates allot's queues on every node:
+    /// `ALLOT_QUORUM_GROUP_SIZE`, the number of nodes. Nothing for a single node, whose
+    /// queues are declared as they always were.
+    pub fn cluster_env(self) -> Vec<(String, String)> {
         if !self.clustered() {
             return Vec::new();
         }
-        vec![
-            ("ALLOT_AMQP_URLS".into(), self.amqp_urls(vhost)),
-            (
-                "ALLOT_QUORUM_GROUP_SIZE".into(),
-                self.rabbitmq_nodes.to_string(),
-            ),
-        ]
+        vec![(
+            "ALLOT_QUORUM_GROUP_SIZE".into(),
+            self.rabbitmq_nodes.to_string(),
+        )]
     }
 
     /// What the integration tests read: `#[sqlx::test]` creates a database per test through
@@ -420,7 +417,11 @@ mod tests {
                 clustered: false,
             }]
         );
-        assert!(single.cluster_env("/").is_empty());
+        assert!(single.cluster_env().is_empty());
+        assert_eq!(
+            single.amqp_urls("/"),
+            "amqp://guest:guest@127.0.0.1:55972/%2f"
+        );
         let cluster = single.with_rabbitmq_nodes(3).unwrap();
         let nodes = cluster.rabbitmq_cluster();
         let names: Vec<&str> = nodes.iter().map(|node| node.name.as_str()).collect();
@@ -439,16 +440,13 @@ mod tests {
         assert_eq!(ports, [(55972, 55973), (55982, 55983), (55992, 55993)]);
         assert_eq!(nodes[2].dir, "rabbitmq-n3");
         assert_eq!(
-            cluster.cluster_env("/"),
-            [
-                (
-                    "ALLOT_AMQP_URLS".to_owned(),
-                    "amqp://guest:guest@127.0.0.1:55972/%2f,amqp://guest:guest@127.0.0.1:55982/%2f,\
-                     amqp://guest:guest@127.0.0.1:55992/%2f"
-                        .to_owned()
-                ),
-                ("ALLOT_QUORUM_GROUP_SIZE".to_owned(), "3".to_owned())
-            ]
+            cluster.amqp_urls("v"),
+            "amqp://guest:guest@127.0.0.1:55972/v,amqp://guest:guest@127.0.0.1:55982/v,\
+             amqp://guest:guest@127.0.0.1:55992/v"
+        );
+        assert_eq!(
+            cluster.cluster_env(),
+            [("ALLOT_QUORUM_GROUP_SIZE".to_owned(), "3".to_owned())]
         );
         assert_eq!(
             cluster.chaos().unwrap().rabbitmq_cluster()[1].amqp_port,
