@@ -277,9 +277,11 @@ pub struct Load {
 }
 
 impl Load {
-    /// Starts `clients` buyers over `products`, each request with a fresh user id from `users`.
+    /// Starts `clients` buyers over `products`, each request with a fresh user id from `users`,
+    /// spread over the API instances `apis` (a client whose API does not answer moves on to the
+    /// next, as behind a load balancer).
     pub fn start(
-        api: Arc<Api>,
+        apis: Arc<[Arc<Api>]>,
         ledger: Arc<Mutex<Ledger>>,
         users: Arc<Users>,
         products: Arc<[i64]>,
@@ -288,14 +290,14 @@ impl Load {
         let (stop, stopped) = watch::channel(false);
         let mut set = JoinSet::new();
         for client in 0..clients {
-            let (api, ledger, users, products, stopped) = (
-                api.clone(),
+            let (apis, ledger, users, products, stopped) = (
+                apis.clone(),
                 ledger.clone(),
                 users.clone(),
                 products.clone(),
                 stopped.clone(),
             );
-            set.spawn(buyer(api, ledger, users, products, stopped, client));
+            set.spawn(buyer(apis, ledger, users, products, stopped, client));
         }
         Load { stop, clients: set }
     }
@@ -307,7 +309,7 @@ impl Load {
 }
 
 async fn buyer(
-    api: Arc<Api>,
+    apis: Arc<[Arc<Api>]>,
     ledger: Arc<Mutex<Ledger>>,
     users: Arc<Users>,
     products: Arc<[i64]>,
@@ -315,6 +317,7 @@ async fn buyer(
     client: usize,
 ) {
     let mut n: usize = 0;
+    let mut api = client;
     while !*stopped.borrow() {
         n += 1;
         let product = products[(client + n) % products.len()];
@@ -326,7 +329,10 @@ async fn buyer(
             product_id: product,
             quantity,
         };
-        let reply = Reply::of(&order, api.add_to_cart(order).await);
+        let reply = Reply::of(&order, apis[api % apis.len()].add_to_cart(order).await);
+        if matches!(reply, Reply::Unanswered) {
+            api += 1;
+        }
         let pause = matches!(
             reply,
             Reply::Unanswered | Reply::Refused { .. } | Reply::SoldOut

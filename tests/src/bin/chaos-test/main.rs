@@ -23,6 +23,15 @@
 //! times, 8 in the long form, with 32 more clients on products that never sell out, so every
 //! partition has a message awaiting its confirm), duplicated messages.
 //!
+//! The cluster form (`--cluster`) runs the same sale on a cluster of three RabbitMQ nodes,
+//! with two API instances (the clients spread over both) and three workers, the partition
+//! queues replicated on every node: a node `kill -9`ed (the one leading the most partition
+//! queues), a node stopped and started, one API instance `kill -9`ed, one worker `kill -9`ed,
+//! and a rolling restart of every node and every instance, one at a time. After each, the same
+//! checks; during each, the time until accepts and decisions resume, the longest pause of
+//! accepts on one partition and the share of requests refused, measured by probes (see
+//! [`faults::node_down`]); while a majority of nodes is up, accepts must go on.
+//!
 //! It is a scenario over the test kit (`allot_tests`): its services are a private copy
 //! ([`allot_tests::system::Services`]: state folder `--state`, port offset `--port-offset`, both
 //! its own, started and stopped through `deploy/services.sh`), its requests go through the
@@ -34,6 +43,7 @@
 //! ```text
 //! cargo build --release --bins && target/release/chaos-test          # the short form (CI)
 //! target/release/chaos-test --long                                    # the long form
+//! target/release/chaos-test --cluster [--long]                        # the cluster form
 //! ```
 
 mod apps;
@@ -58,6 +68,11 @@ pub struct Args {
     /// The long form: more load, several kills and restarts of each kind.
     #[arg(long, env = "ALLOT_CHAOS_LONG")]
     long: bool,
+
+    /// The cluster form: three RabbitMQ nodes, two API instances, three workers, and the
+    /// faults of a cluster instead of the single node's.
+    #[arg(long, env = "ALLOT_CHAOS_CLUSTER")]
+    cluster: bool,
 
     /// Port offset of the chaos copy (see tests/src/ports.rs). The default puts the service
     /// ports above Linux's ephemeral range (32768-60999), where no outgoing connection can hold
@@ -105,11 +120,13 @@ pub struct Args {
 async fn main() -> ExitCode {
     let mut args = Args::parse();
     args.restock.get_or_insert(if args.long { 400 } else { 60 });
-    let deadline =
-        Duration::from_secs(
-            args.deadline_secs
-                .unwrap_or(if args.long { 1800 } else { 420 }),
-        );
+    let deadline = Duration::from_secs(args.deadline_secs.unwrap_or(
+        match (args.long, args.cluster) {
+            (true, _) => 1800,
+            (false, true) => 600,
+            (false, false) => 420,
+        },
+    ));
     let repo = match std::env::var_os("ALLOT_REPO") {
         Some(repo) => PathBuf::from(repo),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."),
@@ -119,13 +136,15 @@ async fn main() -> ExitCode {
         .state
         .clone()
         .unwrap_or_else(|| repo.join(".allot/chaos"));
-    let ports = match PortMap::new(args.port_offset) {
-        Ok(ports) => ports,
-        Err(err) => {
-            eprintln!("chaos-test: {err:#}");
-            return ExitCode::from(2);
-        }
-    };
+    let nodes = if args.cluster { 3 } else { 1 };
+    let ports =
+        match PortMap::new(args.port_offset).and_then(|ports| ports.with_rabbitmq_nodes(nodes)) {
+            Ok(ports) => ports,
+            Err(err) => {
+                eprintln!("chaos-test: {err:#}");
+                return ExitCode::from(2);
+            }
+        };
     let services = Services::new(&repo, state, ports).quiet();
     let started = Instant::now();
 
@@ -169,6 +188,9 @@ async fn run(args: &Args, services: Services) -> Result<usize> {
     let mut system = System::start(args, services)
         .await
         .context("starting the system")?;
+    if args.cluster {
+        return run_cluster(args, &mut system).await;
+    }
     let (kills, restarts, down, api_kills) = if args.long {
         (6, 2, Duration::from_secs(6), 8)
     } else {
@@ -250,6 +272,63 @@ async fn run(args: &Args, services: Services) -> Result<usize> {
     phase!(
         "duplicates: decided messages published again, fresh ones twice",
         faults::duplicates(&mut system).await
+    );
+    Ok(violations)
+}
+
+/// The cluster form's faults in order; returns the number of violations.
+async fn run_cluster(args: &Args, system: &mut System) -> Result<usize> {
+    let (node_kills, node_stops, down) = if args.long {
+        (3, 2, Duration::from_secs(15))
+    } else {
+        (1, 1, Duration::from_secs(6))
+    };
+    let mut violations = 0;
+    macro_rules! phase {
+        ($name:expr, $fault:expr) => {{
+            let name = String::from($name);
+            let phase = system.begin(&name).await?;
+            let mut seen = $fault.with_context(|| format!("injecting: {name}"))?;
+            for violation in &seen {
+                println!("    VIOLATION: {violation}");
+            }
+            let checked = system
+                .end(phase)
+                .await
+                .with_context(|| format!("checking after: {name}"))?;
+            seen.extend(checked);
+            violations += seen.len();
+        }};
+    }
+    for round in 0..node_kills {
+        phase!(
+            format!(
+                "cluster: kill -9 of the RabbitMQ node leading the most partition queues, {down:?}, then started ({}/{node_kills})",
+                round + 1
+            ),
+            faults::node_down(system, down, true).await
+        );
+    }
+    for round in 0..node_stops {
+        phase!(
+            format!(
+                "cluster: the RabbitMQ node leading the most partition queues stopped for {down:?} and started ({}/{node_stops})",
+                round + 1
+            ),
+            faults::node_down(system, down, false).await
+        );
+    }
+    phase!(
+        "cluster: kill -9 of one of two API instances, restarted",
+        faults::api_instance_crash(system).await
+    );
+    phase!(
+        "cluster: kill -9 of one of three workers, restarted",
+        faults::worker_instance_crash(system).await
+    );
+    phase!(
+        "cluster: rolling restart of every RabbitMQ node, every API instance and every worker, one at a time",
+        faults::rolling_restart(system).await
     );
     Ok(violations)
 }

@@ -31,8 +31,14 @@ pub struct System {
     pub services: Owned,
     env: AppEnv,
     api_app: Option<Process>,
-    workers: [Option<Process>; 2],
+    /// The second API instance (cluster form).
+    api_b: Option<Process>,
+    /// Two workers; three in the cluster form.
+    workers: Vec<Option<Process>>,
+    /// The first API instance's client (staff calls, probes).
     pub api: Arc<Api>,
+    /// A client of every API instance: the sale's clients are spread over them.
+    pub apis: Arc<[Arc<Api>]>,
     pub pool: PgPool,
     pub redis: redis::aio::ConnectionManager,
     pub ledger: Arc<Mutex<Ledger>>,
@@ -87,10 +93,12 @@ impl System {
                 .to_owned(),
         };
         let max_length = args.queue_max_length.to_string();
+        let cluster = ports.clustered();
         let vars = [
             ("ALLOT_DATABASE_URL", ports.database_url(DATABASE)),
             ("ALLOT_AMQP_URL", ports.amqp_url("/")),
-            ("ALLOT_AMQP_URLS", ports.amqp_url("/")), // replaces any list inherited
+            // Every node (one unless clustered); replaces any list inherited.
+            ("ALLOT_AMQP_URLS", ports.amqp_urls("/")),
             ("ALLOT_REDIS_URL", ports.redis_url(0)),
             ("ALLOT_HTTP_ADDR", ports.api_addr(Deployment::Main)),
             ("ALLOT_ADMIN_TOKEN", token.clone()),
@@ -103,26 +111,47 @@ impl System {
             ("ALLOT_BATCH_SIZE", "100".to_owned()),
             ("RUST_LOG", "info".to_owned()),
         ];
+        let mut vars: Vec<(String, String)> =
+            vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        vars.extend(ports.cluster_env());
+        let api_b_addr = ports.api_instance_addr(Deployment::Main, 2);
         let env = AppEnv {
             bin_dir,
-            vars: vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            vars,
+            api_b_addr: api_b_addr.clone(),
         };
         let api = Arc::new(Api::new(
             &format!("http://{}", ports.api_addr(Deployment::Main)),
-            Some(token),
+            Some(token.clone()),
             256,
         )?);
+        let mut apis = vec![api.clone()];
+        if cluster {
+            apis.push(Arc::new(Api::new(
+                &format!("http://{api_b_addr}"),
+                Some(token),
+                256,
+            )?));
+        }
         let topology = Topology {
             queue_prefix: QUEUE_PREFIX.into(),
             partitions: PARTITIONS,
             max_length: args.queue_max_length,
-            quorum_group_size: None,
+            quorum_group_size: cluster.then(|| u16::from(ports.rabbitmq_node_count())),
         };
-        let workers = [
-            Some(apps::spawn(Role::WorkerA, &env, &services)?),
-            Some(apps::spawn(Role::WorkerB, &env, &services)?),
-        ];
+        let mut worker_roles = vec![Role::WorkerA, Role::WorkerB];
+        if cluster {
+            worker_roles.push(Role::WorkerC);
+        }
+        let mut workers = Vec::new();
+        for role in worker_roles {
+            workers.push(Some(apps::spawn(role, &env, &services)?));
+        }
         let api_app = Some(apps::spawn(Role::Api, &env, &services)?);
+        let api_b = match cluster {
+            true => Some(apps::spawn(Role::ApiB, &env, &services)?),
+            false => None,
+        };
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(3))
@@ -135,8 +164,10 @@ impl System {
             services,
             env,
             api_app,
+            api_b,
             workers,
             api,
+            apis: Arc::from(apis),
             pool,
             redis,
             ledger: Arc::default(),
@@ -226,13 +257,33 @@ impl System {
         reply
     }
 
-    /// Waits until `/readyz` answers 200.
+    /// Waits until `/readyz` of every running API instance answers 200.
     pub async fn wait_ready(&mut self, deadline: Duration) -> Result<Duration> {
         let started = Instant::now();
-        while !self.api.ready().await {
+        let apis = self.apis.clone();
+        for (api, role) in apis.iter().zip([Role::Api, Role::ApiB]) {
+            if self.slot(role).is_none() {
+                continue;
+            }
+            while !api.ready().await {
+                self.ensure_alive()?;
+                if started.elapsed() > deadline {
+                    bail!("{} not ready after {deadline:?}", role.name());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Waits until `/readyz` of `role` (an API instance) answers 200.
+    pub async fn wait_api_ready(&mut self, role: Role, deadline: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let api = self.apis[usize::from(role == Role::ApiB)].clone();
+        while !api.ready().await {
             self.ensure_alive()?;
             if started.elapsed() > deadline {
-                bail!("allot-api not ready after {deadline:?}");
+                bail!("{} not ready after {deadline:?}", role.name());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -241,17 +292,30 @@ impl System {
 
     /// Fails if a process that should run has exited.
     pub fn ensure_alive(&mut self) -> Result<()> {
-        for app in self.workers.iter_mut().chain([&mut self.api_app]).flatten() {
+        let apis = [&mut self.api_app, &mut self.api_b];
+        for app in self.workers.iter_mut().chain(apis).flatten() {
             app.ensure_alive()?;
         }
         Ok(())
     }
 
+    /// The worker roles of this form (two, or three in the cluster form).
+    pub fn worker_roles(&self) -> Vec<Role> {
+        [Role::WorkerA, Role::WorkerB, Role::WorkerC][..self.workers.len()].to_vec()
+    }
+
+    /// The API roles of this form (one, or two in the cluster form).
+    pub fn api_roles(&self) -> Vec<Role> {
+        [Role::Api, Role::ApiB][..self.apis.len()].to_vec()
+    }
+
     fn slot(&mut self, role: Role) -> &mut Option<Process> {
         match role {
             Role::Api => &mut self.api_app,
+            Role::ApiB => &mut self.api_b,
             Role::WorkerA => &mut self.workers[0],
             Role::WorkerB => &mut self.workers[1],
+            Role::WorkerC => &mut self.workers[2],
         }
     }
 
@@ -286,8 +350,16 @@ impl System {
         Ok(took)
     }
 
+    /// A connection to the broker: the first node that answers.
     pub async fn broker(&self) -> Result<Broker> {
-        Broker::connect(&self.services.ports().amqp_url("/"), self.topology.clone()).await
+        let mut failed = None;
+        for node in self.services.rabbitmq_nodes() {
+            match Broker::connect(&node.amqp_url("/"), self.topology.clone()).await {
+                Ok(broker) => return Ok(broker),
+                Err(err) => failed = Some(err),
+            }
+        }
+        Err(failed.unwrap_or_else(|| anyhow::anyhow!("no RabbitMQ node")))
     }
 
     /// Restocks every sale product and starts the load.
@@ -318,7 +390,7 @@ impl System {
             self.clients
         );
         self.load = Some(Load::start(
-            self.api.clone(),
+            self.apis.clone(),
             self.ledger.clone(),
             self.users.clone(),
             self.products.clone(),

@@ -21,7 +21,7 @@ pub async fn flood(system: &mut System, max_length: i64) -> Result<Vec<String>> 
     system.terminate(Role::WorkerB).await?;
     let before = system.ledger.lock().expect("ledger").queue_full;
     let flood = Load::start(
-        system.api.clone(),
+        system.apis.clone(),
         system.ledger.clone(),
         system.users.clone(),
         system.products.clone(),

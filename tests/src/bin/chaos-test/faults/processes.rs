@@ -44,7 +44,10 @@ pub async fn worker_crash(system: &mut System, rounds: usize) -> Result<Vec<Stri
 /// Sends one request to every partition (a probe product each; the sale's own products may be
 /// sold out and answered by the API alone) and waits until all of them are decided: how long
 /// the surviving worker took to take the partitions over, or `None` past `deadline`.
-async fn every_partition_decides(system: &System, deadline: Duration) -> Result<Option<Duration>> {
+pub(super) async fn every_partition_decides(
+    system: &System,
+    deadline: Duration,
+) -> Result<Option<Duration>> {
     let started = Instant::now();
     let mut ids = Vec::new();
     for &product in &system.probes {
@@ -101,7 +104,7 @@ pub async fn api_restart(system: &mut System) -> Result<Vec<String>> {
 pub async fn api_crash(system: &mut System, kills: usize) -> Result<Vec<String>> {
     let mut violations = Vec::new();
     let load = Load::start(
-        system.api.clone(),
+        system.apis.clone(),
         system.ledger.clone(),
         system.users.clone(),
         Arc::from(system.probes.clone()),
