@@ -51,9 +51,13 @@ impl Allot {
     /// processes declaring the same fresh quorum queues at once on a new vhost made RabbitMQ
     /// close the worker's connection (INTERNAL_ERROR, or noproc on 3.10).
     pub async fn start(spec: &AllotSpec) -> Result<Allot> {
-        let process = |name: &str, role: &str, addr_var: &str, addr: &str| {
+        // `instance`: 0 for the first of its role, 1 for the second, ...
+        let process = |name: &str, role: &str, addr_var: &str, addr: &str, instance: usize| {
             let mut env = spec.env.clone();
             env.push((addr_var.to_owned(), addr.to_owned()));
+            // Instance n of a role lists the brokers from the n-th on, so that the instances'
+            // connections are spread over a cluster's nodes.
+            rotate_brokers(&mut env, instance);
             Spawn {
                 name: name.to_owned(),
                 binary: spec.bin_dir.join(format!("allot-{role}")),
@@ -70,6 +74,7 @@ impl Allot {
             "api",
             "ALLOT_HTTP_ADDR",
             &spec.api_addr,
+            0,
         ))?;
         println!(
             "==> started {} (pid {}), log {}",
@@ -83,6 +88,7 @@ impl Allot {
             "worker",
             "ALLOT_WORKER_HTTP_ADDR",
             &spec.worker_addr,
+            0,
         ))?;
         println!(
             "==> started {} (pid {}), log {}",
@@ -110,7 +116,7 @@ impl Allot {
         for (role, addr_var, first_name, addrs) in more {
             for (i, addr) in addrs.iter().enumerate() {
                 let name = format!("{first_name}-{}", i + 2);
-                let mut instance = Process::spawn(&process(&name, role, addr_var, addr))?;
+                let mut instance = Process::spawn(&process(&name, role, addr_var, addr, i + 1))?;
                 println!(
                     "==> started {} (pid {}), log {}",
                     instance.name(),
@@ -187,5 +193,33 @@ pub fn show_log(path: &std::path::Path) {
     eprintln!("\n----- last lines of {} -----", path.display());
     for line in &lines[lines.len().saturating_sub(40)..] {
         eprintln!("{line}");
+    }
+}
+
+/// Rotates the list of `ALLOT_AMQP_URLS` in `env` by `by` places (`a,b,c` by 1: `b,c,a`).
+pub fn rotate_brokers(env: &mut [(String, String)], by: usize) {
+    for (name, value) in env.iter_mut() {
+        if name == "ALLOT_AMQP_URLS" {
+            let mut urls: Vec<&str> = value.split(',').collect();
+            let by = by % urls.len();
+            urls.rotate_left(by);
+            *value = urls.join(",");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn instance_n_lists_the_brokers_from_the_nth_on() {
+        let mut env = vec![
+            ("ALLOT_AMQP_URLS".to_owned(), "a,b,c".to_owned()),
+            ("OTHER".to_owned(), "x,y".to_owned()),
+        ];
+        super::rotate_brokers(&mut env, 1);
+        assert_eq!(env[0].1, "b,c,a");
+        super::rotate_brokers(&mut env, 5);
+        assert_eq!(env[0].1, "a,b,c");
+        assert_eq!(env[1].1, "x,y");
     }
 }

@@ -7,6 +7,6 @@ mod allot;
 mod process;
 mod services;
 
-pub use allot::{Allot, AllotSpec, show_log, wait_ready};
+pub use allot::{Allot, AllotSpec, rotate_brokers, show_log, wait_ready};
 pub use process::{Process, Recorded, Spawn, alive, recorded, stop_recorded, stop_recorded_named};
 pub use services::{Owned, Service, Services};

@@ -3,7 +3,7 @@
 //! ([`Process`]) so that they can be SIGKILLed and SIGTERMed, and so that their pid files sit
 //! in the chaos copy's run folder, where its `down` finds them even if the chaos test died.
 
-use allot_tests::system::{Process, Services, Spawn};
+use allot_tests::system::{Process, Services, Spawn, rotate_brokers};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -62,6 +62,13 @@ pub fn spawn(role: Role, env: &AppEnv, services: &Services) -> Result<Process> {
         // chaos test does not read them.
         _ => vars.push(("ALLOT_WORKER_HTTP_ADDR".into(), "127.0.0.1:0".into())),
     }
+    // Each instance lists the nodes from a different one on: their connections are spread.
+    let first = match role {
+        Role::Api | Role::WorkerA => 0,
+        Role::ApiB | Role::WorkerB => 1,
+        Role::WorkerC => 2,
+    };
+    rotate_brokers(&mut vars, first);
     Process::spawn(&Spawn {
         name: role.name().into(),
         binary: env.bin_dir.join(role.binary()),
