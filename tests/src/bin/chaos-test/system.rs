@@ -242,6 +242,11 @@ impl System {
     /// Orders one unit of `product` for a fresh user, records the answer in the ledger and
     /// returns it.
     pub async fn order_answer(&self, product: i64) -> Reply {
+        self.order_via(&self.api, product).await
+    }
+
+    /// [`System::order_answer`] through the API instance `api`.
+    pub async fn order_via(&self, api: &Api, product: i64) -> Reply {
         let user = self.users.next();
         let sent = Instant::now();
         let order = Order {
@@ -249,7 +254,7 @@ impl System {
             product_id: product,
             quantity: 1,
         };
-        let reply = Reply::of(&order, self.api.add_to_cart(order).await);
+        let reply = Reply::of(&order, api.add_to_cart(order).await);
         self.ledger
             .lock()
             .expect("ledger")

@@ -11,12 +11,12 @@
 //! [`MAX_REFUSED_SHARE`], is a violation. The time until every partition decides again is
 //! measured by fresh requests once the fault is injected.
 
-use super::processes::every_partition_decides;
 use super::under_load;
 use crate::apps::Role;
 use crate::load::{Ledger, Reply, Users};
 use crate::system::System;
 use allot_tests::client::{Api, Order};
+use allot_tests::invariants;
 use anyhow::{Context as _, Result};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -39,6 +39,8 @@ struct Probe {
     partition: usize,
     accepted: bool,
     refused: bool,
+    /// A `503 queue_full`: the partition's queue was at its bound.
+    queue_full: bool,
 }
 
 /// Requests to every partition, one after another, through every API instance in turn.
@@ -92,6 +94,7 @@ async fn probe(
             partition,
             accepted: matches!(reply, Reply::Accepted(_)),
             refused: matches!(reply, Reply::Refused { .. }),
+            queue_full: matches!(reply, Reply::Refused { queue_full: true }),
         });
         ledger
             .lock()
@@ -110,6 +113,8 @@ struct Measured {
     longest_pause: Duration,
     accepted: usize,
     refused: usize,
+    /// Of the refused, those refused because the queue was full.
+    queue_full: usize,
     unanswered: usize,
 }
 
@@ -136,7 +141,9 @@ impl Measured {
             (first.len() == partitions).then(|| first.values().copied().max().unwrap_or_default());
         let accepted = window.iter().filter(|probe| probe.accepted).count();
         let refused = window.iter().filter(|probe| probe.refused).count();
+        let queue_full = window.iter().filter(|probe| probe.queue_full).count();
         Measured {
+            queue_full,
             accepts_resumed,
             longest_pause,
             accepted,
@@ -159,11 +166,12 @@ impl Measured {
             None => "not within the fault".into(),
         };
         println!(
-            "    {what}: every partition accepting {resumed} after it; longest pause of one partition {:.2} s; probes 202 {}, 503 {} ({:.1} %), no answer {}",
+            "    {what}: every partition accepting {resumed} after it; longest pause of one partition {:.2} s; probes 202 {}, 503 {} ({:.1} %; queue_full {}), no answer {}",
             self.longest_pause.as_secs_f64(),
             self.accepted,
             self.refused,
             100.0 * self.refused_share(),
+            self.queue_full,
             self.unanswered
         );
         let mut violations = Vec::new();
@@ -181,6 +189,34 @@ impl Measured {
         }
         violations
     }
+}
+
+/// Sends one request to every partition (a probe product each), through whichever API instance
+/// accepts it (the first may be the one that is down), and waits until all of them are
+/// decided: how long that took, or `None` past `deadline`.
+async fn every_partition_decides(system: &System, deadline: Duration) -> Result<Option<Duration>> {
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    let mut n = 0;
+    for &product in &system.probes {
+        loop {
+            let api = system.apis[n % system.apis.len()].clone();
+            n += 1;
+            if let Reply::Accepted(id) = system.order_via(&api, product).await {
+                ids.push(id);
+                break;
+            }
+            if started.elapsed() > deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let left = deadline.saturating_sub(started.elapsed());
+    Ok(invariants::wait_decided(&system.pool, &ids, left)
+        .await
+        .ok()
+        .map(|_| started.elapsed()))
 }
 
 /// What a fault, or its repair, does.

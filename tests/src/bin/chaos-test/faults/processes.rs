@@ -44,10 +44,7 @@ pub async fn worker_crash(system: &mut System, rounds: usize) -> Result<Vec<Stri
 /// Sends one request to every partition (a probe product each; the sale's own products may be
 /// sold out and answered by the API alone) and waits until all of them are decided: how long
 /// the surviving worker took to take the partitions over, or `None` past `deadline`.
-pub(super) async fn every_partition_decides(
-    system: &System,
-    deadline: Duration,
-) -> Result<Option<Duration>> {
+async fn every_partition_decides(system: &System, deadline: Duration) -> Result<Option<Duration>> {
     let started = Instant::now();
     let mut ids = Vec::new();
     for &product in &system.probes {
