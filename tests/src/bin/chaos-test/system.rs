@@ -139,6 +139,26 @@ impl System {
             max_length: args.queue_max_length,
             quorum_group_size: cluster.then(|| u16::from(ports.rabbitmq_node_count())),
         };
+        // On a cluster the API starts alone and declares the partition queues one after the
+        // other, so that the balanced leader locator sees each leader placed before it places
+        // the next (several processes declaring fresh queues at once put 4 of 4 leaders on one
+        // node in a run); the others start once it is ready.
+        let api_app = Some(apps::spawn(Role::Api, &env, &services)?);
+        if cluster {
+            let first = Api::new(
+                &format!("http://{}", ports.api_addr(Deployment::Main)),
+                None,
+                1,
+            )?;
+            let started = Instant::now();
+            while !first.ready().await {
+                anyhow::ensure!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "chaos-api not ready after 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
         let mut worker_roles = vec![Role::WorkerA, Role::WorkerB];
         if cluster {
             worker_roles.push(Role::WorkerC);
@@ -147,7 +167,6 @@ impl System {
         for role in worker_roles {
             workers.push(Some(apps::spawn(role, &env, &services)?));
         }
-        let api_app = Some(apps::spawn(Role::Api, &env, &services)?);
         let api_b = match cluster {
             true => Some(apps::spawn(Role::ApiB, &env, &services)?),
             false => None,
