@@ -6,6 +6,7 @@
 #   deploy/local.sh test      the same services, then fmt, clippy, every test, the functional
 #                             test, the tool tests, the benchmark's smoke run, the chaos test
 #   deploy/local.sh bench [--smoke] [bench flags]
+#   deploy/local.sh chaos [--long] [--cluster]   the chaos test alone, on services of its own
 #   deploy/local.sh services | status | env | down | rabbitmqctl ARGS... | help
 #
 # This script does only what belongs in shell: it checks for root, installs the Debian packages
@@ -16,6 +17,8 @@
 #
 # ALLOT_LOCAL_STATE (default .allot) and ALLOT_LOCAL_PORT_OFFSET (default 0) choose the copy, so
 # that several run side by side; see `deploy/local.sh help`.
+# ALLOT_LOCAL_RABBITMQ_NODES=3 runs a cluster of three RabbitMQ nodes instead of one (and `up`
+# two API instances and three workers); xtask starts and joins the nodes (README, Cluster mode).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -131,7 +134,7 @@ main() {
   local command=${1:-help}
   export ALLOT_REPO=$ROOT
   case $command in
-    up | bench | test)
+    up | bench | test | chaos)
       require_root
       raise_fd_limit
       ensure_service_packages

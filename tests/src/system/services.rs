@@ -298,7 +298,7 @@ impl Services {
         let first = &nodes[0];
         for node in &nodes[1..] {
             let members = self.cluster_members(node).await?;
-            if members.iter().any(|member| *member == first.name) {
+            if members.contains(&first.name) {
                 continue;
             }
             println!("==> joining {} to {}'s cluster", node.name, first.name);

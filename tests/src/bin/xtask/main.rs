@@ -43,6 +43,9 @@ usage: deploy/local.sh COMMAND (as root)
   bench [--smoke] [bench flags]
             services, release build, the benchmark (tests/src/bin/bench) against a fresh allot;
             --smoke is the tiny form `test` runs (figures meaningless)
+  chaos [chaos-test flags]
+            release build, then the chaos test on its own copy (--long: the long form;
+            --cluster, or ALLOT_LOCAL_RABBITMQ_NODES=3: the cluster form)
   services  just the services (and the integration tests' vhost)
   status    what runs
   env       the services' URLs as shell exports: eval \"$(deploy/local.sh env)\"
@@ -205,6 +208,7 @@ async fn main() -> ExitCode {
             "up" => up::up(&local).await,
             "test" => test::test(&local).await,
             "bench" => bench::bench(&local, &rest).await,
+            "chaos" => test::run_chaos(&local, &rest).await,
             other => {
                 eprintln!("{USAGE}");
                 anyhow::bail!("unknown command {other:?}")

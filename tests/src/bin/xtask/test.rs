@@ -277,6 +277,13 @@ async fn against<T>(fresh: &Fresh, step: impl Future<Output = Result<T>>) -> Res
 /// processes, injects every fault under load, checks the promises in PostgreSQL and Redis,
 /// and stops everything it started; it bounds its own run time.
 async fn chaos(local: &Local) -> Result<()> {
+    run_chaos(local, &[]).await
+}
+
+/// The `chaos [chaos-test flags]` command, and the pipeline's chaos step: `chaos-test` on the
+/// copy's chaos copy, with `flags` (`--long`, `--cluster`, ...); in cluster mode
+/// (`ALLOT_LOCAL_RABBITMQ_NODES` above 1) its cluster form.
+pub async fn run_chaos(local: &Local, flags: &[String]) -> Result<()> {
     let mut chaos = command(local.binary("chaos-test"));
     chaos
         .args(["--port-offset", &local.chaos_ports.offset().to_string()])
@@ -284,6 +291,10 @@ async fn chaos(local: &Local) -> Result<()> {
         .arg(&local.chaos_state)
         .arg("--bin-dir")
         .arg(&local.bin_dir)
+        .args(flags)
         .env("ALLOT_REPO", &local.repo);
+    if local.ports.clustered() && !flags.iter().any(|flag| flag == "--cluster") {
+        chaos.arg("--cluster");
+    }
     status(chaos, None).await
 }
