@@ -6,6 +6,7 @@
 #   deploy/services.sh launch rabbitmq      start the node without waiting until it answers
 #   deploy/services.sh down                 stop RabbitMQ (and its epmd), Redis, PostgreSQL
 #   deploy/services.sh rabbitmqctl ARGS...  rabbitmqctl against the private node
+#   deploy/services.sh rabbitmq-queues ARGS...  rabbitmq-queues against it (rebalance quorum)
 #
 # It is a leaf: it calls nothing of allot's. xtask (tests/src/bin/xtask), behind
 # deploy/local.sh, and the chaos test call it, with the copy's state folder and every port in
@@ -295,13 +296,18 @@ stop_redis() {
 # system-wide epmd on port 4369. Call it only while the node runs, or it starts an epmd itself.
 # A cluster's node has its cookie in RMQ_HOME: the CLI runs as rabbitmq with that home (the
 # Debian wrapper's `su` would give it /var/lib/rabbitmq's cookie instead).
-rmqctl() {
+rmqctl() { rmq_cli rabbitmqctl "$@"; }
+
+# A RabbitMQ CLI tool ($1: rabbitmqctl or rabbitmq-queues) against our node.
+rmq_cli() {
+  local tool=$1
+  shift
   if [[ -n $RMQ_HOME ]]; then
     (cd "$RMQ_HOME" && env "${RMQ_ENV[@]}" HOME="$RMQ_HOME" timeout 120 \
       setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
-      /usr/lib/rabbitmq/bin/rabbitmqctl -n "$RMQ_NODE" "$@" </dev/null)
+      "/usr/lib/rabbitmq/bin/$tool" -n "$RMQ_NODE" "$@" </dev/null)
   else
-    env "${RMQ_ENV[@]}" timeout 120 /usr/sbin/rabbitmqctl -n "$RMQ_NODE" "$@" </dev/null
+    env "${RMQ_ENV[@]}" timeout 120 "/usr/sbin/$tool" -n "$RMQ_NODE" "$@" </dev/null
   fi
 }
 
@@ -483,6 +489,11 @@ cmd_rabbitmqctl() {
   rmqctl "$@"
 }
 
+cmd_rabbitmq_queues() {
+  rmq_pid >/dev/null || die "RabbitMQ is not running"
+  rmq_cli rabbitmq-queues "$@"
+}
+
 mkdir -p "$LOG_DIR"
 command=${1:-}
 shift || true
@@ -497,6 +508,7 @@ case $command in
   pid) service_pid "${1:-}" ;;
   down) cmd_down ;;
   rabbitmqctl) cmd_rabbitmqctl "$@" ;;
+  rabbitmq-queues) cmd_rabbitmq_queues "$@" ;;
   *)
     sed -n '2,8p' "$0" >&2
     exit 2

@@ -422,6 +422,14 @@ impl Services {
         self.script_output(&all).await
     }
 
+    /// `rabbitmq-queues args...` against `node` (`rebalance quorum`: spread the quorum queues'
+    /// leaders over the nodes again); returns its output.
+    pub async fn rabbitmq_queues_on(&self, node: &RabbitNode, args: &[&str]) -> Result<String> {
+        let mut all = vec!["rabbitmq-queues"];
+        all.extend_from_slice(args);
+        self.script_output_on(node, &all).await
+    }
+
     /// `rabbitmqctl args...` against `node`; returns its output.
     pub async fn rabbitmqctl_on(&self, node: &RabbitNode, args: &[&str]) -> Result<String> {
         let mut all = vec!["rabbitmqctl"];

@@ -442,6 +442,16 @@ pub async fn rolling_restart(system: &mut System) -> Result<Vec<String>> {
     }
     let (_, members) = leaders(system).await?;
     violations.extend(members);
+    // Each stop hands the node's leaders to the others, so the last node stopped leads none
+    // and the first may lead all: what an operator does after a rolling restart.
+    let services = system.services.services().clone();
+    let first = services.rabbitmq_node(1)?;
+    services
+        .rabbitmq_queues_on(&first, &["-q", "rebalance", "quorum"])
+        .await?;
+    println!("    rabbitmq-queues rebalance quorum:");
+    let (_, members) = leaders(system).await?;
+    violations.extend(members);
     for role in system.api_roles().into_iter().chain(system.worker_roles()) {
         let what = format!("rolling: {} restarted (SIGTERM)", role.name());
         violations.extend(
