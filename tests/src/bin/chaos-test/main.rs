@@ -319,6 +319,12 @@ async fn run_cluster(args: &Args, system: &mut System) -> Result<usize> {
         );
     }
     phase!(
+        format!(
+            "cluster: two RabbitMQ nodes of three stopped for {down:?} (no majority), then started one at a time"
+        ),
+        faults::majority_lost(system, down).await
+    );
+    phase!(
         "cluster: kill -9 of one of two API instances, restarted",
         faults::api_instance_crash(system).await
     );

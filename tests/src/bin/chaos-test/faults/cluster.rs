@@ -467,3 +467,54 @@ pub async fn rolling_restart(system: &mut System) -> Result<Vec<String>> {
     }
     Ok(violations)
 }
+
+/// Two of the three RabbitMQ nodes stopped for `down_for`: no queue has a majority, so nothing
+/// may be accepted (a `202` to a request sent meanwhile is a violation, checked by the ledger);
+/// then one node started again (a majority: accepts must resume, measured), then the other.
+pub async fn majority_lost(system: &mut System, down_for: Duration) -> Result<Vec<String>> {
+    let mut violations = Vec::new();
+    let prober = Prober::start(system);
+    under_load(Duration::from_millis(1500)).await;
+    let services = system.services.services().clone();
+    for node in [3, 2] {
+        act(system, Action::StopNode(node)).await?;
+    }
+    system.ledger.lock().expect("ledger").mark_outage(true);
+    let down = Instant::now();
+    under_load(down_for).await;
+    let end = Instant::now();
+    system.ledger.lock().expect("ledger").mark_outage(false);
+    act(system, Action::StartNode(2)).await?;
+    let back = Instant::now();
+    match every_partition_decides(system, Duration::from_secs(90)).await? {
+        Some(_) => println!(
+            "    majority back (node 2 started): every partition deciding again {:.2} s after it answered",
+            back.elapsed().as_secs_f64()
+        ),
+        None => violations.push("majority back: not every partition decided within 90 s".into()),
+    }
+    under_load(Duration::from_secs(2)).await;
+    let probes_until = Instant::now();
+    act(system, Action::StartNode(3)).await?;
+    under_load(Duration::from_millis(1000)).await;
+    let probes = prober.stop().await;
+    let partitions = system.probes.len();
+    let outage = Measured::of(&probes, down, end, partitions);
+    outage.report("two nodes of three down", false);
+    if outage.accepted > 0 {
+        violations.push(format!(
+            "{} probes accepted while two nodes of three were down",
+            outage.accepted
+        ));
+    }
+    violations.extend(
+        Measured::of(&probes, back, probes_until, partitions)
+            .report("majority back (node 2 started)", true),
+    );
+    let (_, members) = leaders(system).await?;
+    violations.extend(members);
+    services
+        .rabbitmq_queues_on(&services.rabbitmq_node(1)?, &["-q", "rebalance", "quorum"])
+        .await?;
+    Ok(violations)
+}

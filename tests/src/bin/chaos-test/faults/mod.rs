@@ -10,7 +10,9 @@ mod messages;
 mod outages;
 mod processes;
 
-pub use cluster::{api_instance_crash, node_down, rolling_restart, worker_instance_crash};
+pub use cluster::{
+    api_instance_crash, majority_lost, node_down, rolling_restart, worker_instance_crash,
+};
 pub use messages::{duplicates, flood, poison};
 pub use outages::{broker_restart, postgres_restart, redis_restart};
 pub use processes::{api_crash, api_restart, worker_crash, worker_rolling_restart};
