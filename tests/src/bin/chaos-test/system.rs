@@ -374,6 +374,11 @@ impl System {
         Ok(took)
     }
 
+    /// Where the API refuses a message to a partition queue (`queue_full`).
+    pub fn queue_bound(&self) -> i64 {
+        allot_api::backlog::bound(self.topology.max_length)
+    }
+
     /// A connection to the broker: the first node that answers.
     pub async fn broker(&self) -> Result<Broker> {
         let mut failed = None;

@@ -15,6 +15,7 @@ use super::under_load;
 use crate::apps::Role;
 use crate::load::{Ledger, Reply, Users};
 use crate::system::System;
+use allot_tests::broker::Broker;
 use allot_tests::client::{Api, Order};
 use allot_tests::invariants;
 use anyhow::{Context as _, Result};
@@ -103,6 +104,55 @@ async fn probe(
         tokio::time::sleep(PROBE_EVERY).await;
     }
     seen
+}
+
+/// The deepest partition queue seen while a fault lasts (a passive declare on every queue,
+/// every 100 ms, through the first node that answers): whether a `503 queue_full` meant a queue
+/// really at the API's bound.
+struct DepthSampler {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<u32>,
+}
+
+impl DepthSampler {
+    fn start(system: &System) -> DepthSampler {
+        let (stop, stopped) = watch::channel(false);
+        let urls: Vec<String> = (system.services.rabbitmq_nodes().iter())
+            .map(|node| node.amqp_url("/"))
+            .collect();
+        let topology = system.topology.clone();
+        let task = tokio::spawn(async move {
+            let bounded = Duration::from_secs(2);
+            let mut deepest = 0;
+            let mut broker = None;
+            let mut next = 0;
+            while !*stopped.borrow() {
+                if broker.is_none() {
+                    let url = &urls[next % urls.len()];
+                    next += 1;
+                    let connected = Broker::connect(url, topology.clone());
+                    broker = tokio::time::timeout(bounded, connected)
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
+                }
+                if let Some(connected) = &broker {
+                    match tokio::time::timeout(bounded, connected.deepest()).await {
+                        Ok(Ok(depth)) => deepest = deepest.max(depth),
+                        _ => broker = None,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            deepest
+        });
+        DepthSampler { stop, task }
+    }
+
+    async fn stop(self) -> u32 {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or_default()
+    }
 }
 
 /// What the probes of one fault showed.
@@ -274,6 +324,7 @@ async fn measured(
 ) -> Result<Vec<String>> {
     let prober = Prober::start(system);
     under_load(Duration::from_millis(1500)).await;
+    let depths = DepthSampler::start(system);
     let injected = Instant::now();
     act(system, fault).await.with_context(|| what.to_owned())?;
     let mut violations = Vec::new();
@@ -289,6 +340,11 @@ async fn measured(
         under_load(hold - held).await;
     }
     let end = Instant::now();
+    let deepest = depths.stop().await;
+    println!(
+        "    {what}: deepest partition queue meanwhile {deepest} messages (the API's bound: {})",
+        system.queue_bound()
+    );
     act(system, restore)
         .await
         .with_context(|| format!("after {what}"))?;
