@@ -374,9 +374,11 @@ impl System {
         Ok(took)
     }
 
-    /// Where the API refuses a message to a partition queue (`queue_full`).
+    /// Where the API refuses a message to a partition queue (`queue_full`): the limit less a
+    /// fifth (`allot_api::backlog::bound`, which this binary does not link).
     pub fn queue_bound(&self) -> i64 {
-        allot_api::backlog::bound(self.topology.max_length)
+        let limit = self.topology.max_length;
+        limit - limit / 5
     }
 
     /// A connection to the broker: the first node that answers.
