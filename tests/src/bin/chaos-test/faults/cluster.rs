@@ -111,7 +111,8 @@ async fn probe(
 /// really at the API's bound.
 struct DepthSampler {
     stop: watch::Sender<bool>,
-    task: JoinHandle<u32>,
+    /// The deepest depth, and how many samples were read.
+    task: JoinHandle<(u32, usize)>,
 }
 
 impl DepthSampler {
@@ -123,7 +124,7 @@ impl DepthSampler {
         let topology = system.topology.clone();
         let task = tokio::spawn(async move {
             let bounded = Duration::from_secs(2);
-            let mut deepest = 0;
+            let (mut deepest, mut samples) = (0, 0);
             let mut broker = None;
             let mut next = 0;
             while !*stopped.borrow() {
@@ -138,18 +139,21 @@ impl DepthSampler {
                 }
                 if let Some(connected) = &broker {
                     match tokio::time::timeout(bounded, connected.deepest()).await {
-                        Ok(Ok(depth)) => deepest = deepest.max(depth),
+                        Ok(Ok(depth)) => {
+                            deepest = deepest.max(depth);
+                            samples += 1;
+                        }
                         _ => broker = None,
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            deepest
+            (deepest, samples)
         });
         DepthSampler { stop, task }
     }
 
-    async fn stop(self) -> u32 {
+    async fn stop(self) -> (u32, usize) {
         let _ = self.stop.send(true);
         self.task.await.unwrap_or_default()
     }
@@ -340,9 +344,9 @@ async fn measured(
         under_load(hold - held).await;
     }
     let end = Instant::now();
-    let deepest = depths.stop().await;
+    let (deepest, samples) = depths.stop().await;
     println!(
-        "    {what}: deepest partition queue meanwhile {deepest} messages (the API's bound: {})",
+        "    {what}: deepest partition queue meanwhile {deepest} messages ({samples} samples; the API refuses at {})",
         system.queue_bound()
     );
     act(system, restore)
