@@ -26,8 +26,9 @@
 //! The cluster form (`--cluster`) runs the same sale on a cluster of three RabbitMQ nodes,
 //! with two API instances (the clients spread over both) and three workers, the partition
 //! queues replicated on every node: a node `kill -9`ed (the one leading the most partition
-//! queues), a node stopped and started, one API instance `kill -9`ed, one worker `kill -9`ed,
-//! and a rolling restart of every node and every instance, one at a time. After each, the same
+//! queues), a node stopped and started, two nodes of three stopped (no majority: no 202) and
+//! started one at a time, one API instance `kill -9`ed, one worker `kill -9`ed, and a rolling
+//! restart of every node and every instance, one at a time. After each, the same
 //! checks; during each, the time until accepts and decisions resume, the longest pause of
 //! accepts on one partition and the share of requests refused, measured by probes (see
 //! [`faults::node_down`]); while a majority of nodes is up, accepts must go on.
