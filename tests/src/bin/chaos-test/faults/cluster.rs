@@ -578,3 +578,63 @@ pub async fn majority_lost(system: &mut System, down_for: Duration) -> Result<Ve
         .await?;
     Ok(violations)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(fault: Instant, ms: u64, partition: usize, answer: &str) -> Probe {
+        Probe {
+            sent: fault + Duration::from_millis(ms),
+            partition,
+            accepted: answer == "202",
+            refused: answer != "202" && answer != "none",
+            queue_full: answer == "queue_full",
+        }
+    }
+
+    #[test]
+    fn the_measures_of_a_fault_come_from_its_probes_alone() {
+        let fault = Instant::now() + Duration::from_secs(10);
+        let before = Probe {
+            sent: fault - Duration::from_millis(100),
+            ..probe(fault, 0, 0, "503")
+        };
+        let probes = [
+            before,
+            probe(fault, 100, 0, "202"),
+            probe(fault, 200, 1, "503"),
+            probe(fault, 300, 0, "queue_full"),
+            probe(fault, 400, 1, "none"),
+            probe(fault, 900, 1, "202"),
+            probe(fault, 1000, 0, "202"),
+            probe(fault, 5000, 0, "202"),
+        ];
+        let end = fault + Duration::from_millis(1200);
+        let measured = Measured::of(&probes, fault, end, 2);
+        // Partition 1 first accepted 0.9 s after the fault: every partition by then.
+        assert_eq!(measured.accepts_resumed, Some(Duration::from_millis(900)));
+        // Partition 1 accepted nothing from the fault until 0.9 s.
+        assert_eq!(measured.longest_pause, Duration::from_millis(900));
+        assert_eq!(
+            (
+                measured.accepted,
+                measured.refused,
+                measured.queue_full,
+                measured.unanswered
+            ),
+            (3, 2, 1, 1)
+        );
+        assert!((measured.refused_share() - 0.4).abs() < 1e-9);
+        assert!(measured.report("test", true).is_empty());
+
+        // A partition that never accepts within the window: no resumption, and its pause runs
+        // to the window's end.
+        let silent = Measured::of(&probes[..5], fault, end, 2);
+        assert_eq!(silent.accepts_resumed, None);
+        assert_eq!(silent.longest_pause, Duration::from_millis(1200));
+        let over = Measured::of(&probes[2..4], fault, fault + MAX_PAUSE * 2, 2);
+        assert_eq!(over.report("test", true).len(), 2);
+        assert!(over.report("test", false).is_empty());
+    }
+}
