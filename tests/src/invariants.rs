@@ -9,7 +9,16 @@
 //!   the product it was for, and none was withdrawn;
 //! - [`sold_within_supply`]: per product, units sold == `min(demand, supply)` and the stock
 //!   left == supply − sold, where the scenario knows demand and supply;
-//! - [`redis_matches_postgres`]: every decided transaction's status in Redis is its stored one.
+//! - [`redis_matches_postgres`]: every decided transaction's status in Redis is its stored one;
+//! - [`conserved`]: per product, `stock + held + units sold == supply`, so an order of several
+//!   products rejected took nothing and one that succeeded took every line (all or nothing),
+//!   and a hold's units are counted once, held or sold or back;
+//! - [`holds_consistent`]: every product's `held` is the units of its open holds, every slot's
+//!   `taken` and `held` its succeeded and open bookings.
+//!
+//! A transaction's product, where one is named ([`Outcome::product_id`], the accepted map of
+//! [`accepted_decided_once`]), is its one line's product, or for an order of several products
+//! the smallest product id of its items (the product that routes it).
 //!
 //! [`whole_database`] runs the checks that need nothing but the database and Redis, for a
 //! deployment whose database holds only one run (the benchmark's, the functional test's).
@@ -140,9 +149,7 @@ pub async fn accepted_decided_once(
     accepted: &HashMap<Uuid, i64>,
 ) -> Result<(Vec<Outcome>, Vec<String>)> {
     let ids: Vec<Uuid> = accepted.keys().copied().collect();
-    let rows: Vec<Outcome> = sqlx::query_as(
-        "SELECT id, user_id, product_id, status, reason FROM transactions WHERE id = ANY($1)",
-    )
+    let rows: Vec<Outcome> = sqlx::query_as(sqlx::AssertSqlSafe(format!("{OUTCOMES} WHERE t.id = ANY($1)")))
     .bind(&ids)
     .fetch_all(pool)
     .await
@@ -182,9 +189,15 @@ pub struct Outcome {
     pub reason: Option<String>,
 }
 
+/// The rows of `transactions` as [`Outcome`]s.
+const OUTCOMES: &str = "SELECT t.id, t.user_id, \
+     COALESCE(t.product_id, (SELECT min(i.product_id) FROM transaction_items i \
+                             WHERE i.transaction_id = t.id)) AS product_id, \
+     t.status, t.reason FROM transactions t";
+
 /// Every row of `transactions`.
 pub async fn every_outcome(pool: &PgPool) -> Result<Vec<Outcome>> {
-    sqlx::query_as("SELECT id, user_id, product_id, status, reason FROM transactions")
+    sqlx::query_as(OUTCOMES)
         .fetch_all(pool)
         .await
         .context("reading every transaction")
@@ -229,17 +242,90 @@ pub async fn stock_by_product(pool: &PgPool) -> Result<HashMap<i64, i64>> {
         .collect())
 }
 
-/// Units sold per product.
+/// Units sold per product (every line of every succeeded transaction).
 pub async fn sold_by_product(pool: &PgPool) -> Result<HashMap<i64, i64>> {
+    units_by_product(pool, "succeeded").await
+}
+
+/// Units of the lines of the transactions in `status`, per product.
+async fn units_by_product(pool: &PgPool, status: &str) -> Result<HashMap<i64, i64>> {
     Ok(sqlx::query_as(
-        "SELECT product_id, sum(quantity)::bigint FROM transactions \
-         WHERE status = 'succeeded' GROUP BY product_id",
+        "SELECT l.product_id, sum(l.quantity)::bigint FROM transaction_lines l \
+         JOIN transactions t ON t.id = l.transaction_id \
+         WHERE t.status = $1 GROUP BY l.product_id",
+    )
+    .bind(status)
+    .fetch_all(pool)
+    .await
+    .with_context(|| format!("reading the units {status}"))?
+    .into_iter()
+    .collect())
+}
+
+/// Per product of `supply` (its initial stock plus every restock): `stock + held + units sold
+/// == supply`, whatever the demand. Orders of several products, holds, checkouts, cancels and
+/// expiries all keep it: it is broken by a rejected order that took a line, a succeeded one
+/// that did not take every line, or a hold's units counted twice or lost.
+pub async fn conserved(pool: &PgPool, supply: &BTreeMap<i64, i64>) -> Result<Vec<String>> {
+    let counters: HashMap<i64, (i64, i64)> =
+        sqlx::query_as::<_, (i64, i64, i64)>("SELECT id, stock, held FROM products")
+            .fetch_all(pool)
+            .await
+            .context("reading the stock")?
+            .into_iter()
+            .map(|(id, stock, held)| (id, (stock, held)))
+            .collect();
+    let sold = sold_by_product(pool).await?;
+    let mut violations = Vec::new();
+    for (product, supply) in supply {
+        let sold = sold.get(product).copied().unwrap_or(0);
+        match counters.get(product) {
+            Some((stock, held)) if stock + held + sold == *supply => {}
+            Some((stock, held)) => violations.push(format!(
+                "product {product}: stock {stock} + held {held} + sold {sold} != supply {supply}"
+            )),
+            None => violations.push(format!("product {product} does not exist")),
+        }
+    }
+    Ok(violations)
+}
+
+/// Every product's `held` is the units of its open holds (`held` transactions), and every
+/// slot's `taken` and `held` are its succeeded and open bookings (its capacity, which staff may
+/// lower below them, is guarded by the database itself).
+pub async fn holds_consistent(pool: &PgPool) -> Result<Vec<String>> {
+    let held = units_by_product(pool, "held").await?;
+    let products: Vec<(i64, i64)> = sqlx::query_as("SELECT id, held FROM products ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .context("reading the held units")?;
+    let mut violations = Vec::new();
+    for (product, counter) in products {
+        let open = held.get(&product).copied().unwrap_or(0);
+        if counter != open {
+            violations.push(format!(
+                "product {product}: held {counter}, but its open holds hold {open}"
+            ));
+        }
+    }
+    let slots: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT s.id, s.taken, s.held, \
+           (SELECT count(*) FROM transactions t WHERE t.slot_id = s.id AND t.status = 'succeeded'), \
+           (SELECT count(*) FROM transactions t WHERE t.slot_id = s.id AND t.status = 'held') \
+         FROM slots s ORDER BY s.id",
     )
     .fetch_all(pool)
     .await
-    .context("reading the units sold")?
-    .into_iter()
-    .collect())
+    .context("reading the slots")?;
+    for (slot, taken, held, succeeded, open) in slots {
+        if (taken, held) != (succeeded, open) {
+            violations.push(format!(
+                "slot {slot}: taken {taken}, held {held}, but {succeeded} succeeded and {open} \
+                 open bookings name it"
+            ));
+        }
+    }
+    Ok(violations)
 }
 
 /// Redis, for [`redis_matches_postgres`]: the connection and the deployment's key prefix.
@@ -354,7 +440,8 @@ impl fmt::Display for Checked {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} order numbers, each day exactly 1..N and its counter N; no stock below zero",
+            "{} order numbers, each day exactly 1..N and its counter N; no stock below zero; \
+             held units and slot places equal to the open holds and bookings",
             self.numbered.total
         )?;
         if let Some(matched) = self.redis_matched {
@@ -369,6 +456,7 @@ impl fmt::Display for Checked {
 pub async fn whole_database(pool: &PgPool, statuses: Option<Statuses<'_>>) -> Result<Checked> {
     let (numbered, mut violations) = order_numbers(pool).await?;
     violations.extend(stock_never_negative(pool).await?);
+    violations.extend(holds_consistent(pool).await?);
     let redis_matched = match statuses {
         Some(statuses) => {
             let (matched, wrong) = redis_matches_postgres(pool, statuses, None).await?;

@@ -5,10 +5,12 @@
 
 mod answer;
 mod poll;
+mod shop;
 pub mod wire;
 
 pub use answer::{Answer, Unavailable, describe_failure, snippet};
 pub use poll::{Polled, poll_until_final};
+pub use shop::Reply;
 pub use wire::{Order, Product, Transaction};
 
 use anyhow::{Context as _, Result, ensure};
