@@ -149,7 +149,9 @@ pub async fn accepted_decided_once(
     accepted: &HashMap<Uuid, i64>,
 ) -> Result<(Vec<Outcome>, Vec<String>)> {
     let ids: Vec<Uuid> = accepted.keys().copied().collect();
-    let rows: Vec<Outcome> = sqlx::query_as(sqlx::AssertSqlSafe(format!("{OUTCOMES} WHERE t.id = ANY($1)")))
+    let rows: Vec<Outcome> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{OUTCOMES} WHERE t.id = ANY($1)"
+    )))
     .bind(&ids)
     .fetch_all(pool)
     .await

@@ -51,7 +51,8 @@ impl Reply {
 impl Api {
     /// Sends `request` and reads its answer; `Err` when no HTTP answer came.
     async fn reply(&self, request: RequestBuilder) -> Result<Reply, String> {
-        let response = (request.send().await).map_err(|e| format!("{:#}", anyhow::Error::new(e)))?;
+        let response =
+            (request.send().await).map_err(|e| format!("{:#}", anyhow::Error::new(e)))?;
         let status = response.status();
         let retry_after = header(&response, &RETRY_AFTER);
         let text = (response.text().await).map_err(|e| format!("{:#}", anyhow::Error::new(e)))?;
@@ -95,8 +96,8 @@ impl Api {
     /// `GET /api/v1/transaction/{id}` with `Prefer: wait=N`: exactly `200`, the body as JSON.
     pub async fn transaction_json(&self, id: Uuid, wait: Duration) -> Result<Value> {
         let path = format!("/api/v1/transaction/{id}");
-        let request = (self.client.get(self.url(&path)))
-            .header("Prefer", format!("wait={}", wait.as_secs()));
+        let request =
+            (self.client.get(self.url(&path))).header("Prefer", format!("wait={}", wait.as_secs()));
         let reply = (self.reply(request).await).map_err(anyhow::Error::msg)?;
         ensure!(
             reply.status == StatusCode::OK,
@@ -109,8 +110,8 @@ impl Api {
     /// `GET /api/v1/products/{id}`: exactly `200`, the body as JSON (with `held` and the rules).
     pub async fn product_json(&self, product_id: i64) -> Result<Value> {
         let path = format!("/api/v1/products/{product_id}");
-        let reply = (self.reply(self.client.get(self.url(&path))).await)
-            .map_err(anyhow::Error::msg)?;
+        let reply =
+            (self.reply(self.client.get(self.url(&path))).await).map_err(anyhow::Error::msg)?;
         ensure!(
             reply.status == StatusCode::OK,
             "GET {path} answered {}",
@@ -153,8 +154,8 @@ impl Api {
     /// `GET /api/v1/slots/{id}`: exactly `200`, the body as JSON.
     pub async fn slot_json(&self, slot_id: i64) -> Result<Value> {
         let path = format!("/api/v1/slots/{slot_id}");
-        let reply = (self.reply(self.client.get(self.url(&path))).await)
-            .map_err(anyhow::Error::msg)?;
+        let reply =
+            (self.reply(self.client.get(self.url(&path))).await).map_err(anyhow::Error::msg)?;
         ensure!(
             reply.status == StatusCode::OK,
             "GET {path} answered {}",
