@@ -10,7 +10,9 @@
 //!    accept-to-decided of the same requests).
 //! 3. Flash sale on one hot product, then requests for the sold-out product, then a restock.
 //! 4. Wide catalogue: uniform random requests over many products, backlog sampled.
-//! 5. Resident memory of allot-api and allot-worker (`--api-pid`, `--worker-pid`).
+//! 5. Resident memory of allot-api and allot-worker (`--api-pid`, `--worker-pid`), and the CPU
+//!    each component (allot-api, allot-worker, RabbitMQ, PostgreSQL, Redis, the bench itself)
+//!    used per request in the accept and wide scenarios (`cost.rs`; docs/scaling.md's inputs).
 //! 6. With `--chart PATH`, the accept phases' latency percentiles as an SVG picture.
 //!
 //! Correctness is asserted: everything accepted decided, succeeded == stock and stock 0 after
@@ -23,6 +25,7 @@
 //! A scenario over the test kit (`allot_tests`): its load generator, its client, its invariants.
 
 mod chart;
+mod cost;
 mod db;
 mod refserver;
 mod report;
@@ -296,14 +299,30 @@ async fn run(args: Args) -> Result<Vec<String>> {
             references.push(reference);
         }
     }
+    let components = cost::Components {
+        api: args.api_pid,
+        worker: args.worker_pid,
+    };
+    let before = components.snapshot();
     let accept = scenarios::accept(&mut bench, &settings).await?;
     report::accept(&accept);
+    let accepted = [&accept.closed, &accept.open, &accept.low]
+        .iter()
+        .map(|tally| tally.statuses.get(&202).copied().unwrap_or(0))
+        .sum();
+    before
+        .cost_until(&components.snapshot(), accepted)
+        .print("the accept scenario (every request accepted and decided)");
     let wait = scenarios::wait(&mut bench, &settings).await?;
     report::wait(&wait);
     let flash = scenarios::flash(&mut bench, &settings).await?;
     report::flash(&flash);
+    let before = components.snapshot();
     let wide = scenarios::wide(&mut bench, &settings).await?;
     report::wide(&wide, settings.partitions);
+    before
+        .cost_until(&components.snapshot(), wide.decisions.count)
+        .print("the wide catalogue (10,000 products; per decided request)");
     let mut redis = match &args.redis_url {
         Some(url) => Some(
             redis::aio::ConnectionManager::new(redis::Client::open(url.as_str())?)
