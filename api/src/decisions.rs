@@ -1,6 +1,8 @@
-//! Decisions pushed, not polled. The worker announces each committed batch's final statuses on
-//! a Redis channel ([`decisions_channel`]); a listener task of the API receives them and wakes
-//! whoever waits on those ids: a request with `Prefer: wait=N`, an SSE watcher.
+//! Decisions pushed, not polled. The worker announces each committed batch's statuses on a Redis
+//! channel ([`decisions_channel`]); a listener task of the API receives them and wakes whoever
+//! waits on those ids: a request with `Prefer: wait=N`, an SSE watcher, a checkout or cancel
+//! waiting for its decision. A status that is not the one waited for (a hold granted, when the
+//! watcher waits for its end) wakes the waiter, which registers again.
 //!
 //! Notifications only make answers come sooner; the store stays the truth. A waiter re-reads
 //! the store every [`RECHECK_LISTENING`] while the listener is subscribed, every
@@ -43,13 +45,17 @@ impl Decisions {
     /// Registers interest in `id`'s decision. Register before the store is read (or the request
     /// published), so that no notification can slip between the two.
     pub fn wait_for(self: &Arc<Self>, id: TransactionId) -> Waiter {
-        let (sender, receiver) = oneshot::channel();
-        self.lock().entry(id).or_default().push(sender);
         Waiter {
             decisions: self.clone(),
             id,
-            decided: Some(receiver),
+            decided: Some(self.register(id)),
         }
+    }
+
+    fn register(&self, id: TransactionId) -> oneshot::Receiver<TransactionView> {
+        let (sender, receiver) = oneshot::channel();
+        self.lock().entry(id).or_default().push(sender);
+        receiver
     }
 
     /// Whether the listener is subscribed.
@@ -129,43 +135,88 @@ impl Decisions {
     }
 }
 
+/// What woke a waiter.
+#[derive(Debug)]
+pub enum Wake {
+    /// A notification: the transaction as announced.
+    Notified(Box<TransactionView>),
+    /// Time to re-read the store (a notification may have been lost), or the deadline.
+    Recheck,
+    /// The server is shutting down.
+    Stopped,
+}
+
 impl Waiter {
-    /// Waits until the transaction is final (its view), or `deadline` (`None`), re-reading the
-    /// store as the module documentation says.
-    pub async fn until_final(
+    /// The transaction waited on.
+    pub fn transaction_id(&self) -> TransactionId {
+        self.id
+    }
+
+    /// Waits until the transaction is decided (no longer `pending`: held, or final), or
+    /// `deadline` (`None`).
+    pub async fn until_decided(
         mut self,
         state: &AppState,
         deadline: Instant,
     ) -> Option<TransactionView> {
+        self.until(state, deadline, |view| view.status != Status::Pending)
+            .await
+    }
+
+    /// Waits until the transaction's status satisfies `done` (its view), or `deadline`
+    /// (`None`), re-reading the store as the module documentation says.
+    pub async fn until(
+        &mut self,
+        state: &AppState,
+        deadline: Instant,
+        done: impl Fn(&TransactionView) -> bool,
+    ) -> Option<TransactionView> {
         loop {
-            let recheck = if self.decisions.is_listening() {
-                RECHECK_LISTENING
-            } else {
-                RECHECK_DEAF
-            };
-            let wake = (Instant::now() + recheck).min(deadline);
-            let notified = async {
-                match self.decided.as_mut() {
-                    Some(receiver) => receiver.await.ok(),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                view = notified => match view {
-                    Some(view) => return Some(view),
-                    None => self.decided = None,
-                },
-                () = tokio::time::sleep_until(wake) => {}
-                () = state.shutdown.cancelled() => return None,
+            match self.next(state, deadline).await {
+                Wake::Notified(view) if done(&view) => return Some(*view),
+                Wake::Stopped => return None,
+                Wake::Notified(_) | Wake::Recheck => {}
             }
             if let Ok(view) = crate::routes::read_transaction(state, self.id).await
-                && view.status != Status::Pending
+                && done(&view)
             {
                 return Some(view);
             }
             if Instant::now() >= deadline {
                 return None;
             }
+        }
+    }
+
+    /// Waits for the next notification about the transaction, or the next time to re-read the
+    /// store ([`RECHECK_LISTENING`], [`RECHECK_DEAF`], or `deadline`, whichever comes first).
+    /// After a notification the waiter is registered again, for the next one.
+    pub async fn next(&mut self, state: &AppState, deadline: Instant) -> Wake {
+        let recheck = if self.decisions.is_listening() {
+            RECHECK_LISTENING
+        } else {
+            RECHECK_DEAF
+        };
+        let wake = (Instant::now() + recheck).min(deadline);
+        let notified = async {
+            match self.decided.as_mut() {
+                Some(receiver) => receiver.await.ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            view = notified => match view {
+                Some(view) => {
+                    self.decided = Some(self.decisions.register(self.id));
+                    Wake::Notified(Box::new(view))
+                }
+                None => {
+                    self.decided = None;
+                    Wake::Recheck
+                }
+            },
+            () = tokio::time::sleep_until(wake) => Wake::Recheck,
+            () = state.shutdown.cancelled() => Wake::Stopped,
         }
     }
 }

@@ -54,6 +54,47 @@ pub enum ApiError {
     /// sees a generic message.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
+    /// 401 `unauthorized`: a buyer's token is needed, or the one sent is not good (forged,
+    /// altered, expired, revoked); the message says which.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// 401 `invalid_credentials`: no account has this username and password.
+    #[error("the username or the password is wrong")]
+    InvalidCredentials,
+    /// 403 `user_mismatch`: a buyer's token acts for its own account only.
+    #[error("{0}")]
+    UserMismatch(String),
+    /// 409 `username_taken`.
+    #[error("{0}")]
+    UsernameTaken(String),
+    /// 429 `rate_limited`, with `Retry-After`: too many logins for this username or from
+    /// this address.
+    #[error("too many login attempts; try again in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u32 },
+    /// 400 `invalid_idempotency_key`: the `Idempotency-Key` header is empty, too long, not
+    /// printable ASCII, or sent more than once.
+    #[error("{0}")]
+    InvalidIdempotencyKey(String),
+    /// 422 `idempotency_key_reused`: this key was used for another request.
+    #[error(
+        "this Idempotency-Key was used for another request (a different body or endpoint); use a new key"
+    )]
+    IdempotencyKeyReused,
+    /// 409 `idempotency_key_in_flight`, with `Retry-After`: an earlier request with this key
+    /// is still being accepted.
+    #[error("a request with this Idempotency-Key is still being processed; retry in a moment")]
+    IdempotencyKeyInFlight,
+    /// 422 `unknown_slot`: an order names a slot that does not exist.
+    #[error("{0}")]
+    UnknownSlot(String),
+    /// 409 `hold_expired`: a checkout or cancel of a hold that expired first (its units went
+    /// back).
+    #[error("{0}")]
+    HoldExpired(String),
+    /// 409 `not_held`: a checkout or cancel of a transaction that is not held (still pending,
+    /// already checked out, cancelled, or not a hold); the message says its status.
+    #[error("{0}")]
+    NotHeld(String),
 }
 
 /// Why a request was answered 503: each reason has a stable code of its own, so that clients
@@ -64,18 +105,23 @@ pub enum Unavailability {
     QueueFull,
     /// `broker_unavailable`: RabbitMQ is unreachable or did not confirm in time.
     BrokerUnavailable,
-    /// `redis_unavailable`: Redis, the status store, is unreachable.
+    /// `redis_unavailable`: Redis (statuses, the shared queue bound, Idempotency-Keys) is
+    /// unreachable.
     RedisUnavailable,
+    /// `database_unavailable`: PostgreSQL is unreachable where a request needs it at once
+    /// (accounts, sessions, a buyer's history, looking up a retried Idempotency-Key's request).
+    DatabaseUnavailable,
     /// `timeout`: the request took longer than the server's request timeout.
     Timeout,
 }
 
 impl Unavailability {
     /// Every reason, in the order of the README's error table.
-    pub const ALL: [Unavailability; 4] = [
+    pub const ALL: [Unavailability; 5] = [
         Unavailability::QueueFull,
         Unavailability::BrokerUnavailable,
         Unavailability::RedisUnavailable,
+        Unavailability::DatabaseUnavailable,
         Unavailability::Timeout,
     ];
 
@@ -84,6 +130,7 @@ impl Unavailability {
             Unavailability::QueueFull => "queue_full",
             Unavailability::BrokerUnavailable => "broker_unavailable",
             Unavailability::RedisUnavailable => "redis_unavailable",
+            Unavailability::DatabaseUnavailable => "database_unavailable",
             Unavailability::Timeout => "timeout",
         }
     }
@@ -99,8 +146,11 @@ pub struct ErrorBody<'a> {
 pub struct ErrorDetail<'a> {
     /// Stable and machine-readable: `malformed_json`, `invalid_body`, `unsupported_media_type`,
     /// `payload_too_large`, `invalid_id`, `invalid_query`, `unauthorized`, `not_found`,
-    /// `method_not_allowed`, `internal`, or for a 503 its reason: `queue_full`,
-    /// `broker_unavailable`, `redis_unavailable` or `timeout`.
+    /// `method_not_allowed` or `internal`; for buyers `invalid_credentials`, `user_mismatch`,
+    /// `username_taken`, `rate_limited`, `invalid_idempotency_key`, `idempotency_key_reused`
+    /// or `idempotency_key_in_flight`; for holds and slots `unknown_slot`, `not_held` or
+    /// `hold_expired`; for a 503 its reason: `queue_full`, `broker_unavailable`,
+    /// `redis_unavailable`, `database_unavailable` or `timeout`.
     #[schema(example = "invalid_body")]
     pub code: &'a str,
     /// For humans; may change.
@@ -134,6 +184,16 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unauthenticated(_) | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            ApiError::UserMismatch(_) => StatusCode::FORBIDDEN,
+            ApiError::UsernameTaken(_)
+            | ApiError::IdempotencyKeyInFlight
+            | ApiError::HoldExpired(_)
+            | ApiError::NotHeld(_) => StatusCode::CONFLICT,
+            ApiError::UnknownSlot(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::InvalidIdempotencyKey(_) => StatusCode::BAD_REQUEST,
+            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -150,6 +210,17 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Unavailable { reason, .. } => reason.code(),
             ApiError::Internal(_) => "internal",
+            ApiError::Unauthenticated(_) => "unauthorized",
+            ApiError::InvalidCredentials => "invalid_credentials",
+            ApiError::UserMismatch(_) => "user_mismatch",
+            ApiError::UsernameTaken(_) => "username_taken",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::IdempotencyKeyInFlight => "idempotency_key_in_flight",
+            ApiError::UnknownSlot(_) => "unknown_slot",
+            ApiError::HoldExpired(_) => "hold_expired",
+            ApiError::NotHeld(_) => "not_held",
         }
     }
 }
@@ -186,8 +257,16 @@ impl IntoResponse for ApiError {
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            ApiError::Unauthorized => {
+            ApiError::Unauthorized
+            | ApiError::Unauthenticated(_)
+            | ApiError::InvalidCredentials => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::RateLimited { retry_after_secs } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            ApiError::IdempotencyKeyInFlight => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

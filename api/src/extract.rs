@@ -1,11 +1,12 @@
 //! Extractors whose rejections speak our error shape: [`AppJson`] for bodies, [`AppPath`] for
-//! path parameters, [`AppQuery`] for query strings, [`Admin`] for the staff's bearer token, and
-//! parsers for path ids. [`decodable_path_params`] makes sure no handler, whichever path
+//! path parameters, [`AppQuery`] for query strings, [`Admin`] for the staff's bearer token,
+//! [`ClientAddress`] for the peer's address (the buyers' extractor, who sent a request, is
+//! [`crate::buyers::Caller`]), and parsers for path ids. [`decodable_path_params`] makes sure no handler, whichever path
 //! extractor it uses, ever sees a path parameter that is not valid UTF-8.
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use allot_shared::{ProductId, TransactionId};
+use allot_shared::{ProductId, SlotId, TransactionId};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{
@@ -190,4 +191,32 @@ pub fn product_id(raw: &str) -> Result<ProductId, ApiError> {
         .ok()
         .and_then(|id| ProductId::try_from(id).ok())
         .ok_or_else(|| ApiError::InvalidId(format!("product id {raw:?} is not a positive integer")))
+}
+
+/// Parses a slot id from the path (400 `invalid_id` unless a positive integer).
+pub fn slot_id(raw: &str) -> Result<SlotId, ApiError> {
+    raw.parse::<i64>()
+        .ok()
+        .and_then(|id| SlotId::try_from(id).ok())
+        .ok_or_else(|| ApiError::InvalidId(format!("slot id {raw:?} is not a positive integer")))
+}
+
+/// The client's address: the TCP peer's (see [`crate::buyers::limits`] on proxies), or the
+/// unspecified address when the server was not started with connection info (a router driven
+/// in-process).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddress(pub std::net::IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0.ip());
+        Ok(ClientAddress(peer.unwrap_or(std::net::IpAddr::V4(
+            std::net::Ipv4Addr::UNSPECIFIED,
+        ))))
+    }
 }

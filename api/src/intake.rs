@@ -20,12 +20,20 @@
 //!    are refused and can never be sold.
 //!
 //! A request whose client went away meanwhile is settled all the same; its answer is dropped.
+//!
+//! A checkout or cancel of a hold ([`Command`]) takes the same lanes, to its hold's partition:
+//! it has no pending status of its own (its hold's stays as it is), and one the broker may have
+//! stored unconfirmed is withdrawn in PostgreSQL too ([`stored::withdraw_commands`]), so that a
+//! `503` never confirms or releases a hold.
 
 use crate::publisher::{PublishError, Publisher};
 use allot_shared::message::{envelope, envelope_len};
 use allot_shared::status_store::StatusStore;
 use allot_shared::stored::{self, Withdrawal};
-use allot_shared::{Clock, PartitionId, PurchaseRequest, SystemClock, TransactionView};
+use allot_shared::{
+    Clock, Command, CommandOutcome, Order, PartitionId, ProductId, Request, SystemClock,
+    TransactionView,
+};
 use sqlx::PgPool;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -40,7 +48,8 @@ pub enum Refusal {
     /// The broker is down or did not confirm.
     #[error("the order queue is unavailable")]
     BrokerUnavailable,
-    /// Redis could not record the pending status; nothing was published.
+    /// Redis could not record the pending status, or reserve a place in the queue's shared
+    /// bound; nothing was published.
     #[error("the status store is unavailable")]
     StoreUnavailable,
     /// The partition queue does not exist.
@@ -61,6 +70,7 @@ impl Refusal {
         match err {
             PublishError::QueueFull => Refusal::QueueFull,
             PublishError::Unroutable(queue) => Refusal::Unroutable(queue.clone()),
+            PublishError::BoundUnavailable(_) => Refusal::StoreUnavailable,
             PublishError::Timeout
             | PublishError::Disconnected
             | PublishError::Unreachable(_)
@@ -88,7 +98,7 @@ pub struct Intake {
 
 /// One request handed to a lane, and where its answer goes.
 struct Job {
-    request: PurchaseRequest,
+    request: Request,
     json: Vec<u8>,
     answer: oneshot::Sender<Result<(), Refusal>>,
 }
@@ -125,9 +135,22 @@ impl Intake {
     }
 
     /// Accepts `request` once the broker confirmed the message that carries it; see the module
-    /// documentation.
-    pub async fn accept(&self, request: PurchaseRequest) -> Result<(), Refusal> {
-        let partition = self.publisher.partition_of(request.product_id);
+    /// documentation. An order of several products goes to the partition of its smallest
+    /// product id (the worker locks every product it names, whichever partition it belongs
+    /// to).
+    pub async fn accept(&self, request: Order) -> Result<(), Refusal> {
+        let route = request.routing_product();
+        self.accept_in(route, Request::Order(request)).await
+    }
+
+    /// Accepts a checkout or cancel of a hold whose orders go to `route`'s partition (its
+    /// smallest product), once the broker confirmed the message that carries it.
+    pub async fn accept_command(&self, command: Command, route: ProductId) -> Result<(), Refusal> {
+        self.accept_in(route, Request::Command(command)).await
+    }
+
+    async fn accept_in(&self, route: ProductId, request: Request) -> Result<(), Refusal> {
+        let partition = self.publisher.partition_of(route);
         let (answer, answered) = oneshot::channel();
         let job = Job {
             json: request.to_json(),
@@ -189,9 +212,14 @@ impl Settler {
         metrics::histogram!("allot_api_envelope_requests").record(batch.len() as f64);
         let pending: Vec<TransactionView> = batch
             .iter()
-            .map(|job| TransactionView::pending(&job.request))
+            .filter_map(|job| match &job.request {
+                Request::Order(order) => Some(TransactionView::pending(order)),
+                Request::Command(_) => None,
+            })
             .collect();
-        if let Err(err) = self.statuses.record_pending(&pending).await {
+        if !pending.is_empty()
+            && let Err(err) = self.statuses.record_pending(&pending).await
+        {
             tracing::warn!(error = %format_args!("{err:#}"), "refusing requests: Redis is unavailable");
             return answer_all(batch, Err(Refusal::StoreUnavailable));
         }
@@ -203,12 +231,10 @@ impl Settler {
         let refusal = Refusal::of_publish(&err);
         let mut refused = Vec::with_capacity(batch.len());
         if err.is_ambiguous() {
-            let requests: Vec<PurchaseRequest> =
-                batch.iter().map(|job| job.request.clone()).collect();
-            let withdrawals = self.withdraw(partition, &requests).await;
-            for (job, withdrawal) in batch.into_iter().zip(withdrawals) {
-                if withdrawal == Some(Withdrawal::AlreadyDecided) {
-                    tracing::info!(transaction_id = %job.request.transaction_id, "unconfirmed publish was stored and decided after all: accepted");
+            let withdrawals = self.withdraw(partition, &batch).await;
+            for (job, decided) in batch.into_iter().zip(withdrawals) {
+                if decided {
+                    tracing::info!(transaction_id = %job.request.transaction_id(), "unconfirmed publish was stored and decided after all: accepted");
                     let _ = job.answer.send(Ok(()));
                 } else {
                     refused.push(job);
@@ -219,27 +245,73 @@ impl Settler {
         }
         let ids: Vec<_> = refused
             .iter()
-            .map(|job| job.request.transaction_id)
+            .filter_map(|job| match &job.request {
+                Request::Order(order) => Some(order.transaction_id),
+                Request::Command(_) => None,
+            })
             .collect();
         self.statuses.forget(&ids).await;
         answer_all(refused, Err(refusal));
     }
 
-    /// Withdraws requests whose message may have reached the broker unconfirmed (see
-    /// [`stored::withdraw`]); `None` for each if the database could not be asked: the 503s
-    /// then stay ambiguous, the one case where a refused request may still be decided.
-    async fn withdraw(
-        &self,
-        partition: PartitionId,
-        requests: &[PurchaseRequest],
-    ) -> Vec<Option<Withdrawal>> {
-        match stored::withdraw(&self.pool, requests, partition, SystemClock.now()).await {
-            Ok(withdrawals) => withdrawals.into_iter().map(Some).collect(),
-            Err(err) => {
-                tracing::error!(error = %err, count = requests.len(), "could not withdraw unconfirmed requests; they may still be decided");
-                vec![None; requests.len()]
+    /// Withdraws the requests of `batch`, whose message may have reached the broker
+    /// unconfirmed (see [`stored::withdraw`] and [`stored::withdraw_commands`]), and says for
+    /// each whether a worker decided it first (it was accepted after all). If the database
+    /// could not be asked, each counts as refused: the 503s then stay ambiguous, the one case
+    /// where a refused request may still be decided.
+    async fn withdraw(&self, partition: PartitionId, batch: &[Job]) -> Vec<bool> {
+        let now = SystemClock.now();
+        let orders: Vec<Order> = batch
+            .iter()
+            .filter_map(|job| match &job.request {
+                Request::Order(order) => Some(order.clone()),
+                Request::Command(_) => None,
+            })
+            .collect();
+        let commands: Vec<Command> = batch
+            .iter()
+            .filter_map(|job| match &job.request {
+                Request::Command(command) => Some(command.clone()),
+                Request::Order(_) => None,
+            })
+            .collect();
+        let orders_decided: Vec<bool> = if orders.is_empty() {
+            Vec::new()
+        } else {
+            match stored::withdraw(&self.pool, &orders, partition, now).await {
+                Ok(withdrawals) => withdrawals
+                    .into_iter()
+                    .map(|withdrawal| withdrawal == Withdrawal::AlreadyDecided)
+                    .collect(),
+                Err(err) => {
+                    tracing::error!(error = %err, count = orders.len(), "could not withdraw unconfirmed requests; they may still be decided");
+                    vec![false; orders.len()]
+                }
             }
-        }
+        };
+        let commands_decided: Vec<bool> = if commands.is_empty() {
+            Vec::new()
+        } else {
+            match stored::withdraw_commands(&self.pool, &commands, now).await {
+                Ok(outcomes) => outcomes
+                    .into_iter()
+                    .map(|outcome| outcome != CommandOutcome::Withdrawn)
+                    .collect(),
+                Err(err) => {
+                    tracing::error!(error = %err, count = commands.len(), "could not withdraw unconfirmed checkouts or cancels; they may still be decided");
+                    vec![false; commands.len()]
+                }
+            }
+        };
+        let (mut orders_decided, mut commands_decided) =
+            (orders_decided.into_iter(), commands_decided.into_iter());
+        batch
+            .iter()
+            .map(|job| match job.request {
+                Request::Order(_) => orders_decided.next().unwrap_or(false),
+                Request::Command(_) => commands_decided.next().unwrap_or(false),
+            })
+            .collect()
     }
 }
 

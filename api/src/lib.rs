@@ -8,16 +8,18 @@
 //! `127.0.0.1:0` and drive a real server; `main` only reads the configuration and calls it.
 
 pub mod backlog;
+pub mod buyers;
+pub mod catalogue;
 pub mod config;
 pub mod decisions;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 pub mod intake;
 pub mod observe;
 pub mod openapi;
 pub mod publisher;
 pub mod routes;
-pub mod sold_out;
 pub mod state;
 
 pub use config::ApiConfig;
@@ -36,16 +38,29 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let publisher = state.publisher.clone();
-    let refresher = state.sold_out_refresh.map(|every| {
+    let refresher = state.catalogue_refresh.map(|every| {
         state
-            .sold_out
+            .catalogue
             .clone()
             .spawn_refresher(state.pool.clone(), every)
     });
+    let revocations = state
+        .buyers
+        .revocations
+        .clone()
+        .start_refresher(state.pool.clone(), state.buyers.revocation_refresh)
+        .await;
+    let limits_cleaner = state
+        .buyers
+        .limits
+        .clone()
+        .spawn_cleaner(std::time::Duration::from_secs(60));
     let stopping = state.shutdown.clone();
     let address = listener.local_addr().context("listener has no address")?;
     tracing::info!(%address, "API listening");
-    axum::serve(listener, routes::router(state))
+    // The peer's address is what the login rate limit counts per client.
+    let app = routes::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             stopping.cancel();
@@ -55,6 +70,8 @@ pub async fn run(
     if let Some(refresher) = refresher {
         refresher.abort();
     }
+    revocations.abort();
+    limits_cleaner.abort();
     publisher.close().await;
     tracing::info!("API stopped");
     Ok(())

@@ -14,6 +14,9 @@ async fn main() -> anyhow::Result<()> {
             "ALLOT_ADMIN_TOKEN is not set: using the development default; set it in production"
         );
     }
+    if let Some(ignored) = config.common.ignored_amqp_url() {
+        tracing::warn!(%ignored, "ALLOT_AMQP_URL is ignored: ALLOT_AMQP_URLS is set");
+    }
     let pool =
         db::connect_and_migrate(&config.common.database_url, config.db_max_connections).await?;
     let redis =

@@ -15,9 +15,17 @@ pub const DOCUMENT_PATH: &str = "/api-docs/openapi.json";
 pub const DOCS_PATH: &str = "/docs";
 /// The name of the staff's bearer-token security scheme.
 pub const ADMIN_TOKEN: &str = "admin_token";
+/// The name of the buyers' bearer-token security scheme.
+pub const BUYER_TOKEN: &str = "buyer_token";
 
 /// Tag of the buying endpoints.
 pub const ORDERS: &str = "orders";
+/// Tag of accounts, login and history.
+pub const BUYERS: &str = "buyers";
+/// Tag of checkout and cancel of holds.
+pub const HOLDS: &str = "holds";
+/// Tag of the capacity counters (slots).
+pub const SLOTS: &str = "slots";
 /// Tag of the catalogue endpoints.
 pub const PRODUCTS: &str = "products";
 /// Tag of health, readiness, metrics and statistics.
@@ -36,14 +44,18 @@ pub const OPERATIONS: &str = "operations";
     ),
     tags(
         (name = ORDERS, description = "Buying, and following a purchase to its outcome"),
-        (name = PRODUCTS, description = "The catalogue: anyone reads it; staff (bearer token) create and restock"),
+        (name = BUYERS, description = "Buyer accounts: sign up, log in for a bearer token, log out; a buyer's order history"),
+        (name = HOLDS, description = "Holds: a purchase with `hold_seconds` takes its units without an order number; check it out (numbered then), cancel it, or let it expire"),
+        (name = PRODUCTS, description = "The catalogue: anyone reads it; staff (bearer token) create, restock and set limits, sale windows and pauses"),
+        (name = SLOTS, description = "Capacity counters (delivery slots): anyone reads them with their places taken, held and remaining; staff create and change them"),
         (name = OPERATIONS, description = "Health, readiness, metrics and live statistics")
     ),
     modifiers(&AdminToken)
 )]
 pub struct ApiDoc;
 
-/// Declares the staff's `Authorization: Bearer <ALLOT_ADMIN_TOKEN>` scheme.
+/// Declares the staff's `Authorization: Bearer <ALLOT_ADMIN_TOKEN>` scheme, and the buyers'
+/// `Authorization: Bearer <token from POST /api/v1/auth/login>`.
 struct AdminToken;
 
 impl Modify for AdminToken {
@@ -53,6 +65,14 @@ impl Modify for AdminToken {
             ADMIN_TOKEN,
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+        let mut buyer = Http::new(HttpAuthScheme::Bearer);
+        buyer.bearer_format = Some("allotb1".into());
+        buyer.description = Some(
+            "A buyer's token from `POST /api/v1/auth/login`, signed, valid until its `expires_at` \
+             or its logout"
+                .into(),
+        );
+        components.add_security_scheme(BUYER_TOKEN, SecurityScheme::Http(buyer));
     }
 }
 
@@ -62,37 +82,72 @@ impl Modify for AdminToken {
 pub struct ConfiguredLimits {
     /// `ALLOT_MAX_QUANTITY`.
     pub max_quantity: i64,
+    /// `ALLOT_MAX_HOLD_SECONDS`.
+    pub max_hold_seconds: i64,
 }
 
 impl ConfiguredLimits {
     pub fn of(state: &AppState) -> Self {
         Self {
             max_quantity: state.max_quantity,
+            max_hold_seconds: state.max_hold_seconds,
         }
     }
 }
 
 impl Modify for ConfiguredLimits {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let add_to_cart = openapi
-            .components
-            .as_mut()
-            .and_then(|components| components.schemas.get_mut("AddToCart"));
-        let Some(RefOr::T(Schema::Object(add_to_cart))) = add_to_cart else {
-            panic!("the document has the AddToCart schema");
-        };
-        add_to_cart.properties.insert(
-            "quantity".into(),
-            ObjectBuilder::new()
-                .schema_type(Type::Integer)
-                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
-                .minimum(Some(1))
-                .maximum(Some(self.max_quantity))
-                .description(Some(format!(
-                    "How many units: 1 to {} (this server's ALLOT_MAX_QUANTITY)",
-                    self.max_quantity
-                )))
-                .into(),
-        );
+        // addToCart's quantity, and the quantity of each line of an order.
+        for schema in ["AddToCart", "OrderItem"] {
+            let object = openapi
+                .components
+                .as_mut()
+                .and_then(|components| components.schemas.get_mut(schema));
+            let Some(RefOr::T(Schema::Object(object))) = object else {
+                panic!("the document has the {schema} schema");
+            };
+            object.properties.insert(
+                "quantity".into(),
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                    .minimum(Some(1))
+                    .maximum(Some(self.max_quantity))
+                    .description(Some(format!(
+                        "How many units: 1 to {} (this server's ALLOT_MAX_QUANTITY)",
+                        self.max_quantity
+                    )))
+                    .into(),
+            );
+        }
+        // The hold a purchase may ask for.
+        for schema in ["AddToCart", "NewOrder"] {
+            let object = openapi
+                .components
+                .as_mut()
+                .and_then(|components| components.schemas.get_mut(schema));
+            let Some(RefOr::T(Schema::Object(object))) = object else {
+                panic!("the document has the {schema} schema");
+            };
+            object.properties.insert(
+                "hold_seconds".into(),
+                ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+                        Type::Integer,
+                        Type::Null,
+                    ]))
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                    .minimum(Some(1))
+                    .maximum(Some(self.max_hold_seconds))
+                    .description(Some(format!(
+                        "Hold the units (and the slot's place) for this many seconds instead of \
+                         buying at once: 1 to {} (this server's ALLOT_MAX_HOLD_SECONDS); absent or \
+                         null: buy now. A hold is `held`, without an order number, until checked \
+                         out, cancelled or expired",
+                        self.max_hold_seconds
+                    )))
+                    .into(),
+            );
+        }
     }
 }

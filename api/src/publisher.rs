@@ -5,13 +5,18 @@
 //! The partitions' intake lanes share a few confirm-mode channels, taken in turn; each awaits
 //! its own confirm, so confirms are pipelined rather than serialised. More than one channel because
 //! a channel is one sequence of frames and confirms on the broker side: under load a single one
-//! became the accept path's bottleneck (see docs/benchmarks.md). A connection that fails is
-//! replaced by a fresh one in the background; while there is none, publishes are refused at once.
-//! While it is up, the same background task reads every partition queue's depth for the API's
-//! own bound below the broker's limit ([`crate::backlog`]).
+//! became the accept path's bottleneck (see docs/benchmarks.md).
+//!
+//! The connection goes to whichever address of `ALLOT_AMQP_URLS` answers
+//! ([`allot_shared::brokers::Failover`]). A connection that fails is replaced by a fresh one in
+//! the background, on the next address first, with a capped backoff between rounds; while there
+//! is none, publishes are refused at once. While it is up, the same background task reads every
+//! partition queue's depth for the API's own bound below the broker's limit, shared by every
+//! API instance ([`crate::backlog`]).
 
 use crate::backlog::{self, Backlog};
-use allot_shared::amqp::{self, Topology};
+use allot_shared::amqp::Topology;
+use allot_shared::brokers::{BrokerAddress, Brokers, Failover};
 use allot_shared::message::{COUNT_HEADER, ENVELOPE_TYPE};
 use allot_shared::partition::partition_for;
 use allot_shared::{PartitionId, ProductId};
@@ -22,6 +27,13 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+/// How long opening the channels of a fresh connection, declaring the queues and enabling
+/// confirms may take before the address counts as failed (a node that answers the handshake
+/// but cannot serve its queues, say without a quorum, must not hold the API).
+const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest pause between two rounds over the addresses.
+const MAX_PAUSE: Duration = Duration::from_secs(2);
 
 /// Why a publish did not become an accepted request.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +59,10 @@ pub enum PublishError {
     /// may or may not have stored it.
     #[error("the connection failed before the broker confirmed: {0}")]
     ConfirmLost(lapin::Error),
+    /// The queue's bound, shared by the API instances in Redis, could not be asked; nothing was
+    /// sent.
+    #[error("the queue bound in Redis is unavailable: {0}")]
+    BoundUnavailable(redis::RedisError),
 }
 
 impl PublishError {
@@ -68,14 +84,15 @@ fn publish_result(result: &Result<(), PublishError>) -> &'static str {
 }
 
 /// The API's connection to RabbitMQ and its confirm-mode channels. When the connection fails
-/// (the broker restarts), a background task opens a fresh one, declares the queues and enables
-/// confirms again, retrying with a capped backoff; meanwhile publishes are refused at once.
+/// (the broker node stops), a background task opens a fresh one (on the next address of the
+/// list first), declares the queues and enables confirms again, retrying with a capped
+/// backoff; meanwhile publishes are refused at once.
 pub struct Publisher {
     link: Arc<RwLock<Arc<Link>>>,
     /// The next channel to use (modulo their number).
     next: AtomicUsize,
     topology: Topology,
-    backlog: Arc<Backlog>,
+    backlog: Backlog,
     confirm_timeout: Duration,
     reconnect: tokio::task::JoinHandle<()>,
 }
@@ -84,11 +101,56 @@ pub struct Publisher {
 struct Link {
     connection: Connection,
     channels: Vec<Channel>,
+    /// The broker address the connection uses.
+    address: BrokerAddress,
 }
 
 impl Link {
-    async fn open(url: &str, topology: &Topology, channels: usize) -> anyhow::Result<Link> {
-        let connection = amqp::connect(url, "allot-api").await?;
+    /// One round over the addresses: the first that answers and sets up in time. An address
+    /// that answers but fails its setup is left, and the next one tried.
+    async fn open(
+        failover: &mut Failover,
+        topology: &Topology,
+        channels: usize,
+    ) -> anyhow::Result<Link> {
+        let mut failures = Vec::new();
+        for _ in 0..failover.brokers().addresses().len() {
+            let (connection, address) = match failover.connect().await {
+                Ok(connected) => connected,
+                Err(err) => {
+                    failures.push(format!("{err:#}"));
+                    break; // a whole round answered nothing
+                }
+            };
+            let setup = Link::set_up(&connection, topology, channels);
+            let failure = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+                Ok(Ok(opened)) => {
+                    return Ok(Link {
+                        connection,
+                        channels: opened,
+                        address,
+                    });
+                }
+                Ok(Err(err)) => format!("{address}: {err:#}"),
+                Err(_elapsed) => format!("{address}: setup took over {SETUP_TIMEOUT:?}"),
+            };
+            tracing::warn!(broker = %address, error = %failure, "RabbitMQ connection could not be set up; trying the next address");
+            failures.push(failure);
+            failover.lost();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                connection.close(200, "setup failed".into()),
+            )
+            .await;
+        }
+        anyhow::bail!("{}", failures.join("; "))
+    }
+
+    async fn set_up(
+        connection: &Connection,
+        topology: &Topology,
+        channels: usize,
+    ) -> anyhow::Result<Vec<Channel>> {
         let mut opened = Vec::with_capacity(channels.max(1));
         for _ in 0..channels.max(1) {
             let channel = connection
@@ -104,10 +166,7 @@ impl Link {
                 .context("failed to enable publisher confirms")?;
             opened.push(channel);
         }
-        Ok(Link {
-            connection,
-            channels: opened,
-        })
+        Ok(opened)
     }
 
     fn is_up(&self) -> bool {
@@ -122,14 +181,15 @@ impl Link {
 /// Replaces a link that went down, and reads the queue depths while it is up, for as long as
 /// the API runs.
 async fn keep_connected(
-    url: String,
+    mut failover: Failover,
     topology: Topology,
     channels: usize,
     link: Arc<RwLock<Arc<Link>>>,
-    backlog: Arc<Backlog>,
+    backlog: Backlog,
 ) {
     let mut pause = Duration::from_millis(100);
     let mut probe = None;
+    let mut was_up = true;
     loop {
         let current = link.read().expect("publisher link lock").clone();
         if current.is_up() {
@@ -138,27 +198,34 @@ async fn keep_connected(
             tokio::time::sleep(backlog::POLL_EVERY).await;
             continue;
         }
+        if was_up {
+            tracing::warn!(broker = %current.address, "the RabbitMQ connection is down; connecting again, next address first");
+            failover.lost();
+            was_up = false;
+        }
         probe = None;
-        match Link::open(&url, &topology, channels).await {
+        match Link::open(&mut failover, &topology, channels).await {
             Ok(fresh) => {
                 let old = std::mem::replace(
                     &mut *link.write().expect("publisher link lock"),
                     Arc::new(fresh),
                 );
-                tracing::info!("reconnected to RabbitMQ");
+                tracing::info!(broker = %link.read().expect("publisher link lock").address, "reconnected to RabbitMQ");
+                was_up = true;
                 drop(old);
             }
             Err(err) => {
                 tracing::warn!(error = %format_args!("{err:#}"), retry_in = ?pause, "RabbitMQ unreachable; reconnecting");
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
+                pause = (pause * 2).min(MAX_PAUSE);
             }
         }
     }
 }
 
-/// Reads every partition queue's depth (a passive declare on a channel of its own: a failed one
-/// closes its channel) into `backlog`.
+/// Reads every partition queue's depth (passive declares on a channel of their own: a failed
+/// one closes its channel) into the shared `backlog`. A round whose Redis part fails changes
+/// nothing (the estimates stay as they are, erring on the full side).
 async fn read_depths(
     link: &Link,
     topology: &Topology,
@@ -174,17 +241,27 @@ async fn read_depths(
     let Some(channel) = probe.as_ref() else {
         return;
     };
+    let reads = match backlog.begin_reads().await {
+        Ok(reads) => reads,
+        Err(err) => {
+            tracing::debug!(error = %err, "could not read the queue bound from Redis");
+            return;
+        }
+    };
+    let mut depths = Vec::with_capacity(usize::from(topology.partitions));
     for partition in topology.partitions() {
-        let read = backlog.begin_read(partition);
         match topology.depth(channel, partition).await {
-            Ok(depth) => backlog.end_read(read, Some(i64::from(depth))),
+            Ok(depth) => depths.push(Some(i64::from(depth))),
             Err(err) => {
-                backlog.end_read(read, None);
                 tracing::debug!(error = %err, "could not read a queue's depth");
                 *probe = None;
-                return;
+                break;
             }
         }
+    }
+    depths.resize(usize::from(topology.partitions), None);
+    if let Err(err) = backlog.end_reads(reads, &depths).await {
+        tracing::debug!(error = %err, "could not record the queue depths in Redis");
     }
 }
 
@@ -195,18 +272,22 @@ impl Drop for Publisher {
 }
 
 impl Publisher {
-    /// Connects, declares every partition queue and opens `channels` confirm-mode channels.
+    /// Connects to the first address of `brokers` that answers, declares every partition queue
+    /// and opens `channels` confirm-mode channels; fails if no address answers. `backlog` is the
+    /// queues' bound, shared with the other API instances.
     pub async fn connect(
-        url: &str,
+        brokers: Brokers,
         topology: Topology,
+        backlog: Backlog,
         confirm_timeout: Duration,
         channels: usize,
     ) -> anyhow::Result<Self> {
-        let link = Link::open(url, &topology, channels).await?;
+        tracing::info!(brokers = %brokers, "RabbitMQ addresses");
+        let mut failover = Failover::new(brokers, "allot-api");
+        let link = Link::open(&mut failover, &topology, channels).await?;
         let link = Arc::new(RwLock::new(Arc::new(link)));
-        let backlog = Arc::new(Backlog::new(topology.partitions, topology.max_length));
         let reconnect = tokio::spawn(keep_connected(
-            url.to_owned(),
+            failover,
             topology.clone(),
             channels,
             link.clone(),
@@ -255,12 +336,18 @@ impl Publisher {
         let place = self
             .backlog
             .reserve(partition)
+            .await
+            .map_err(PublishError::BoundUnavailable)?
             .ok_or(PublishError::QueueFull)?;
         let result = self
             .send_and_confirm(&channel, partition, body, requests)
             .await;
+        // Settled in the background: the requests' answers need not wait for Redis, and until
+        // it is settled the place counts as in flight (the estimate errs on the full side).
         if result.is_ok() || result.as_ref().is_err_and(PublishError::is_ambiguous) {
-            place.keep(); // stored, or perhaps stored
+            tokio::spawn(place.keep()); // stored, or perhaps stored
+        } else {
+            tokio::spawn(place.give_back());
         }
         result
     }
@@ -331,8 +418,12 @@ impl Publisher {
     pub async fn close(&self) {
         self.reconnect.abort();
         let link = self.link.read().expect("publisher link lock").clone();
-        if let Err(err) = link.connection.close(200, "api shutting down".into()).await {
-            tracing::debug!(error = %err, "closing the RabbitMQ connection");
+        // Bounded: a node that hangs must not hold the API's exit.
+        let close = link.connection.close(200, "api shutting down".into());
+        match tokio::time::timeout(Duration::from_secs(5), close).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::debug!(error = %err, "closing the RabbitMQ connection"),
+            Err(_elapsed) => tracing::debug!("closing the RabbitMQ connection timed out"),
         }
     }
 }

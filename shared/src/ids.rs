@@ -124,6 +124,44 @@ positive_id!(
     "quantity"
 );
 
+positive_id!(
+    /// A capacity counter (`slots.id`): a delivery slot, or any finite capacity an order takes
+    /// one place of.
+    SlotId,
+    "slot_id"
+);
+positive_id!(
+    /// How long a hold keeps its units, in seconds. At least 1; the API also enforces the
+    /// configured maximum (`ALLOT_MAX_HOLD_SECONDS`).
+    HoldSeconds,
+    "hold_seconds"
+);
+
+/// Identifies one checkout or cancel of a hold (or one expiry the worker asked for), from the
+/// API's publish to its decision: the primary key of `hold_commands` decides each once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CommandId(pub Uuid);
+
+impl CommandId {
+    /// A fresh, time-ordered id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for CommandId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for CommandId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// One of the `ALLOT_PARTITIONS` partitions; each has its own queue and is decided serially.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]

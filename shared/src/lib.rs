@@ -6,6 +6,7 @@
 //! never disagree about a queue name, a Redis key or the shape of a message.
 
 pub mod amqp;
+pub mod brokers;
 pub mod clock;
 pub mod config;
 pub mod db;
@@ -14,6 +15,7 @@ pub mod message;
 pub mod metrics;
 pub mod outcome;
 pub mod partition;
+pub mod sale;
 pub mod shutdown;
 pub mod status_store;
 pub mod stored;
@@ -21,6 +23,10 @@ pub mod telemetry;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::CommonConfig;
-pub use ids::{PartitionId, ProductId, Quantity, TransactionId, UserId};
-pub use message::PurchaseRequest;
-pub use outcome::{OrderNumber, Outcome, RejectReason, Status, TransactionView};
+pub use ids::{
+    CommandId, HoldSeconds, PartitionId, ProductId, Quantity, SlotId, TransactionId, UserId,
+};
+pub use message::{Command, CommandKind, Line, Lines, Order, PurchaseRequest, Request};
+pub use outcome::{
+    CommandOutcome, OrderNumber, Outcome, RejectReason, Rejection, Status, TransactionView,
+};

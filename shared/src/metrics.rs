@@ -17,6 +17,16 @@ const SECONDS_BUCKETS: &[f64] = &[
 const BATCH_SIZE_BUCKETS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];
+/// Buckets of the hold histograms (time from a hold to its checkout, and how late an expiry
+/// was released), in seconds: holds last up to an hour by default.
+const HOLD_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+/// The histograms that take [`HOLD_BUCKETS`].
+pub const HOLD_HISTOGRAMS: [&str; 2] = [
+    "allot_worker_hold_checkout_seconds",
+    "allot_worker_expiry_lateness_seconds",
+];
 /// How often recorded histogram samples are folded in when nobody scrapes, so they cannot pile
 /// up in memory.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
@@ -35,6 +45,11 @@ pub fn install() -> PrometheusHandle {
                         Matcher::Full("allot_worker_batch_size".into()),
                         BATCH_SIZE_BUCKETS,
                     )
+                })
+                .and_then(|builder| {
+                    HOLD_HISTOGRAMS.iter().try_fold(builder, |builder, name| {
+                        builder.set_buckets_for_metric(Matcher::Full((*name).into()), HOLD_BUCKETS)
+                    })
                 })
                 .expect("the bucket lists are not empty")
                 .build_recorder();

@@ -9,17 +9,29 @@ use std::collections::BTreeSet;
 
 /// Every operation of the JSON API, as the router registers it.
 const OPERATIONS: &[(&str, &str)] = &[
+    ("GET", "/api/v1/orders/history"),
     ("GET", "/api/v1/products"),
     ("GET", "/api/v1/products/{id}"),
+    ("GET", "/api/v1/slots"),
+    ("GET", "/api/v1/slots/{id}"),
     ("GET", "/api/v1/stats"),
     ("GET", "/api/v1/transaction/{id}"),
     ("GET", "/api/v1/transaction/{id}/events"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
     ("GET", "/readyz"),
+    ("PATCH", "/api/v1/products/{id}"),
+    ("PATCH", "/api/v1/slots/{id}"),
+    ("POST", "/api/v1/auth/login"),
+    ("POST", "/api/v1/auth/logout"),
     ("POST", "/api/v1/order/addToCart"),
+    ("POST", "/api/v1/orders"),
     ("POST", "/api/v1/products"),
     ("POST", "/api/v1/products/{id}/restock"),
+    ("POST", "/api/v1/slots"),
+    ("POST", "/api/v1/transaction/{id}/cancel"),
+    ("POST", "/api/v1/transaction/{id}/checkout"),
+    ("POST", "/api/v1/users"),
 ];
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
 
@@ -33,6 +45,7 @@ async fn document(app: &TestApp) -> Value {
 fn concrete(path: &str) -> String {
     path.replace("{id}/restock", "1/restock")
         .replace("products/{id}", "products/1")
+        .replace("slots/{id}", "slots/1")
         .replace("{id}", &uuid::Uuid::now_v7().to_string())
 }
 
@@ -171,9 +184,17 @@ async fn the_web_page_is_served_at_the_root(pool: sqlx::PgPool) {
     for needle in [
         "/api/v1/products?limit=1000&after=",
         "/api/v1/order/addToCart",
+        "/api/v1/orders",
         "/api/v1/stats",
         "/events",
         "id=\"user-id\"",
+        "/api/v1/users",
+        "/api/v1/auth/login",
+        "/api/v1/auth/logout",
+        "/api/v1/orders/history",
+        "Idempotency-Key",
+        "id=\"basket\"",
+        "sale_starts_at",
     ] {
         assert!(html.contains(needle), "the page uses {needle}");
     }
@@ -202,12 +223,18 @@ async fn the_document_states_the_limits_the_server_enforces_configured_ones_incl
     assert_eq!(quantity["minimum"], 1, "{quantity}");
     assert_eq!(quantity["maximum"], 3, "the configured maximum: {quantity}");
 
+    let hold = &add_to_cart["properties"]["hold_seconds"];
+    assert_eq!(hold["minimum"], 1, "{hold}");
+    assert_eq!(hold["maximum"], 3600, "ALLOT_MAX_HOLD_SECONDS: {hold}");
+
     // Every field of addToCart at its documented minimum, then at its maximum, is accepted;
-    // one past either, in any field, is refused.
+    // one past either, in any field, is refused. (`slot_id` names a slot, which must exist: it
+    // is left out, as an optional field may be.)
     let fields: Vec<(&str, i128, i128)> = add_to_cart["properties"]
         .as_object()
         .unwrap()
         .iter()
+        .filter(|(name, _)| name.as_str() != "slot_id")
         .map(|(name, schema)| {
             let schema = resolve_schema(&doc, schema);
             let bound = |key: &str| {
@@ -328,6 +355,13 @@ async fn every_503_reason_has_a_documented_code(pool: sqlx::PgPool) {
             "{reason} in {add_to_cart:?}"
         );
     }
+    let orders = described("/api/v1/orders", "post");
+    for reason in &all {
+        assert!(
+            orders.contains(&format!("`{reason}`")),
+            "{reason} in {orders:?}"
+        );
+    }
     for path in [
         "/api/v1/transaction/{id}",
         "/api/v1/transaction/{id}/events",
@@ -342,5 +376,30 @@ async fn every_503_reason_has_a_documented_code(pool: sqlx::PgPool) {
             "{path}: {description:?}"
         );
     }
+    // Every other operation's 503 in the error shape names at least one reason's code, and no
+    // code that is not one.
+    let paths = doc["paths"].as_object().expect("paths");
+    let mut documented = 0;
+    for (path, operations) in paths {
+        for (method, operation) in operations.as_object().expect("operations") {
+            let Some(description) = operation["responses"]["503"]["description"].as_str() else {
+                continue;
+            };
+            if path == "/readyz" {
+                continue; // the readiness report, not an error
+            }
+            documented += 1;
+            assert!(
+                all.iter()
+                    .any(|reason| description.contains(&format!("`{reason}`"))),
+                "{method} {path}: {description:?}"
+            );
+            assert!(
+                !description.contains("`unavailable`"),
+                "{method} {path}: {description:?}"
+            );
+        }
+    }
+    assert!(documented >= 10, "{documented} operations document a 503");
     app.shutdown().await;
 }

@@ -31,7 +31,7 @@ async fn products_of_two_partitions(pool: &PgPool, stock: i64) -> (i64, i64) {
 fn batch(partition: PartitionId, requests: &[PurchaseRequest]) -> Batch {
     Batch {
         partition,
-        requests: requests.to_vec(),
+        requests: requests.iter().cloned().map(Into::into).collect(),
         dead_letters: Vec::new(),
     }
 }

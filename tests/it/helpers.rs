@@ -7,11 +7,11 @@
 use allot_api::{ApiConfig, AppState};
 use allot_shared::partition::partition_for;
 use allot_shared::{
-    Clock, ManualClock, PartitionId, ProductId, PurchaseRequest, Quantity, SystemClock,
-    TransactionId, UserId, status_store,
+    Clock, Line, Lines, ManualClock, Order, PartitionId, ProductId, PurchaseRequest, Quantity,
+    SystemClock, TransactionId, UserId, status_store,
 };
 use allot_tests::broker::Broker;
-use allot_tests::client::{Answer, Api, Order};
+use allot_tests::client::{self as kit, Answer, Api};
 use allot_tests::invariants::{self, Statuses};
 use allot_tests::ports::{PortMap, TEST_REDIS_DB, TEST_VHOST};
 use allot_worker::WorkerConfig;
@@ -61,6 +61,12 @@ pub struct Options {
     pub sold_out_refresh_ms: u64,
     /// The API's `ALLOT_MAX_QUANTITY`.
     pub max_quantity: i64,
+    /// Any other change to the API's configuration (login limits, token lifetime, ...).
+    pub tweak_api: fn(&mut ApiConfig),
+    /// The API's clock: the time requests are accepted at (the system clock if `None`).
+    pub api_clock: Option<ManualClock>,
+    /// Partitions of the deployment ([`PARTITIONS`] unless a test is about their spread).
+    pub partitions: u16,
 }
 
 impl Default for Options {
@@ -72,6 +78,9 @@ impl Default for Options {
             confirm_timeout_ms: 3000,
             sold_out_refresh_ms: 0,
             max_quantity: 10,
+            tweak_api: |_| {},
+            api_clock: None,
+            partitions: PARTITIONS,
         }
     }
 }
@@ -156,8 +165,9 @@ pub async fn spawn_app_through(pool: PgPool, options: Options, through: Through)
 
     let mut api_config = ApiConfig::parse_from(["allot-api"]);
     api_config.common.amqp_url = through.amqp_url.unwrap_or_else(|| amqp_url.clone());
+    api_config.common.amqp_urls = Vec::new(); // whatever the environment says
     api_config.common.redis_url = through.redis_url.clone().unwrap_or(redis_url.clone());
-    api_config.common.partitions = PARTITIONS;
+    api_config.common.partitions = options.partitions;
     api_config.common.queue_prefix = unique.clone();
     api_config.common.redis_prefix = unique;
     api_config.common.queue_max_length = options.queue_max_length;
@@ -165,6 +175,7 @@ pub async fn spawn_app_through(pool: PgPool, options: Options, through: Through)
     api_config.confirm_timeout_ms = options.confirm_timeout_ms;
     api_config.sold_out_refresh_ms = options.sold_out_refresh_ms;
     api_config.max_quantity = options.max_quantity;
+    (options.tweak_api)(&mut api_config);
     let mut worker_config = WorkerConfig::parse_from(["allot-worker"]);
     worker_config.common = api_config.common.clone();
     worker_config.common.redis_url = redis_url.clone();
@@ -179,7 +190,11 @@ pub async fn spawn_app_through(pool: PgPool, options: Options, through: Through)
             .expect("Redis is reachable through its proxy"),
         None => redis.clone(),
     };
-    let state = AppState::build(&api_config, pool.clone(), api_redis)
+    let api_clock: Arc<dyn Clock> = match options.api_clock {
+        Some(clock) => Arc::new(clock),
+        None => Arc::new(SystemClock),
+    };
+    let state = AppState::build_with_clock(&api_config, pool.clone(), api_redis, api_clock)
         .await
         .expect("API state builds");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -354,7 +369,7 @@ impl TestApp {
     /// Places an order and asserts the exact 202 answer (the kit's judgment: exactly
     /// `{"transaction_id", "status": "pending"}` and its `Location`); returns the transaction id.
     pub async fn buy(&self, user_id: i64, product_id: i64, quantity: i64) -> TransactionId {
-        let order = Order {
+        let order = kit::Order {
             user_id,
             product_id,
             quantity,
@@ -363,6 +378,72 @@ impl TestApp {
             Answer::Accepted(id) => TransactionId(id),
             other => panic!("{order:?} was answered {}, not 202", other.describe()),
         }
+    }
+
+    /// Posts an order of `items` (product, quantity) for `user_id` to `POST /api/v1/orders`.
+    pub async fn place_order(&self, user_id: i64, items: &[(i64, i64)]) -> Response {
+        let items: Vec<Value> = items
+            .iter()
+            .map(|&(product_id, quantity)| json!({"product_id": product_id, "quantity": quantity}))
+            .collect();
+        self.post_json(
+            "/api/v1/orders",
+            &json!({"user_id": user_id, "items": items}),
+        )
+        .await
+    }
+
+    /// Places an order and asserts the exact 202 answer; returns the transaction id.
+    pub async fn order(&self, user_id: i64, items: &[(i64, i64)]) -> TransactionId {
+        accepted_id(self.place_order(user_id, items).await).await
+    }
+
+    /// `PATCH /api/v1/products/{id}` with the admin token.
+    pub async fn patch_product(&self, product_id: i64, body: &Value) -> Response {
+        self.client
+            .patch(self.url(&format!("/api/v1/products/{product_id}")))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(body)
+            .send()
+            .await
+            .expect("PATCH is answered")
+    }
+
+    /// Signs `username` up (asserting 201) and returns the account's id.
+    pub async fn sign_up(&self, username: &str, password: &str) -> i64 {
+        let response = self
+            .post_json(
+                "/api/v1/users",
+                &json!({"username": username, "password": password}),
+            )
+            .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::CREATED,
+            "sign-up of {username}"
+        );
+        let body: Value = response.json().await.unwrap();
+        body["user_id"].as_i64().expect("a user id")
+    }
+
+    /// Logs `username` in (asserting 200) and returns the token.
+    pub async fn log_in(&self, username: &str, password: &str) -> String {
+        let response = self
+            .post_json(
+                "/api/v1/auth/login",
+                &json!({"username": username, "password": password}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::OK, "login of {username}");
+        let body: Value = response.json().await.unwrap();
+        body["token"].as_str().expect("a token").to_owned()
+    }
+
+    /// A new account (`username`, password `password-of-<username>`) and its token.
+    pub async fn buyer(&self, username: &str) -> (i64, String) {
+        let password = format!("password-of-{username}");
+        let id = self.sign_up(username, &password).await;
+        (id, self.log_in(username, &password).await)
     }
 
     /// Creates a product (asserting exactly `201` with it) and returns its id.
@@ -376,6 +457,65 @@ impl TestApp {
         product.unwrap_or_else(|err| panic!("{err:#}")).stock
     }
 
+    /// Creates a slot of `capacity` places (with any other fields of `extra`) and returns its
+    /// id.
+    pub async fn create_slot(&self, name: &str, capacity: i64, extra: Value) -> i64 {
+        let mut body = json!({"name": name, "capacity": capacity});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        let response = self.post_admin("/api/v1/slots", &body).await;
+        assert_eq!(response.status(), StatusCode::CREATED, "create slot {body}");
+        let body: Value = response.json().await.unwrap();
+        body["id"].as_i64().expect("a slot id")
+    }
+
+    /// `GET /api/v1/slots/{id}` (asserting 200).
+    pub async fn slot(&self, slot_id: i64) -> Value {
+        let response = self.get(&format!("/api/v1/slots/{slot_id}")).await;
+        assert_eq!(response.status(), StatusCode::OK, "GET slot {slot_id}");
+        response.json().await.unwrap()
+    }
+
+    /// Asks to hold `quantity` of `product_id` for `hold_seconds`, asserting the 202; returns
+    /// the transaction id.
+    pub async fn hold(
+        &self,
+        user_id: i64,
+        product_id: i64,
+        quantity: i64,
+        hold_seconds: i64,
+    ) -> TransactionId {
+        accepted_id(
+            self.post_json(
+                "/api/v1/order/addToCart",
+                &json!({"user_id": user_id, "product_id": product_id, "quantity": quantity,
+                        "hold_seconds": hold_seconds}),
+            )
+            .await,
+        )
+        .await
+    }
+
+    /// `POST /api/v1/transaction/{id}/<action>` (`checkout` or `cancel`), with `token` if
+    /// given.
+    pub async fn settle(&self, id: TransactionId, action: &str, token: Option<&str>) -> Response {
+        let mut request = self
+            .client
+            .post(self.url(&format!("/api/v1/transaction/{id}/{action}")));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("the command is answered")
+    }
+
+    /// Stops the API gracefully (its queues and keys stay, unlike [`TestApp::shutdown`]).
+    pub async fn stop_api(&mut self) {
+        if let Some(api) = self.api.take() {
+            api.stop().await;
+        }
+    }
+
     /// The transaction as `GET /api/v1/transaction/{id}` shows it (asserting 200).
     pub async fn transaction(&self, id: TransactionId) -> Value {
         let response = self.get(&format!("/api/v1/transaction/{id}")).await;
@@ -387,6 +527,23 @@ impl TestApp {
     pub async fn wait_final(&self, id: TransactionId) -> Value {
         wait_for(&format!("transaction {id} to be decided"), || async {
             let view = self.transaction(id).await;
+            (view["status"] != "pending").then_some(view)
+        })
+        .await
+    }
+
+    /// Polls a transaction, read with `token` (a buyer's, or the staff's), until it is final.
+    pub async fn wait_final_as(&self, id: TransactionId, token: &str) -> Value {
+        wait_for(&format!("transaction {id} to be decided"), || async {
+            let response = self
+                .client
+                .get(self.url(&format!("/api/v1/transaction/{id}")))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("GET is answered");
+            assert_eq!(response.status(), StatusCode::OK, "GET transaction {id}");
+            let view: Value = response.json().await.unwrap();
             (view["status"] != "pending").then_some(view)
         })
         .await
@@ -446,6 +603,120 @@ impl TestApp {
             .fetch_one(&self.pool)
             .await
             .unwrap()
+    }
+}
+
+/// Another API instance beside a [`TestApp`]'s, on the same database and Redis, with a
+/// configuration of its own (the same one for a second replica, or another broker list).
+pub struct ExtraApi {
+    /// `http://127.0.0.1:<port>`
+    pub address: String,
+    running: Running,
+}
+
+impl ExtraApi {
+    /// Builds and starts it; panics if it cannot start (see [`ExtraApi::build`]).
+    pub async fn start(app: &TestApp, config: &ApiConfig) -> ExtraApi {
+        Self::build(app, config).await.expect("the API starts")
+    }
+
+    /// Builds and starts it, or the error that kept it from starting.
+    pub async fn build(app: &TestApp, config: &ApiConfig) -> anyhow::Result<ExtraApi> {
+        let state = AppState::build(config, app.pool.clone(), app.redis.clone()).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(allot_api::run(listener, state, async move {
+            let _ = stopped.await;
+        }));
+        Ok(ExtraApi {
+            address,
+            running: Running { stop, task },
+        })
+    }
+
+    pub async fn add_to_cart(
+        &self,
+        client: &reqwest::Client,
+        user_id: i64,
+        product_id: i64,
+    ) -> Response {
+        client
+            .post(format!("{}/api/v1/order/addToCart", self.address))
+            .json(&json!({"user_id": user_id, "product_id": product_id, "quantity": 1}))
+            .send()
+            .await
+            .expect("POST is answered")
+    }
+
+    /// Stops it gracefully, asserting a clean exit.
+    pub async fn stop(self) {
+        self.running.stop().await;
+    }
+}
+
+/// A worker instance beside a [`TestApp`]'s (which runs one at most), with a configuration of
+/// its own.
+pub struct ExtraWorker {
+    /// `http://127.0.0.1:<port>` of its HTTP server (`/readyz`, `/partitions`, `/metrics`).
+    pub address: String,
+    running: Running,
+}
+
+impl ExtraWorker {
+    pub fn start(app: &TestApp, config: &WorkerConfig) -> ExtraWorker {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        listener.set_nonblocking(true).unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(allot_worker::serve(
+            listener,
+            config.clone(),
+            app.pool.clone(),
+            app.redis.clone(),
+            Arc::new(SystemClock),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        ExtraWorker {
+            address,
+            running: Running { stop, task },
+        }
+    }
+
+    /// `GET <path>` on its HTTP server, as JSON, with its status.
+    pub async fn get(&self, client: &reqwest::Client, path: &str) -> (StatusCode, Value) {
+        let response = client
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("the worker answers");
+        let status = response.status();
+        (status, response.json().await.expect("a JSON answer"))
+    }
+
+    /// Stops it gracefully (SIGTERM), asserting a clean exit.
+    pub async fn stop(self) {
+        self.running.stop().await;
+    }
+}
+
+/// Asserts the exact 202 answer to a request to buy (the kit's judgment, as for `addToCart`:
+/// exactly `{"transaction_id", "status": "pending"}` and its `Location`); returns its
+/// transaction id.
+pub async fn accepted_id(response: Response) -> TransactionId {
+    let header = |name: &str| {
+        (response.headers().get(name))
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+    };
+    let (location, retry_after) = (header("location"), header("retry-after"));
+    let status = response.status();
+    let body = response.text().await.expect("the answer is read");
+    match Answer::judge_accepted(status, location.as_deref(), retry_after.as_deref(), &body) {
+        Answer::Accepted(id) => TransactionId(id),
+        other => panic!("answered {}, not 202", other.describe()),
     }
 }
 
@@ -534,6 +805,44 @@ pub fn request(user_id: i64, product_id: i64, quantity: i64) -> PurchaseRequest 
         quantity: Quantity::try_from(quantity).unwrap(),
         created_at: SystemClock.now(),
     }
+}
+
+/// An order of `items` (product, quantity) of `user_id`, accepted now.
+pub fn order_request(user_id: i64, items: &[(i64, i64)]) -> Order {
+    Order {
+        transaction_id: TransactionId::new(),
+        user_id: UserId::try_from(user_id).unwrap(),
+        lines: Lines::new(
+            items
+                .iter()
+                .map(|&(product, quantity)| Line {
+                    product_id: ProductId::try_from(product).unwrap(),
+                    quantity: Quantity::try_from(quantity).unwrap(),
+                })
+                .collect(),
+        )
+        .expect("valid lines"),
+        created_at: SystemClock.now(),
+        hold: None,
+        slot: None,
+    }
+}
+
+/// Drives a batch of orders through a decider directly, as the consumer loop would.
+pub async fn process_orders(
+    decider: &Decider,
+    partition: PartitionId,
+    orders: &[Order],
+) -> anyhow::Result<allot_worker::decider::BatchOutcome> {
+    let bodies: Vec<Vec<u8>> = orders.iter().map(Order::to_json).collect();
+    let items: Vec<Item<'_>> = bodies
+        .iter()
+        .map(|body| Item {
+            body,
+            message_id: None,
+        })
+        .collect();
+    decider.process_batch(partition, &items).await
 }
 
 /// Drives a batch through a decider directly, as the consumer loop would.

@@ -8,16 +8,31 @@
 
 mod helpers;
 
+mod accounts;
 mod api_contract;
+mod backlog;
 mod bad_input;
+mod brokers;
+mod buyer_identity;
+mod buyer_orders;
 mod docs;
 mod envelopes;
 mod group_commit;
+mod history;
+mod hold_expiry;
+mod holds;
+mod idempotency;
+mod limits;
 mod observability;
+mod order_races;
+mod orders;
 mod outages;
 mod pipeline;
 mod poison;
+mod sale_windows;
+mod slots;
 mod sold_out;
+mod spread;
 mod sweep;
 mod unconfirmed;
 mod waiting;

@@ -125,17 +125,9 @@ async fn a_lost_notification_delays_the_answer_and_never_changes_it(pool: PgPool
         .send();
     // The final status reaches the store without any announcement, as when the notification
     // was lost: the waiter finds it at its next read of the store.
-    let decided = TransactionView::decided(
-        &allot_shared::PurchaseRequest {
-            transaction_id: id,
-            user_id: pending.user_id,
-            product_id: pending.product_id,
-            quantity: pending.quantity,
-            created_at: pending.created_at,
-        },
-        Outcome::Rejected(RejectReason::OutOfStock),
-        chrono::Utc::now(),
-    );
+    let mut decided = pending.clone();
+    decided.set_outcome(Outcome::rejected(RejectReason::OutOfStock));
+    decided.decided_at = Some(chrono::Utc::now());
     let write = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut redis = app.redis.clone();

@@ -17,8 +17,7 @@
 //!   `taken` and `held` its succeeded and open bookings.
 //!
 //! A transaction's product, where one is named ([`Outcome::product_id`], the accepted map of
-//! [`accepted_decided_once`]), is its one line's product, or for an order of several products
-//! the smallest product id of its items (the product that routes it).
+//! [`accepted_decided_once`]), is the product of its first line (an order's first item listed).
 //!
 //! [`whole_database`] runs the checks that need nothing but the database and Redis, for a
 //! deployment whose database holds only one run (the benchmark's, the functional test's).
@@ -32,6 +31,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
+
+/// Every [`Outcome`]: each transaction, with the product of its first line.
+macro_rules! outcomes {
+    () => {
+        "SELECT t.id, t.user_id, l.product_id, t.status, t.reason FROM transactions t \
+         JOIN transaction_lines l ON l.transaction_id = t.id AND l.position = 0"
+    };
+}
 
 /// How many examples a violation quotes.
 const EXAMPLES: usize = 5;
@@ -149,13 +156,11 @@ pub async fn accepted_decided_once(
     accepted: &HashMap<Uuid, i64>,
 ) -> Result<(Vec<Outcome>, Vec<String>)> {
     let ids: Vec<Uuid> = accepted.keys().copied().collect();
-    let rows: Vec<Outcome> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{OUTCOMES} WHERE t.id = ANY($1)"
-    )))
-    .bind(&ids)
-    .fetch_all(pool)
-    .await
-    .context("reading the accepted transactions")?;
+    let rows: Vec<Outcome> = sqlx::query_as(concat!(outcomes!(), " WHERE t.id = ANY($1)"))
+        .bind(&ids)
+        .fetch_all(pool)
+        .await
+        .context("reading the accepted transactions")?;
     let mut violations = Vec::new();
     if rows.len() != ids.len() {
         violations.push(format!(
@@ -186,20 +191,16 @@ pub async fn accepted_decided_once(
 pub struct Outcome {
     pub id: Uuid,
     pub user_id: i64,
+    /// The product of its first line: of its only one for an `addToCart` (an order of several
+    /// products lists them in `transaction_items`).
     pub product_id: i64,
     pub status: String,
     pub reason: Option<String>,
 }
 
-/// The rows of `transactions` as [`Outcome`]s.
-const OUTCOMES: &str = "SELECT t.id, t.user_id, \
-     COALESCE(t.product_id, (SELECT min(i.product_id) FROM transaction_items i \
-                             WHERE i.transaction_id = t.id)) AS product_id, \
-     t.status, t.reason FROM transactions t";
-
 /// Every row of `transactions`.
 pub async fn every_outcome(pool: &PgPool) -> Result<Vec<Outcome>> {
-    sqlx::query_as(OUTCOMES)
+    sqlx::query_as(outcomes!())
         .fetch_all(pool)
         .await
         .context("reading every transaction")
@@ -207,7 +208,8 @@ pub async fn every_outcome(pool: &PgPool) -> Result<Vec<Outcome>> {
 
 /// Per product of `supply` (its initial stock plus every restock): units sold ==
 /// `min(demand, supply)` and the stock left == supply − sold. Demand: the units asked for by
-/// requests that reached a decision.
+/// requests that reached a decision. For sales without holds: units an open hold keeps are
+/// neither sold nor in the stock.
 pub async fn sold_within_supply(
     pool: &PgPool,
     supply: &BTreeMap<i64, i64>,
@@ -244,7 +246,8 @@ pub async fn stock_by_product(pool: &PgPool) -> Result<HashMap<i64, i64>> {
         .collect())
 }
 
-/// Units sold per product (every line of every succeeded transaction).
+/// Units sold per product, over every line of every succeeded transaction (an `addToCart`'s
+/// one line, or each item of an order of several products).
 pub async fn sold_by_product(pool: &PgPool) -> Result<HashMap<i64, i64>> {
     units_by_product(pool, "succeeded").await
 }

@@ -136,6 +136,9 @@ impl PortMap {
                 self.database_url(deployment.database()),
             ),
             ("ALLOT_AMQP_URL".into(), self.amqp_url(deployment.vhost())),
+            // The broker list, when set, replaces ALLOT_AMQP_URL: set to the same one node, so
+            // that a list in the caller's environment cannot point this copy elsewhere.
+            ("ALLOT_AMQP_URLS".into(), self.amqp_url(deployment.vhost())),
             (
                 "ALLOT_REDIS_URL".into(),
                 self.redis_url(deployment.redis_database()),

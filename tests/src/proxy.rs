@@ -14,7 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// A running proxy on `127.0.0.1:<port>`; stops when dropped.
+/// A running proxy on `127.0.0.1:<port>`; stops when dropped: every connection it carries is
+/// dropped and its port closed (new connections are refused), as when the service stops.
 pub struct Proxy {
     addr: SocketAddr,
     open: Arc<AtomicBool>,
@@ -30,6 +31,12 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding the proxy")?;
+        Proxy::on(listener, upstream)
+    }
+
+    /// Forwards what `listener` accepts to `upstream` (`host:port`): for a port chosen before
+    /// the service behind it comes up.
+    pub fn on(listener: TcpListener, upstream: String) -> Result<Proxy> {
         let addr = listener.local_addr()?;
         let open = Arc::new(AtomicBool::new(true));
         let (cuts, cut) = watch::channel(0u64);

@@ -4,7 +4,8 @@
 //! only what is committed.
 //!
 //! The queue has single-active-consumer: when several worker replicas run, RabbitMQ delivers a
-//! partition to one of them and keeps the others' consumers as standbys.
+//! partition to one of them and keeps the others' consumers as standbys ([`crate::seats`]
+//! spreads the partitions evenly among them).
 
 use crate::decider::Item;
 use allot_shared::PartitionId;
@@ -16,6 +17,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How a partition consumer batches.
@@ -29,19 +31,27 @@ pub struct BatchSettings {
     pub prefetch: u16,
 }
 
+/// Called with every batch RabbitMQ delivers to a subscription: the consumer is then the
+/// queue's single active one (see [`crate::seats`]).
+pub type OnDelivery = Arc<dyn Fn() + Send + Sync>;
+
 /// One partition's subscription, on a channel of its own (a `multiple` ack is per channel).
 pub struct Subscription {
     consumer: Consumer,
     partition: PartitionId,
     settings: BatchSettings,
+    on_delivery: OnDelivery,
 }
 
-/// Sets the prefetch, declares `partition`'s queue (idempotent) and consumes it.
+/// Sets the prefetch, declares `partition`'s queue (idempotent) and consumes it under the
+/// consumer tag `tag`.
 pub async fn subscribe(
     channel: &Channel,
     topology: &Topology,
     partition: PartitionId,
     settings: BatchSettings,
+    tag: &str,
+    on_delivery: OnDelivery,
 ) -> anyhow::Result<Subscription> {
     channel
         .basic_qos(settings.prefetch, BasicQosOptions::default())
@@ -49,11 +59,10 @@ pub async fn subscribe(
         .context("failed to set the prefetch")?;
     topology.declare_queue(channel, partition).await?;
     let queue = topology.queue(partition);
-    let tag = format!("allot-worker-{}-{}", std::process::id(), partition);
     let consumer = channel
         .basic_consume(
             queue.as_str().into(),
-            tag.as_str().into(),
+            tag.into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -63,6 +72,7 @@ pub async fn subscribe(
         consumer,
         partition,
         settings,
+        on_delivery,
     })
 }
 
@@ -83,6 +93,7 @@ impl Subscription {
             anyhow::bail!("the consumer of partition {partition} was cancelled");
         };
         let first = first.map_err(interrupted)?;
+        (self.on_delivery)();
         let mut requests = requests_in(&first);
         let mut batch = vec![first];
         let linger = self.settings.linger;

@@ -36,6 +36,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "ALLOT_DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
 
+    /// How often the expiry sweeper looks for holds past their expiry (milliseconds); each
+    /// found is released in its partition's serial path.
+    #[arg(long, env = "ALLOT_HOLD_SWEEP_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub hold_sweep_ms: u64,
+
     /// Address of the worker's HTTP server (`/healthz`, `/readyz`, `/metrics`). Port 0 picks a
     /// free port (logged at start).
     #[arg(long, env = "ALLOT_WORKER_HTTP_ADDR", default_value = "127.0.0.1:8081")]
@@ -45,5 +50,9 @@ pub struct WorkerConfig {
 impl WorkerConfig {
     pub fn batch_linger(&self) -> Duration {
         Duration::from_millis(self.batch_linger_ms)
+    }
+
+    pub fn hold_sweep(&self) -> Duration {
+        Duration::from_millis(self.hold_sweep_ms)
     }
 }

@@ -7,29 +7,25 @@
 //! Beside it: [`crate::broker`] (all of AMQP), [`crate::decider`] (the steps of a batch, with
 //! all SQL in [`crate::persist`] and the decisions in [`crate::core`]).
 
-use crate::broker::{self, BatchSettings};
+use crate::broker::{self, Subscription};
 use crate::decider::{Decider, Item};
 use crate::retry::{self, Attempts, Step};
 use allot_shared::PartitionId;
-use allot_shared::amqp::Topology;
-use lapin::Channel;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Consumes `partition` on its own `channel` until `shutdown` is cancelled (`Ok`) or the
-/// connection fails (`Err`). A batch being processed is finished (committed and acked) first;
-/// one still failing when shutdown comes is left unacked, to be redelivered.
+/// Consumes `partition` through its `subscription` until `shutdown` is cancelled (`Ok`; the
+/// worker stops, or steps back from the partition, see [`crate::seats`]) or the connection fails
+/// (`Err`). A batch being processed is finished (committed and acked) first; one still failing
+/// when shutdown comes is left unacked, to be redelivered.
 pub async fn consume_partition(
-    channel: Channel,
-    topology: Topology,
+    mut subscription: Subscription,
     partition: PartitionId,
     decider: Arc<Decider>,
-    settings: BatchSettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut subscription = broker::subscribe(&channel, &topology, partition, settings).await?;
     loop {
         // 1. Take the deliveries that have arrived, up to a batch.
         let deliveries = tokio::select! {

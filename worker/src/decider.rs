@@ -6,20 +6,23 @@
 //! Because every step is idempotent, a batch that failed anywhere (database down, Redis down,
 //! a crash) is simply processed again: what was committed is found and replayed.
 
-use crate::core::{self, Decided, Decisions, PartitionState};
+use crate::core::{self, CommandDecided, Decided, Decisions, Hold, Numbered, PartitionState};
 use crate::group::GroupCommit;
 use crate::persist::{self, DeadLetter};
 use crate::poison;
 use crate::retry::{self, Failure};
 use allot_shared::status_store::StatusStore;
 use allot_shared::stored::StoredTransaction;
-use allot_shared::{Clock, Outcome, PartitionId, PurchaseRequest, TransactionId, TransactionView};
+use allot_shared::{
+    Clock, Command, CommandOutcome, Lines, Order, Outcome, PartitionId, ProductId, Request, SlotId,
+    TransactionId, TransactionView, UserId,
+};
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 /// One item to decide: one request's JSON as received (an item of a batch envelope, see
@@ -35,21 +38,43 @@ pub struct Item<'a> {
 /// What a committed batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BatchOutcome {
-    /// New sales, each with a fresh order number.
+    /// New sales, each with a fresh order number (holds confirmed are counted in `confirmed`).
     pub succeeded: usize,
     /// New rejections.
     pub rejected: usize,
+    /// New holds.
+    pub held: usize,
     /// Requests decided before (redelivered or duplicated messages), replayed.
     pub replayed: usize,
     /// Unreadable items set aside.
     pub dead_lettered: usize,
+    /// Holds checked out (each with a fresh order number).
+    pub confirmed: usize,
+    /// Holds cancelled.
+    pub cancelled: usize,
+    /// Holds expired (released by the sweeper's expiry, or by a checkout or cancel that came
+    /// too late).
+    pub expired: usize,
 }
 
-/// A committed batch: its counts, and the status of every transaction it touched, to publish.
+/// A committed batch: its counts, the status of every transaction it touched, to publish, and
+/// the times of its holds' settlements, for the metrics.
 #[derive(Debug)]
 pub struct Committed {
     pub outcome: BatchOutcome,
     pub views: Vec<TransactionView>,
+    pub settlements: Vec<Settlement>,
+}
+
+/// A hold settled by a batch, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Settlement {
+    /// Checked out this long after it was granted (seconds).
+    Confirmed { after_secs: f64 },
+    /// Cancelled.
+    Cancelled,
+    /// Expired, released this long after its `expires_at` (seconds, at least 0).
+    Expired { late_secs: f64 },
 }
 
 /// Everything needed to decide batches; shared by all partition consumers of a process.
@@ -61,11 +86,12 @@ pub struct Decider {
     group: GroupCommit,
 }
 
-/// One partition's batch, read: its requests in arrival order, and its unreadable items.
+/// One partition's batch, read: its requests (orders, and commands about holds) in arrival
+/// order, and its unreadable items.
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub partition: PartitionId,
-    pub requests: Vec<PurchaseRequest>,
+    pub requests: Vec<Request>,
     pub dead_letters: Vec<DeadLetter>,
 }
 
@@ -123,6 +149,7 @@ impl Decider {
             .await
             .with_context(|| format!("failed to commit batch for partition {partition}"))?;
         crate::monitor::record_batch(&committed.outcome, items.len(), started);
+        crate::monitor::record_settlements(&committed.settlements);
         tracing::debug!(outcome = ?committed.outcome, "batch committed");
         Ok(committed)
     }
@@ -182,7 +209,7 @@ impl Decider {
         &self,
         partition: PartitionId,
         letter: &DeadLetter,
-        request: Option<&PurchaseRequest>,
+        request: Option<&Order>,
         decided_at: DateTime<Utc>,
     ) -> anyhow::Result<Option<StoredTransaction>> {
         let mut tx = self.pool.begin().await.context("failed to begin")?;
@@ -199,10 +226,11 @@ impl Decider {
 }
 
 /// Decides `batches` (each of its own partition) and commits them in one database
-/// transaction: lock the products, load what was decided before, decide each batch in the pure
-/// core, reserve the order numbers of all their sales, write, commit. Each batch is decided on
-/// its own, in the order given, so the outcome is the one of committing them one after the
-/// other, and their sales are numbered batch after batch. All of them commit, or none does.
+/// transaction: lock the holds the commands name, the products and the slots, load what was
+/// decided before, decide each batch in the pure core, reserve the order numbers of all their
+/// sales, write, commit. Each batch is decided on its own, in the order given, so the outcome is
+/// the one of committing them one after the other, and their sales are numbered batch after
+/// batch. All of them commit, or none does.
 pub async fn commit_batches(
     pool: &PgPool,
     batches: &[&Batch],
@@ -213,26 +241,37 @@ pub async fn commit_batches(
         .begin()
         .await
         .context("failed to begin a transaction")?;
-    // What the core needs: the stock, under lock, and the outcomes decided before.
-    let requests: Vec<PurchaseRequest> = batches
-        .iter()
-        .flat_map(|batch| batch.requests.iter().cloned())
-        .collect();
-    let stock = persist::lock_stock(&mut tx, &requests).await?;
-    let stored = persist::stored_outcomes(&mut tx, &requests).await?;
+    let orders: Vec<&Order> = orders_of(batches.iter().flat_map(|b| &b.requests)).collect();
+    let commands: Vec<&Command> = commands_of(batches.iter().flat_map(|b| &b.requests)).collect();
+    // What the core needs, under lock in the one global order (holds, products, slots; the
+    // day's counter last): the holds the commands name, the products' stock, held units and
+    // rules, the slots, the buyers' units of limited products, and what was decided before.
+    let holds = persist::lock_holds(&mut tx, &commands).await?;
+    let open = open_holds(&holds)?;
+    let locked = persist::lock_products(&mut tx, &products_of(&orders, &open), &orders).await?;
+    let slots = persist::lock_slots(&mut tx, &slots_of(&orders, &open)).await?;
+    let bought = persist::buyer_units(&mut tx, &locked.rules, buyers_of(&orders, &open)).await?;
+    let stored = persist::stored_outcomes(&mut tx, &orders).await?;
+    let stored_commands = persist::stored_commands(&mut tx, &commands).await?;
     let mut state = PartitionState {
-        stock: stock.clone(),
+        stock: locked.stock.clone(),
+        held: locked.held.clone(),
+        rules: locked.rules,
+        bought: bought.clone(),
+        slots: slots.clone(),
+        holds: open,
         decided: outcomes_of(&stored)?,
+        commands: stored_commands,
     };
     // Decide each batch in arrival order, then number the new sales, batch after batch (the
     // day's counter, locked last).
     let decisions: Vec<Decisions> = batches
         .iter()
-        .map(|batch| core::decide(&mut state, &batch.requests))
+        .map(|batch| core::decide(&mut state, &batch.requests, decided_at))
         .collect();
     let sold = decisions.iter().map(Decisions::sold).sum();
     let mut next_seq = persist::reserve_order_numbers(&mut tx, day, sold).await?;
-    let decided: Vec<Vec<Decided>> = decisions
+    let numbered: Vec<Numbered> = decisions
         .iter()
         .map(|decisions| {
             let numbered = decisions.number(day, next_seq);
@@ -240,15 +279,36 @@ pub async fn commit_batches(
             numbered
         })
         .collect();
-    // Write it all, and commit.
-    persist::write_stock(&mut tx, &stock, &state.stock).await?;
-    let mut rows = Vec::with_capacity(requests.len());
-    for (batch, decided) in batches.iter().zip(&decided) {
-        for (request, decision) in batch.requests.iter().zip(decided) {
-            rows.push((batch.partition, request, decision));
+    // Write it all, and commit: stock and held units, slots, buyers' units, new outcomes, the
+    // holds settled (after the new rows: a batch may settle a hold it granted), the commands.
+    persist::write_stock(
+        &mut tx,
+        (&locked.stock, &locked.held),
+        (&state.stock, &state.held),
+    )
+    .await?;
+    persist::write_slots(&mut tx, &slots, &state.slots).await?;
+    persist::write_buyer_units(&mut tx, &bought, &state.bought).await?;
+    let mut rows = Vec::with_capacity(orders.len());
+    let mut settled = Vec::new();
+    let mut recorded = Vec::new();
+    for (batch, numbered) in batches.iter().zip(&numbered) {
+        let batch_orders = orders_of(&batch.requests);
+        for (order, decision) in batch_orders.zip(&numbered.orders) {
+            rows.push((batch.partition, order, decision));
+        }
+        for (command, decision) in commands_of(&batch.requests).zip(&numbered.commands) {
+            if let Some(outcome) = decision.settled {
+                settled.push((command.transaction_id, outcome));
+            }
+            if decision.fresh {
+                recorded.push((command, decision.outcome));
+            }
         }
     }
     persist::insert_transactions(&mut tx, rows, decided_at).await?;
+    persist::settle_holds(&mut tx, &settled, decided_at).await?;
+    persist::insert_commands(&mut tx, &recorded, decided_at).await?;
     let mut rejected = Vec::with_capacity(batches.len());
     for batch in batches {
         persist::insert_dead_letters(&mut tx, batch.partition, &batch.dead_letters).await?;
@@ -263,24 +323,118 @@ pub async fn commit_batches(
     }
     tx.commit().await.context("failed to commit")?;
 
-    // What each batch did, and the statuses it publishes.
+    // What each batch did, and the statuses it publishes: each transaction as it stands after
+    // the whole group (a hold granted or replayed, then settled, is published settled).
+    let touched: Vec<Vec<TransactionView>> = if commands.is_empty() {
+        batches
+            .iter()
+            .zip(&numbered)
+            .map(|(batch, numbered)| views(&batch.requests, &numbered.orders, &stored, decided_at))
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        let mut latest = LatestViews::new(&holds, decided_at);
+        let touched: Vec<Vec<TransactionId>> = batches
+            .iter()
+            .zip(&numbered)
+            .map(|(batch, numbered)| latest.apply(&batch.requests, numbered, &stored))
+            .collect::<anyhow::Result<_>>()?;
+        touched.iter().map(|ids| latest.views_of(ids)).collect()
+    };
     batches
         .iter()
-        .zip(&decided)
+        .zip(&numbered)
         .zip(rejected)
-        .map(|((batch, decided), rejected)| {
-            let mut views = views(&batch.requests, decided, &stored, decided_at)?;
+        .zip(touched)
+        .map(|(((batch, numbered), rejected), mut views)| {
             for row in &rejected {
                 views.push(row.to_view()?);
             }
             let mut seen = HashSet::with_capacity(views.len());
             views.retain(|view| seen.insert(view.transaction_id));
             Ok(Committed {
-                outcome: count(decided, batch.dead_letters.len()),
+                outcome: count(numbered, batch.dead_letters.len()),
+                settlements: settlements(&batch.requests, numbered, &holds, decided_at),
                 views,
             })
         })
         .collect()
+}
+
+/// The orders among `requests`, in order.
+fn orders_of<'a>(
+    requests: impl IntoIterator<Item = &'a Request>,
+) -> impl Iterator<Item = &'a Order> {
+    requests.into_iter().filter_map(|request| match request {
+        Request::Order(order) => Some(order),
+        Request::Command(_) => None,
+    })
+}
+
+/// The commands among `requests`, in order.
+fn commands_of<'a>(
+    requests: impl IntoIterator<Item = &'a Request>,
+) -> impl Iterator<Item = &'a Command> {
+    requests.into_iter().filter_map(|request| match request {
+        Request::Command(command) => Some(command),
+        Request::Order(_) => None,
+    })
+}
+
+/// The holds among the locked rows that are still held, as the core takes them.
+fn open_holds(
+    rows: &HashMap<TransactionId, StoredTransaction>,
+) -> anyhow::Result<HashMap<TransactionId, Hold>> {
+    let mut open = HashMap::new();
+    for (id, row) in rows {
+        if let Outcome::Held { expires_at } = row.outcome()? {
+            let user = UserId::try_from(row.user_id).map_err(anyhow::Error::msg)?;
+            let lines = Lines::new(row.lines()?).map_err(anyhow::Error::msg)?;
+            let hold = Hold {
+                user,
+                lines,
+                slot: row.slot()?,
+                expires_at,
+            };
+            open.insert(*id, hold);
+        }
+    }
+    Ok(open)
+}
+
+/// Every product the orders and the open holds name, to lock.
+fn products_of(orders: &[&Order], holds: &HashMap<TransactionId, Hold>) -> BTreeSet<i64> {
+    let lines = orders
+        .iter()
+        .flat_map(|order| order.lines.iter())
+        .chain(holds.values().flat_map(|hold| hold.lines.iter()));
+    lines.map(|line| line.product_id.get()).collect()
+}
+
+/// Every slot the orders and the open holds name, to lock.
+fn slots_of(orders: &[&Order], holds: &HashMap<TransactionId, Hold>) -> BTreeSet<i64> {
+    let slots = orders
+        .iter()
+        .filter_map(|order| order.slot)
+        .chain(holds.values().filter_map(|hold| hold.slot));
+    slots.map(SlotId::get).collect()
+}
+
+/// Every (product, buyer) pair of the orders and the open holds (read only when the batch has a
+/// limited product).
+fn buyers_of<'a>(
+    orders: &'a [&'a Order],
+    holds: &'a HashMap<TransactionId, Hold>,
+) -> impl Iterator<Item = (ProductId, UserId)> + 'a {
+    let of_orders = orders.iter().flat_map(|order| {
+        order
+            .lines
+            .iter()
+            .map(|line| (line.product_id, order.user_id))
+    });
+    let of_holds = holds
+        .values()
+        .flat_map(|hold| hold.lines.iter().map(|line| (line.product_id, hold.user)));
+    of_orders.chain(of_holds)
 }
 
 /// The outcomes of stored rows, as the core takes them.
@@ -295,48 +449,194 @@ fn outcomes_of(
 
 /// The transactions named by unreadable items whose id, user, product and quantity can still
 /// be read (see [`poison::salvage`]), to reject.
-fn salvaged(dead_letters: &[DeadLetter], now: DateTime<Utc>) -> Vec<PurchaseRequest> {
+fn salvaged(dead_letters: &[DeadLetter], now: DateTime<Utc>) -> Vec<Order> {
     dead_letters
         .iter()
         .filter_map(|letter| poison::salvage(&letter.body, letter.message_id.as_deref(), now))
         .collect()
 }
 
-fn count(decided: &[Decided], dead_lettered: usize) -> BatchOutcome {
+fn count(numbered: &Numbered, dead_lettered: usize) -> BatchOutcome {
     let mut outcome = BatchOutcome {
         dead_lettered,
         ..BatchOutcome::default()
     };
-    for decision in decided {
+    for decision in &numbered.orders {
         match (decision.fresh, decision.outcome) {
             (false, _) => outcome.replayed += 1,
             (true, Outcome::Succeeded(_)) => outcome.succeeded += 1,
             (true, Outcome::Rejected(_)) => outcome.rejected += 1,
+            (true, Outcome::Held { .. }) => outcome.held += 1,
+        }
+    }
+    for decision in &numbered.commands {
+        match (decision.settled.is_some(), decision.outcome) {
+            (true, CommandOutcome::Confirmed) => outcome.confirmed += 1,
+            (true, CommandOutcome::Cancelled) => outcome.cancelled += 1,
+            (true, CommandOutcome::Expired) => outcome.expired += 1,
+            _ => {}
         }
     }
     outcome
 }
 
-/// The status of every transaction of the batch: new outcomes from this batch, replays from
-/// what is stored (so a duplicate message can never change what clients see). An in-batch
-/// duplicate of a fresh request adds nothing: its first copy's view is there.
+/// The holds the batch settled, with their times, for the metrics.
+fn settlements(
+    requests: &[Request],
+    numbered: &Numbered,
+    holds: &HashMap<TransactionId, StoredTransaction>,
+    decided_at: DateTime<Utc>,
+) -> Vec<Settlement> {
+    let secs = |delta: chrono::TimeDelta| delta.as_seconds_f64().max(0.0);
+    commands_of(requests)
+        .zip(&numbered.commands)
+        .filter(|(_, decision)| decision.settled.is_some())
+        .map(|(command, decision)| {
+            let row = holds.get(&command.transaction_id);
+            let expires_at = row.and_then(|row| row.expires_at).unwrap_or(decided_at);
+            match decision.outcome {
+                CommandOutcome::Confirmed => {
+                    let granted = row.map_or(decided_at, |row| {
+                        expires_at
+                            - chrono::TimeDelta::seconds(i64::from(row.hold_seconds.unwrap_or(0)))
+                    });
+                    Settlement::Confirmed {
+                        after_secs: secs(decided_at - granted),
+                    }
+                }
+                CommandOutcome::Cancelled => Settlement::Cancelled,
+                _ => Settlement::Expired {
+                    late_secs: secs(decided_at - expires_at),
+                },
+            }
+        })
+        .collect()
+}
+
+/// The status of every order of the batch (a batch without commands): new outcomes from this
+/// batch, replays from what is stored (so a duplicate message can never change what clients
+/// see). An in-batch duplicate of a fresh request adds nothing: its first copy's view is there.
 fn views(
-    requests: &[PurchaseRequest],
+    requests: &[Request],
     decided: &[Decided],
     stored: &HashMap<TransactionId, StoredTransaction>,
     decided_at: DateTime<Utc>,
 ) -> anyhow::Result<Vec<TransactionView>> {
-    let mut views = Vec::with_capacity(requests.len());
-    for (request, decision) in requests.iter().zip(decided) {
+    let mut views = Vec::with_capacity(decided.len());
+    for (order, decision) in orders_of(requests).zip(decided) {
         if decision.fresh {
             views.push(TransactionView::decided(
-                request,
+                order,
                 decision.outcome,
                 decided_at,
             ));
-        } else if let Some(row) = stored.get(&request.transaction_id) {
+        } else if let Some(row) = stored.get(&order.transaction_id) {
             views.push(row.to_view()?);
         }
     }
     Ok(views)
+}
+
+/// The latest status of every transaction the batches of a group touched, when they carry
+/// commands about holds: applied batch after batch, request after request, so that what is
+/// published for a transaction is its status after the group.
+struct LatestViews<'a> {
+    /// The locked rows of the holds the commands named.
+    holds: &'a HashMap<TransactionId, StoredTransaction>,
+    decided_at: DateTime<Utc>,
+    views: HashMap<TransactionId, TransactionView>,
+}
+
+impl<'a> LatestViews<'a> {
+    fn new(
+        holds: &'a HashMap<TransactionId, StoredTransaction>,
+        decided_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            holds,
+            decided_at,
+            views: HashMap::new(),
+        }
+    }
+
+    /// Applies a batch's decisions; returns the transactions it touched, in order, once each.
+    /// New outcomes come from this batch, replays from what is stored (so a duplicate message
+    /// can never change what clients see), holds as their commands leave them; a command that
+    /// changed nothing touches its transaction too, so whoever waits on it hears of it.
+    fn apply(
+        &mut self,
+        requests: &[Request],
+        numbered: &Numbered,
+        stored: &HashMap<TransactionId, StoredTransaction>,
+    ) -> anyhow::Result<Vec<TransactionId>> {
+        let mut touched = Vec::with_capacity(requests.len());
+        let mut seen = HashSet::with_capacity(requests.len());
+        let (mut orders, mut commands) = (numbered.orders.iter(), numbered.commands.iter());
+        for request in requests {
+            let id = match request {
+                Request::Order(order) => {
+                    let decision = orders.next().context("an order without a decision")?;
+                    self.order(order, decision, stored)?
+                }
+                Request::Command(command) => {
+                    let decision = commands.next().context("a command without a decision")?;
+                    self.command(command, decision)?
+                }
+            };
+            if let Some(id) = id
+                && seen.insert(id)
+            {
+                touched.push(id);
+            }
+        }
+        Ok(touched)
+    }
+
+    /// The latest views of `ids`.
+    fn views_of(&self, ids: &[TransactionId]) -> Vec<TransactionView> {
+        ids.iter()
+            .filter_map(|id| self.views.get(id).cloned())
+            .collect()
+    }
+
+    fn order(
+        &mut self,
+        order: &Order,
+        decision: &Decided,
+        stored: &HashMap<TransactionId, StoredTransaction>,
+    ) -> anyhow::Result<Option<TransactionId>> {
+        let id = order.transaction_id;
+        if decision.fresh {
+            let view = TransactionView::decided(order, decision.outcome, self.decided_at);
+            self.views.insert(id, view);
+        } else if let std::collections::hash_map::Entry::Vacant(entry) = self.views.entry(id) {
+            // A replay shows what is stored; an in-batch duplicate what its first copy shows.
+            let Some(row) = stored.get(&id) else {
+                return Ok(None);
+            };
+            entry.insert(row.to_view()?);
+        }
+        Ok(Some(id))
+    }
+
+    fn command(
+        &mut self,
+        command: &Command,
+        decision: &CommandDecided,
+    ) -> anyhow::Result<Option<TransactionId>> {
+        let id = command.transaction_id;
+        if !self.views.contains_key(&id) {
+            // A transaction that does not exist has no status to publish.
+            let Some(row) = self.holds.get(&id) else {
+                return Ok(None);
+            };
+            self.views.insert(id, row.to_view()?);
+        }
+        if let Some(outcome) = decision.settled {
+            let view = self.views.get_mut(&id).expect("inserted above");
+            view.set_outcome(outcome);
+            view.decided_at = Some(self.decided_at);
+        }
+        Ok(Some(id))
+    }
 }

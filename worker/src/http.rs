@@ -1,7 +1,9 @@
 //! The worker's small HTTP server, for operators and orchestrators: `/healthz` (the process
-//! runs), `/readyz` (database, Redis and broker reachable) and `/metrics` (Prometheus text).
-//! It listens on `ALLOT_WORKER_HTTP_ADDR` and serves nothing else.
+//! runs), `/readyz` (database, Redis and broker reachable), `/partitions` (which partitions
+//! this worker owns and decides, see [`crate::seats`]) and `/metrics` (Prometheus text). It
+//! listens on `ALLOT_WORKER_HTTP_ADDR` and serves nothing else.
 
+use crate::seats::{Seats, SeatsView};
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
@@ -22,6 +24,8 @@ pub struct Health {
     pub redis: ConnectionManager,
     /// Set while a RabbitMQ session is consuming (cleared when its connection is found down).
     pub broker_up: Arc<AtomicBool>,
+    /// This worker's seats in the partitions' lines.
+    pub seats: Arc<Seats>,
     pub metrics: PrometheusHandle,
 }
 
@@ -29,6 +33,7 @@ pub fn router(health: Health) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/partitions", get(partitions))
         .route("/metrics", get(metrics))
         .with_state(health)
 }
@@ -58,6 +63,11 @@ async fn readyz(State(health): State<Health>) -> (StatusCode, Json<Value>) {
             "checks": {"database": word(database), "redis": word(redis), "broker": word(broker)},
         })),
     )
+}
+
+/// `{"worker": "w-…", "workers": 3, "owned": [0, 4, …], "active": [0, 4, …], "subscribed": 16}`.
+async fn partitions(State(health): State<Health>) -> Json<SeatsView> {
+    Json(health.seats.view())
 }
 
 async fn metrics(State(health): State<Health>) -> impl IntoResponse {

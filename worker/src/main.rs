@@ -10,6 +10,9 @@ use std::sync::Arc;
 async fn main() -> anyhow::Result<()> {
     telemetry::init();
     let config = WorkerConfig::parse();
+    if let Some(ignored) = config.common.ignored_amqp_url() {
+        tracing::warn!(%ignored, "ALLOT_AMQP_URL is ignored: ALLOT_AMQP_URLS is set");
+    }
     let pool =
         db::connect_and_migrate(&config.common.database_url, config.db_max_connections).await?;
     let redis =

@@ -4,7 +4,7 @@
 //! messages, not those delivered and still unacked). A growing depth means the workers fall
 //! behind; the gauge is what to alert on before `x-max-length` turns requests into 503s.
 
-use crate::decider::BatchOutcome;
+use crate::decider::{BatchOutcome, Settlement};
 use allot_shared::amqp::Topology;
 use lapin::Connection;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 /// How often the depths are read.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// The `outcome` labels of `allot_worker_decisions_total`.
-const OUTCOMES: [&str; 4] = ["succeeded", "rejected", "replayed", "dead_lettered"];
+const OUTCOMES: [&str; 5] = ["succeeded", "rejected", "held", "replayed", "dead_lettered"];
+/// The `event` labels of `allot_worker_holds_total`.
+const HOLD_EVENTS: [&str; 4] = ["held", "confirmed", "cancelled", "expired"];
 
 /// Installs the metrics recorder (see [`allot_shared::metrics::install`]) and registers the
 /// worker's counters and unlabelled histograms, so that `/metrics` shows them from the start,
@@ -27,10 +29,20 @@ pub fn install_metrics() -> PrometheusHandle {
         metrics::counter!("allot_worker_decisions_total", "outcome" => outcome).increment(0);
     }
     metrics::counter!("allot_worker_set_aside_total").increment(0);
+    metrics::counter!("allot_worker_handovers_total").increment(0);
     // Registered (an empty histogram renders its buckets at 0), nothing recorded.
     let _ = metrics::histogram!("allot_worker_batch_size");
     let _ = metrics::histogram!("allot_worker_commit_duration_seconds");
     let _ = metrics::histogram!("allot_worker_group_batches");
+    for event in HOLD_EVENTS {
+        metrics::counter!("allot_worker_holds_total", "event" => event).increment(0);
+    }
+    // The open holds are counted by the expiry sweeper from the database at its first round,
+    // a moment after start.
+    metrics::gauge!("allot_holds_open").increment(0.0);
+    for name in allot_shared::metrics::HOLD_HISTOGRAMS {
+        let _ = metrics::histogram!(name);
+    }
     handle
 }
 
@@ -78,6 +90,7 @@ pub fn record_batch(outcome: &BatchOutcome, size: usize, commit_started: Instant
     let counts = [
         outcome.succeeded,
         outcome.rejected,
+        outcome.held,
         outcome.replayed,
         outcome.dead_lettered,
     ];
@@ -85,6 +98,40 @@ pub fn record_batch(outcome: &BatchOutcome, size: usize, commit_started: Instant
         metrics::counter!("allot_worker_decisions_total", "outcome" => label)
             .increment(count as u64);
     }
+    let events = [
+        outcome.held,
+        outcome.confirmed,
+        outcome.cancelled,
+        outcome.expired,
+    ];
+    for (label, count) in HOLD_EVENTS.into_iter().zip(events) {
+        if count > 0 {
+            metrics::counter!("allot_worker_holds_total", "event" => label).increment(count as u64);
+        }
+    }
+}
+
+/// Records the holds a batch settled: how long after it was granted each checkout came
+/// (`allot_worker_hold_checkout_seconds`), and how late each expiry was released
+/// (`allot_worker_expiry_lateness_seconds`: from its `expires_at` to the commit that released
+/// it).
+pub fn record_settlements(settlements: &[Settlement]) {
+    for settlement in settlements {
+        match *settlement {
+            Settlement::Confirmed { after_secs } => {
+                metrics::histogram!("allot_worker_hold_checkout_seconds").record(after_secs);
+            }
+            Settlement::Expired { late_secs } => {
+                metrics::histogram!("allot_worker_expiry_lateness_seconds").record(late_secs);
+            }
+            Settlement::Cancelled => {}
+        }
+    }
+}
+
+/// Sets the number of open holds, as the expiry sweeper counted them.
+pub fn record_open_holds(open: i64) {
+    metrics::gauge!("allot_holds_open").set(open as f64);
 }
 
 /// Counts a message set aside on its own after it failed every time (poison), with its reason

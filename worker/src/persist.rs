@@ -1,8 +1,16 @@
 //! All of the worker's SQL. The statements of a group of batches (one per partition, see
 //! [`crate::group`]) run in one PostgreSQL transaction, which [`crate::decider`] opens and
-//! commits around the pure core: lock the product rows, load the outcomes already stored for
-//! the transaction ids, (decide), reserve order numbers, write stock, outcomes and dead
-//! letters. Nothing of a batch is visible unless all of it is.
+//! commits around the pure core: lock the holds its commands name, the product rows (with their
+//! limits, windows and pauses) and the slot rows, load the buyers' units of limited products and
+//! the outcomes already stored for the transaction ids and command ids, (decide), reserve order
+//! numbers, write stock, slots, buyers' units, outcomes (and the lines of orders of several
+//! products), the holds settled, the commands and dead letters. Nothing of a batch is visible
+//! unless all of it is. A batch that uses none of limits, pauses, orders of several products,
+//! holds or slots runs the statements it ran before they existed.
+//!
+//! **The lock order**, the same for every decider, so that two of them never deadlock: the
+//! holds (transactions) a batch's commands name, by id; then products, by id; then slots, by
+//! id; then the day's counter row. Staff's changes take one product or slot row each.
 //!
 //! The set statements (`= ANY($1)`, `UNNEST`) run with `.persistent(false)`, planned for each
 //! call: see the module documentation of `allot_shared::db`. Setting an item aside ([`insert_dead_letters`], [`reject_unprocessable`]) is the
@@ -18,15 +26,16 @@
 //! transaction id refuses a second decision (the loser's transaction rolls back and its batch
 //! is retried, when it finds and replays the winner's outcome).
 
-use crate::core::Decided;
-use allot_shared::stored::{self, StoredTransaction};
+use crate::core::{Decided, Rules, Slot};
+use allot_shared::stored::{self, ItemColumns, RowColumns, StoredTransaction};
 use allot_shared::{
-    Outcome, PartitionId, ProductId, PurchaseRequest, RejectReason, Status, TransactionId,
+    Command, CommandId, CommandKind, CommandOutcome, Order, Outcome, PartitionId, ProductId,
+    RejectReason, SlotId, Status, TransactionId, UserId,
 };
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::PgConnection;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use uuid::Uuid;
 
 /// An item that could not be decided; it is recorded in `dead_letters`.
@@ -39,34 +48,327 @@ pub struct DeadLetter {
     pub error: String,
 }
 
-/// Locks the batch's products (in id order, so two lockers cannot deadlock) and returns their
-/// stock. A product missing from the result does not exist.
-pub async fn lock_stock(
+/// The batch's products, locked: their stock, held units, and the rules of those that have any.
+#[derive(Debug, Default)]
+pub struct Locked {
+    /// Units for sale of every existing product the batch names.
+    pub stock: HashMap<ProductId, i64>,
+    /// Units held by open holds, of those products that have any.
+    pub held: HashMap<ProductId, i64>,
+    /// Limits, sale windows and pauses of the products that have any.
+    pub rules: HashMap<ProductId, Rules>,
+}
+
+/// A product row as [`lock_products`] reads it.
+type ProductRow = (
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+);
+
+/// Locks the transactions the batch's commands name (`FOR UPDATE`, in id order: the first
+/// locks a batch takes, see the module documentation) and returns their rows. No statement
+/// when the batch has no command.
+pub async fn lock_holds(
     conn: &mut PgConnection,
-    requests: &[PurchaseRequest],
-) -> anyhow::Result<HashMap<ProductId, i64>> {
-    let mut product_ids: Vec<i64> = requests.iter().map(|r| r.product_id.get()).collect();
-    product_ids.sort_unstable();
-    product_ids.dedup();
-    let rows: Vec<(i64, i64)> =
-        sqlx::query_as("SELECT id, stock FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .bind(&product_ids)
-            .persistent(false)
-            .fetch_all(&mut *conn)
-            .await
-            .context("failed to lock the batch's products")?;
+    commands: &[&Command],
+) -> anyhow::Result<HashMap<TransactionId, StoredTransaction>> {
+    if commands.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<Uuid> = commands
+        .iter()
+        .map(|command| command.transaction_id.0)
+        .collect::<BTreeSet<Uuid>>()
+        .into_iter()
+        .collect();
+    Ok(stored::lock_many(&mut *conn, &ids)
+        .await
+        .context("failed to lock the holds the batch's commands name")?
+        .into_iter()
+        .map(|row| (TransactionId(row.id), row))
+        .collect())
+}
+
+/// Locks `product_ids` (in id order, so two lockers cannot deadlock, whichever partitions their
+/// orders came from) and returns their stock, held units and rules. A product missing from the
+/// result does not exist. `orders` are the batch's orders, whose acceptance times say which
+/// closed pauses matter.
+///
+/// The closed pauses of a product are read only when an order of the batch was accepted
+/// before the product's latest resume (`last_resumed_at`): the one case where one can cover
+/// it. A batch without such requests costs the one statement it cost before rules existed.
+pub async fn lock_products(
+    conn: &mut PgConnection,
+    product_ids: &BTreeSet<i64>,
+    orders: &[&Order],
+) -> anyhow::Result<Locked> {
+    let product_ids: Vec<i64> = product_ids.iter().copied().collect();
+    let rows: Vec<ProductRow> = sqlx::query_as(
+        "SELECT id, stock, held, max_per_buyer, sale_starts_at, sale_ends_at, paused_at, \
+                last_resumed_at \
+         FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .bind(&product_ids)
+    .persistent(false)
+    .fetch_all(&mut *conn)
+    .await
+    .context("failed to lock the batch's products")?;
+    let mut locked = Locked::default();
+    let mut resumed: HashMap<ProductId, DateTime<Utc>> = HashMap::new();
+    for (id, units, held, max_per_buyer, starts_at, ends_at, paused_since, last_resumed) in rows {
+        let id = ProductId::try_from(id).map_err(anyhow::Error::msg)?;
+        locked.stock.insert(id, units);
+        if held != 0 {
+            locked.held.insert(id, held);
+        }
+        let rules = Rules {
+            max_per_buyer,
+            sale: allot_shared::sale::Sale {
+                starts_at,
+                ends_at,
+                paused_since,
+                pauses: Vec::new(),
+            },
+        };
+        if rules != Rules::default() {
+            locked.rules.insert(id, rules);
+        }
+        if let Some(last_resumed) = last_resumed {
+            resumed.insert(id, last_resumed);
+        }
+    }
+    if resumed.is_empty() {
+        return Ok(locked); // no product of the batch was ever resumed: no closed pause
+    }
+    // Requests accepted before their product's latest resume: a closed pause may cover them.
+    let mut earliest: Option<DateTime<Utc>> = None;
+    let mut paused_products = BTreeSet::new();
+    for order in orders.iter() {
+        for line in order.lines.iter() {
+            if resumed
+                .get(&line.product_id)
+                .is_some_and(|&last| order.created_at < last)
+            {
+                paused_products.insert(line.product_id.get());
+                earliest = Some(earliest.map_or(order.created_at, |e| e.min(order.created_at)));
+            }
+        }
+    }
+    if let Some(earliest) = earliest {
+        let ids: Vec<i64> = paused_products.into_iter().collect();
+        let pauses: Vec<(i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT product_id, paused_at, resumed_at FROM product_pauses \
+             WHERE product_id = ANY($1) AND resumed_at > $2",
+        )
+        .bind(&ids)
+        .bind(earliest)
+        .persistent(false)
+        .fetch_all(&mut *conn)
+        .await
+        .context("failed to load the products' closed pauses")?;
+        for (id, paused, resumed) in pauses {
+            let id = ProductId::try_from(id).map_err(anyhow::Error::msg)?;
+            locked
+                .rules
+                .entry(id)
+                .or_default()
+                .sale
+                .pauses
+                .push((paused, resumed));
+        }
+    }
+    Ok(locked)
+}
+
+/// A slot row as [`lock_slots`] reads it: id, capacity, taken, held, end.
+type SlotRow = (i64, i64, i64, i64, Option<DateTime<Utc>>);
+
+/// Locks the slots the batch names (`FOR UPDATE`, in id order, after the products) and returns
+/// them. A slot missing from the result does not exist. No statement when the batch names none.
+pub async fn lock_slots(
+    conn: &mut PgConnection,
+    slot_ids: &BTreeSet<i64>,
+) -> anyhow::Result<HashMap<SlotId, Slot>> {
+    if slot_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<i64> = slot_ids.iter().copied().collect();
+    let rows: Vec<SlotRow> = sqlx::query_as(
+        "SELECT id, capacity, taken, held, ends_at FROM slots WHERE id = ANY($1) \
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(&ids)
+    .persistent(false)
+    .fetch_all(&mut *conn)
+    .await
+    .context("failed to lock the batch's slots")?;
     rows.into_iter()
-        .map(|(id, units)| Ok((ProductId::try_from(id).map_err(anyhow::Error::msg)?, units)))
+        .map(|(id, capacity, taken, held, ends_at)| {
+            Ok((
+                SlotId::try_from(id).map_err(anyhow::Error::msg)?,
+                Slot {
+                    capacity,
+                    taken,
+                    held,
+                    ends_at,
+                },
+            ))
+        })
         .collect()
+}
+
+/// Writes the slots whose places changed (the rows are locked: absolute values are safe). No
+/// statement when none did.
+pub async fn write_slots(
+    conn: &mut PgConnection,
+    before: &HashMap<SlotId, Slot>,
+    after: &HashMap<SlotId, Slot>,
+) -> anyhow::Result<()> {
+    let mut ids = Vec::new();
+    let mut taken = Vec::new();
+    let mut held = Vec::new();
+    for (id, slot) in after {
+        if before.get(id) != Some(slot) {
+            ids.push(id.get());
+            taken.push(slot.taken);
+            held.push(slot.held);
+        }
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE slots AS s SET taken = v.taken, held = v.held \
+         FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS v(id, taken, held) \
+         WHERE s.id = v.id",
+    )
+    .bind(&ids)
+    .bind(&taken)
+    .bind(&held)
+    .persistent(false)
+    .execute(conn)
+    .await
+    .context("failed to write the slots")?;
+    Ok(())
+}
+
+/// The units each of `buyers` (product, buyer pairs of the batch's orders and holds) has
+/// succeeded with or holds, of the products with a `max_per_buyer` (read under their row
+/// locks, which [`lock_products`] took). No statement when the batch has no limited product.
+pub async fn buyer_units(
+    conn: &mut PgConnection,
+    rules: &HashMap<ProductId, Rules>,
+    buyers: impl IntoIterator<Item = (ProductId, UserId)>,
+) -> anyhow::Result<HashMap<(ProductId, UserId), i64>> {
+    if rules.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let pairs: BTreeSet<(i64, i64)> = buyers
+        .into_iter()
+        .filter(|(product, _)| {
+            rules
+                .get(product)
+                .is_some_and(|rules| rules.max_per_buyer.is_some())
+        })
+        .map(|(product, user)| (product.get(), user.get()))
+        .collect();
+    if pairs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (products, users): (Vec<i64>, Vec<i64>) = pairs.into_iter().unzip();
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT b.product_id, b.user_id, b.units FROM buyer_units b \
+         JOIN UNNEST($1::bigint[], $2::bigint[]) AS p(product_id, user_id) \
+           ON b.product_id = p.product_id AND b.user_id = p.user_id",
+    )
+    .bind(&products)
+    .bind(&users)
+    .persistent(false)
+    .fetch_all(&mut *conn)
+    .await
+    .context("failed to load the buyers' units")?;
+    rows.into_iter()
+        .map(|(product, user, units)| {
+            Ok((
+                (
+                    ProductId::try_from(product).map_err(anyhow::Error::msg)?,
+                    UserId::try_from(user).map_err(anyhow::Error::msg)?,
+                ),
+                units,
+            ))
+        })
+        .collect()
+}
+
+/// Writes the buyers' units that changed (new sales and holds of limited products, holds
+/// released); a buyer left with none loses the row. The product rows are locked, so writing
+/// absolute values is safe.
+pub async fn write_buyer_units(
+    conn: &mut PgConnection,
+    before: &HashMap<(ProductId, UserId), i64>,
+    after: &HashMap<(ProductId, UserId), i64>,
+) -> anyhow::Result<()> {
+    let mut products = Vec::new();
+    let mut users = Vec::new();
+    let mut units = Vec::new();
+    let mut gone_products = Vec::new();
+    let mut gone_users = Vec::new();
+    for (&(product, user), &now) in after {
+        if before.get(&(product, user)).copied().unwrap_or(0) == now {
+            continue;
+        }
+        if now > 0 {
+            products.push(product.get());
+            users.push(user.get());
+            units.push(now);
+        } else {
+            gone_products.push(product.get());
+            gone_users.push(user.get());
+        }
+    }
+    if !gone_products.is_empty() {
+        sqlx::query(
+            "DELETE FROM buyer_units b USING UNNEST($1::bigint[], $2::bigint[]) AS g(product_id, user_id) \
+             WHERE b.product_id = g.product_id AND b.user_id = g.user_id",
+        )
+        .bind(&gone_products)
+        .bind(&gone_users)
+        .persistent(false)
+        .execute(&mut *conn)
+        .await
+        .context("failed to remove the buyers' units released")?;
+    }
+    if products.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO buyer_units (product_id, user_id, units) \
+         SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) \
+         ON CONFLICT (product_id, user_id) DO UPDATE SET units = EXCLUDED.units",
+    )
+    .bind(&products)
+    .bind(&users)
+    .bind(&units)
+    .persistent(false)
+    .execute(conn)
+    .await
+    .context("failed to write the buyers' units")?;
+    Ok(())
 }
 
 /// The rows already stored for the batch's transaction ids (decided by an earlier delivery of
 /// the same request, or withdrawn by the API).
 pub async fn stored_outcomes(
     conn: &mut PgConnection,
-    requests: &[PurchaseRequest],
+    orders: &[&Order],
 ) -> anyhow::Result<HashMap<TransactionId, StoredTransaction>> {
-    let ids: Vec<Uuid> = requests.iter().map(|r| r.transaction_id.0).collect();
+    let ids: Vec<Uuid> = orders.iter().map(|r| r.transaction_id.0).collect();
     Ok(stored::fetch_many(&mut *conn, &ids)
         .await
         .context("failed to load stored outcomes")?
@@ -99,16 +401,78 @@ pub async fn reserve_order_numbers(
     Ok(last - count + 1)
 }
 
-/// Writes the new stock of every product the batch sold from. The rows are locked, so writing
-/// absolute values is safe.
+/// What the batch's commands were decided as before (or withdrawn as by the API), of the
+/// checkouts and cancels (the sweeper's expiries are not recorded). No statement without such
+/// commands.
+pub async fn stored_commands(
+    conn: &mut PgConnection,
+    commands: &[&Command],
+) -> anyhow::Result<HashMap<CommandId, CommandOutcome>> {
+    let ids: Vec<Uuid> = commands
+        .iter()
+        .filter(|command| command.kind != CommandKind::Expire)
+        .map(|command| command.command_id.0)
+        .collect();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT command_id, outcome FROM hold_commands WHERE command_id = ANY($1)")
+            .bind(&ids)
+            .persistent(false)
+            .fetch_all(&mut *conn)
+            .await
+            .context("failed to load the commands decided before")?;
+    rows.into_iter()
+        .map(|(id, outcome)| Ok((CommandId(id), outcome.parse().map_err(anyhow::Error::msg)?)))
+        .collect()
+}
+
+/// Writes the new stock (and held units) of every product the batch changed. The rows are
+/// locked, so writing absolute values is safe. A batch that changed no product's held units
+/// runs the statement it ran before holds existed.
 pub async fn write_stock(
     conn: &mut PgConnection,
-    before: &HashMap<ProductId, i64>,
-    after: &HashMap<ProductId, i64>,
+    before: (&HashMap<ProductId, i64>, &HashMap<ProductId, i64>),
+    after: (&HashMap<ProductId, i64>, &HashMap<ProductId, i64>),
 ) -> anyhow::Result<()> {
-    let (ids, stock): (Vec<i64>, Vec<i64>) = after
+    let (stock_before, held_before) = before;
+    let (stock_after, held_after) = after;
+    let held_of = |map: &HashMap<ProductId, i64>, id: &ProductId| map.get(id).copied().unwrap_or(0);
+    let held_changed = held_after
+        .keys()
+        .chain(held_before.keys())
+        .any(|id| held_of(held_before, id) != held_of(held_after, id));
+    if held_changed {
+        let mut ids = Vec::new();
+        let mut stock = Vec::new();
+        let mut held = Vec::new();
+        for (id, units) in stock_after {
+            if stock_before.get(id) != Some(units)
+                || held_of(held_before, id) != held_of(held_after, id)
+            {
+                ids.push(id.get());
+                stock.push(*units);
+                held.push(held_of(held_after, id));
+            }
+        }
+        sqlx::query(
+            "UPDATE products AS p SET stock = v.stock, held = v.held \
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS v(id, stock, held) \
+             WHERE p.id = v.id",
+        )
+        .bind(&ids)
+        .bind(&stock)
+        .bind(&held)
+        .persistent(false)
+        .execute(conn)
+        .await
+        .context("failed to write stock and held units")?;
+        return Ok(());
+    }
+    let (ids, stock): (Vec<i64>, Vec<i64>) = stock_after
         .iter()
-        .filter(|(id, units)| before.get(id) != Some(units))
+        .filter(|(id, units)| stock_before.get(id) != Some(units))
         .map(|(id, units)| (id.get(), *units))
         .unzip();
     if ids.is_empty() {
@@ -128,86 +492,272 @@ pub async fn write_stock(
 }
 
 /// Inserts the new outcomes (those [`Decided::fresh`]) of every batch of a group, given as
-/// `(partition, request, decision)`, in one statement. No
-/// `ON CONFLICT`: a transaction id stored meanwhile means another decider won a race for it
-/// (a split brain); the conflict rolls this batch back, and its retry replays the winner's
-/// outcome instead of taking stock for it a second time.
+/// `(partition, order, decision)`, in one statement, and the lines of the orders of several
+/// products in a second (only when there are any). No `ON CONFLICT`: a transaction id stored
+/// meanwhile means another decider won a race for it (a split brain); the conflict rolls this
+/// batch back, and its retry replays the winner's outcome instead of taking stock for it a
+/// second time. Rows of holds, of orders for a slot or refused for one are written by a
+/// statement with those columns; a batch without any runs the statement it ran before them.
 pub async fn insert_transactions<'a>(
     conn: &mut PgConnection,
-    decided: impl IntoIterator<Item = (PartitionId, &'a PurchaseRequest, &'a Decided)>,
+    decided: impl IntoIterator<Item = (PartitionId, &'a Order, &'a Decided)>,
     decided_at: DateTime<Utc>,
 ) -> anyhow::Result<()> {
     let mut rows = TransactionColumns::default();
-    for (partition, request, decision) in decided {
+    for (partition, order, decision) in decided {
         if decision.fresh {
-            rows.push(partition, request, decision.outcome);
+            rows.push(partition, order, decision.outcome);
         }
     }
-    if rows.ids.is_empty() {
+    if rows.rows.ids.is_empty() {
+        return Ok(());
+    }
+    let extended = rows.rows.any_hold_or_slot || rows.reason_slot_ids.iter().any(Option::is_some);
+    if extended {
+        sqlx::query(
+            "INSERT INTO transactions (id, user_id, product_id, quantity, status, reason, \
+                                       reason_product_id, order_day, order_seq, created_at, \
+                                       partition, hold_seconds, expires_at, slot_id, \
+                                       reason_slot_id, decided_at) \
+             SELECT u.*, $16 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], \
+                                         $5::text[], $6::text[], $7::bigint[], $8::date[], \
+                                         $9::bigint[], $10::timestamptz[], $11::integer[], \
+                                         $12::integer[], $13::timestamptz[], $14::bigint[], \
+                                         $15::bigint[]) AS u",
+        )
+        .bind(&rows.rows.ids)
+        .bind(&rows.rows.user_ids)
+        .bind(&rows.rows.product_ids)
+        .bind(&rows.rows.quantities)
+        .bind(&rows.statuses)
+        .bind(&rows.reasons)
+        .bind(&rows.reason_product_ids)
+        .bind(&rows.order_days)
+        .bind(&rows.order_seqs)
+        .bind(&rows.rows.created_at)
+        .bind(&rows.partitions)
+        .bind(&rows.rows.hold_seconds)
+        .bind(&rows.expires_at)
+        .bind(&rows.rows.slot_ids)
+        .bind(&rows.reason_slot_ids)
+        .bind(decided_at)
+        .persistent(false)
+        .execute(&mut *conn)
+        .await
+        .context("failed to insert outcomes")?;
+    } else {
+        sqlx::query(
+            "INSERT INTO transactions (id, user_id, product_id, quantity, status, reason, \
+                                       reason_product_id, order_day, order_seq, created_at, \
+                                       partition, decided_at) \
+             SELECT u.*, $12 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], \
+                                         $5::text[], $6::text[], $7::bigint[], $8::date[], \
+                                         $9::bigint[], $10::timestamptz[], $11::integer[]) AS u",
+        )
+        .bind(&rows.rows.ids)
+        .bind(&rows.rows.user_ids)
+        .bind(&rows.rows.product_ids)
+        .bind(&rows.rows.quantities)
+        .bind(&rows.statuses)
+        .bind(&rows.reasons)
+        .bind(&rows.reason_product_ids)
+        .bind(&rows.order_days)
+        .bind(&rows.order_seqs)
+        .bind(&rows.rows.created_at)
+        .bind(&rows.partitions)
+        .bind(decided_at)
+        .execute(&mut *conn)
+        .await
+        .context("failed to insert outcomes")?;
+    }
+    insert_items(conn, &rows.rows.items).await
+}
+
+/// Inserts the lines of orders of several products (no statement if there are none).
+async fn insert_items(conn: &mut PgConnection, items: &ItemColumns) -> anyhow::Result<()> {
+    if items.is_empty() {
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO transactions (id, user_id, product_id, quantity, status, reason, \
-                                   order_day, order_seq, created_at, partition, decided_at) \
-         SELECT u.*, $11 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], \
-                                     $5::text[], $6::text[], $7::date[], $8::bigint[], \
-                                     $9::timestamptz[], $10::integer[]) AS u",
+        "INSERT INTO transaction_items (transaction_id, position, product_id, quantity) \
+         SELECT * FROM UNNEST($1::uuid[], $2::smallint[], $3::bigint[], $4::bigint[])",
     )
-    .bind(&rows.ids)
-    .bind(&rows.user_ids)
-    .bind(&rows.product_ids)
-    .bind(&rows.quantities)
-    .bind(&rows.statuses)
-    .bind(&rows.reasons)
-    .bind(&rows.order_days)
-    .bind(&rows.order_seqs)
-    .bind(&rows.created_at)
-    .bind(&rows.partitions)
-    .bind(decided_at)
+    .bind(&items.transaction_ids)
+    .bind(&items.positions)
+    .bind(&items.product_ids)
+    .bind(&items.quantities)
+    .persistent(false)
     .execute(conn)
     .await
-    .context("failed to insert outcomes")?;
+    .context("failed to insert the lines of orders")?;
     Ok(())
 }
 
 /// The columns of new `transactions` rows, as arrays for `UNNEST`.
 #[derive(Default)]
 struct TransactionColumns {
-    ids: Vec<Uuid>,
-    user_ids: Vec<i64>,
-    product_ids: Vec<i64>,
-    quantities: Vec<i64>,
+    /// Ids, buyers, lines, acceptance times, holds and slots asked for.
+    rows: RowColumns,
     statuses: Vec<&'static str>,
     reasons: Vec<Option<&'static str>>,
+    reason_product_ids: Vec<Option<i64>>,
+    reason_slot_ids: Vec<Option<i64>>,
     order_days: Vec<Option<NaiveDate>>,
     order_seqs: Vec<Option<i64>>,
-    created_at: Vec<DateTime<Utc>>,
+    expires_at: Vec<Option<DateTime<Utc>>>,
     partitions: Vec<i32>,
 }
 
-impl TransactionColumns {
-    fn push(&mut self, partition: PartitionId, request: &PurchaseRequest, outcome: Outcome) {
-        self.partitions.push(i32::from(partition.0));
-        self.ids.push(request.transaction_id.0);
-        self.user_ids.push(request.user_id.get());
-        self.product_ids.push(request.product_id.get());
-        self.quantities.push(request.quantity.get());
-        self.created_at.push(request.created_at);
-        match outcome {
-            Outcome::Succeeded(number) => {
-                self.statuses.push(Status::Succeeded.as_str());
-                self.reasons.push(None);
-                self.order_days.push(Some(number.day));
-                self.order_seqs.push(Some(number.seq));
-            }
-            Outcome::Rejected(reason) => {
-                self.statuses.push(Status::Rejected.as_str());
-                self.reasons.push(Some(reason.as_str()));
-                self.order_days.push(None);
-                self.order_seqs.push(None);
-            }
-        }
+/// A new status's columns: status, reason, product and slot named, number, expiry.
+type OutcomeColumns = (
+    &'static str,
+    Option<&'static str>,
+    Option<i64>,
+    Option<i64>,
+    Option<NaiveDate>,
+    Option<i64>,
+    Option<DateTime<Utc>>,
+);
+
+fn outcome_columns(outcome: Outcome) -> OutcomeColumns {
+    match outcome {
+        Outcome::Succeeded(number) => (
+            Status::Succeeded.as_str(),
+            None,
+            None,
+            None,
+            Some(number.day),
+            Some(number.seq),
+            None,
+        ),
+        Outcome::Rejected(rejection) => (
+            Status::Rejected.as_str(),
+            Some(rejection.reason.as_str()),
+            rejection.product.map(ProductId::get),
+            rejection.slot.map(SlotId::get),
+            None,
+            None,
+            None,
+        ),
+        Outcome::Held { expires_at } => (
+            Status::Held.as_str(),
+            None,
+            None,
+            None,
+            None,
+            None,
+            Some(expires_at),
+        ),
     }
+}
+
+impl TransactionColumns {
+    fn push(&mut self, partition: PartitionId, order: &Order, outcome: Outcome) {
+        self.partitions.push(i32::from(partition.0));
+        self.rows.push(order);
+        let (status, reason, product, slot, day, seq, expires_at) = outcome_columns(outcome);
+        self.statuses.push(status);
+        self.reasons.push(reason);
+        self.reason_product_ids.push(product);
+        self.reason_slot_ids.push(slot);
+        self.order_days.push(day);
+        self.order_seqs.push(seq);
+        self.expires_at.push(expires_at);
+    }
+}
+
+/// Settles holds: each `(hold, its new outcome)` becomes `succeeded` (numbered) or `rejected`
+/// (`cancelled`, `expired`), decided at `decided_at`, in one statement. Only a row that is
+/// still held changes (the rows are locked, or were inserted held by this batch); fewer rows
+/// changed than asked is an error, and the batch rolls back.
+pub async fn settle_holds(
+    conn: &mut PgConnection,
+    settled: &[(TransactionId, Outcome)],
+    decided_at: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    if settled.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(settled.len());
+    let mut statuses = Vec::with_capacity(settled.len());
+    let mut reasons = Vec::with_capacity(settled.len());
+    let mut days = Vec::with_capacity(settled.len());
+    let mut seqs = Vec::with_capacity(settled.len());
+    for &(id, outcome) in settled {
+        let (status, reason, _, _, day, seq, _) = outcome_columns(outcome);
+        ids.push(id.0);
+        statuses.push(status);
+        reasons.push(reason);
+        days.push(day);
+        seqs.push(seq);
+    }
+    let changed = sqlx::query(
+        "UPDATE transactions AS t SET status = v.status, reason = v.reason, \
+                order_day = v.order_day, order_seq = v.order_seq, decided_at = $6 \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::date[], $5::bigint[]) \
+           AS v(id, status, reason, order_day, order_seq) \
+         WHERE t.id = v.id AND t.status = 'held'",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&reasons)
+    .bind(&days)
+    .bind(&seqs)
+    .bind(decided_at)
+    .persistent(false)
+    .execute(conn)
+    .await
+    .context("failed to settle holds")?
+    .rows_affected();
+    anyhow::ensure!(
+        changed == settled.len() as u64,
+        "settled {changed} of {} holds: a hold changed under its lock",
+        settled.len()
+    );
+    Ok(())
+}
+
+/// Records what the batch's checkouts and cancels did (`fresh` ones; the sweeper's expiries
+/// are not recorded), one row per command id, in one statement. A command naming no stored
+/// transaction is not recorded (nothing to point at; it did nothing). No `ON CONFLICT`: a
+/// command id stored meanwhile (the API withdrew it, or another decider decided it) rolls the
+/// batch back, and its retry replays what stands.
+pub async fn insert_commands(
+    conn: &mut PgConnection,
+    commands: &[(&Command, CommandOutcome)],
+    decided_at: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    let recorded: Vec<&(&Command, CommandOutcome)> = commands
+        .iter()
+        .filter(|(command, _)| command.kind != CommandKind::Expire)
+        .collect();
+    if recorded.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = recorded.iter().map(|(c, _)| c.command_id.0).collect();
+    let holds: Vec<Uuid> = recorded.iter().map(|(c, _)| c.transaction_id.0).collect();
+    let kinds: Vec<&str> = recorded.iter().map(|(c, _)| c.kind.as_str()).collect();
+    let outcomes: Vec<&str> = recorded.iter().map(|(_, o)| o.as_str()).collect();
+    let created: Vec<DateTime<Utc>> = recorded.iter().map(|(c, _)| c.created_at).collect();
+    sqlx::query(
+        "INSERT INTO hold_commands (command_id, transaction_id, kind, outcome, created_at, \
+                                    decided_at) \
+         SELECT u.*, $6 FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], \
+                                    $5::timestamptz[]) AS u(command_id, transaction_id, kind, \
+                                    outcome, created_at) \
+         WHERE EXISTS (SELECT 1 FROM transactions t WHERE t.id = u.transaction_id)",
+    )
+    .bind(&ids)
+    .bind(&holds)
+    .bind(&kinds)
+    .bind(&outcomes)
+    .bind(&created)
+    .bind(decided_at)
+    .persistent(false)
+    .execute(conn)
+    .await
+    .context("failed to record the commands")?;
+    Ok(())
 }
 
 /// Records dead letters; one already recorded under the same `message_id` (a redelivery) is
@@ -233,31 +783,46 @@ pub async fn insert_dead_letters(
     Ok(())
 }
 
-/// Records `request` as rejected (`unprocessable`) unless it was decided already; returns the
-/// row that stands.
+/// Records `order` as rejected (`unprocessable`) unless it was decided already, with its lines
+/// if it has several, in one statement; returns the row that stands.
 pub async fn reject_unprocessable(
     conn: &mut PgConnection,
     partition: PartitionId,
-    request: &PurchaseRequest,
+    order: &Order,
     decided_at: DateTime<Utc>,
 ) -> anyhow::Result<StoredTransaction> {
+    let mut rows = RowColumns::default();
+    rows.push(order);
     sqlx::query(
-        "INSERT INTO transactions (id, user_id, product_id, quantity, status, reason, partition, \
-                                   created_at, decided_at) \
-         VALUES ($1, $2, $3, $4, 'rejected', $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+        "WITH rejected AS ( \
+           INSERT INTO transactions (id, user_id, product_id, quantity, status, reason, \
+                                     partition, created_at, decided_at, hold_seconds, slot_id) \
+           VALUES ($1, $2, $3, $4, 'rejected', $5, $6, $7, $8, $13, $14) \
+           ON CONFLICT (id) DO NOTHING \
+           RETURNING id) \
+         INSERT INTO transaction_items (transaction_id, position, product_id, quantity) \
+         SELECT i.* FROM UNNEST($9::uuid[], $10::smallint[], $11::bigint[], $12::bigint[]) \
+           AS i(transaction_id, position, product_id, quantity) \
+         WHERE i.transaction_id IN (SELECT id FROM rejected)",
     )
-    .bind(request.transaction_id.0)
-    .bind(request.user_id.get())
-    .bind(request.product_id.get())
-    .bind(request.quantity.get())
+    .bind(order.transaction_id.0)
+    .bind(order.user_id.get())
+    .bind(rows.product_ids[0])
+    .bind(rows.quantities[0])
     .bind(RejectReason::Unprocessable.as_str())
     .bind(i32::from(partition.0))
-    .bind(request.created_at)
+    .bind(order.created_at)
     .bind(decided_at)
+    .bind(&rows.items.transaction_ids)
+    .bind(&rows.items.positions)
+    .bind(&rows.items.product_ids)
+    .bind(&rows.items.quantities)
+    .bind(rows.hold_seconds[0])
+    .bind(rows.slot_ids[0])
     .execute(&mut *conn)
     .await
     .context("failed to record an unprocessable transaction as rejected")?;
-    stored::fetch_one(&mut *conn, request.transaction_id)
+    stored::fetch_one(&mut *conn, order.transaction_id)
         .await
         .context("failed to read back an unprocessable transaction")?
         .context("an unprocessable transaction vanished")

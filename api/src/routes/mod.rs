@@ -4,15 +4,24 @@
 //! and the OpenAPI document from the same list, so the document cannot miss a route. The web
 //! page, the docs and the document itself are added beside it, undocumented.
 
+mod accounts;
+mod baskets;
 mod health;
+mod history;
+mod holds;
 mod orders;
 mod page;
 mod products;
+mod slots;
 mod stats;
 mod watch;
 
-pub use orders::{Accepted, AddToCart, read_transaction};
-pub use products::{Product, ProductPage};
+pub use accounts::{Credentials, NewAccount, Token};
+pub use baskets::{NewOrder, OrderItem};
+pub use history::HistoryPage;
+pub use orders::{Accepted, AddToCart, accept, read_transaction};
+pub use products::{Product, ProductPage, ProductPatch};
+pub use slots::{NewSlot, Slot, SlotPage, SlotPatch};
 pub use stats::Stats;
 pub use watch::WATCH_LIMIT;
 
@@ -48,12 +57,21 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(orders::add_to_cart))
+        .routes(routes!(baskets::place_order))
         .routes(routes!(orders::get_transaction))
         .routes(routes!(watch::transaction_events))
+        .routes(routes!(holds::checkout))
+        .routes(routes!(holds::cancel))
         .routes(routes!(products::create, products::list))
-        .routes(routes!(products::get))
+        .routes(routes!(products::get, products::update))
         .routes(routes!(products::restock))
+        .routes(routes!(slots::create, slots::list))
+        .routes(routes!(slots::get, slots::update))
         .routes(routes!(stats::stats))
+        .routes(routes!(accounts::sign_up))
+        .routes(routes!(accounts::login))
+        .routes(routes!(accounts::logout))
+        .routes(routes!(history::history))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(health::metrics))

@@ -1,25 +1,75 @@
-//! The catalogue: staff create and restock products (bearer token); anyone lists them and
-//! reads their remaining stock.
+//! The catalogue: staff create, restock and change products (bearer token): a per-buyer limit,
+//! a sale window, a pause; anyone lists them and reads their remaining stock and rules.
 
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{self, Admin, AppJson, AppPath, AppQuery};
 use crate::state::AppState;
+use allot_shared::ProductId;
+use allot_shared::clock::to_stored_precision;
+use allot_shared::sale::Sale;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
+use chrono::{DateTime, Datelike, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The most units a product may hold; keeps every sum of stock far from `bigint` overflow.
 pub const MAX_STOCK: i64 = 1_000_000_000_000;
 /// The longest product name.
 pub const MAX_NAME_CHARS: usize = 200;
 
+/// A product as clients see it. The rules appear only when set: a product without a limit,
+/// window, pause or held units reads `{"id", "name", "stock"}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Product {
     pub id: i64,
     pub name: String,
-    /// Units still for sale.
+    /// Units still for sale: held units (open holds) are not counted here.
     pub stock: i64,
+    /// Units held by open holds (taken out of `stock`, not sold yet); present only when some
+    /// are.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schema(minimum = 1)]
+    pub held: i64,
+    /// The most units one buyer may have succeeded with; present only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, nullable = false)]
+    pub max_per_buyer: Option<i64>,
+    /// On sale from this time on (inclusive); present only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub sale_starts_at: Option<DateTime<Utc>>,
+    /// On sale until this time (exclusive); present only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub sale_ends_at: Option<DateTime<Utc>>,
+    /// Paused by staff since this time; present only while paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub paused_at: Option<DateTime<Utc>>,
+}
+
+/// The columns of [`Product`], for `SELECT` and `RETURNING`.
+macro_rules! product_columns {
+    () => {
+        "id, name, stock, held, max_per_buyer, sale_starts_at, sale_ends_at, paused_at"
+    };
+}
+
+fn is_zero(units: &i64) -> bool {
+    *units == 0
+}
+
+impl Product {
+    /// The sale window and pause, as the catalogue gate judges them.
+    fn sale(&self) -> Sale {
+        Sale {
+            starts_at: self.sale_starts_at,
+            ends_at: self.sale_ends_at,
+            paused_since: self.paused_at,
+            pauses: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -39,6 +89,124 @@ pub struct NewProduct {
     /// Units for sale, 0 to 10^12.
     #[schema(minimum = 0, maximum = 1_000_000_000_000_i64, example = 100)]
     pub stock: i64,
+    /// The most units one buyer may succeed with, 1 to 10^12; absent or `null`: no limit.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64, example = 2)]
+    pub max_per_buyer: Option<i64>,
+    /// On sale from this time on (RFC 3339, kept to the microsecond); absent or `null`: from
+    /// now.
+    #[serde(default)]
+    pub sale_starts_at: Option<DateTime<Utc>>,
+    /// On sale until this time (exclusive), after `sale_starts_at`; absent or `null`: no end.
+    #[serde(default)]
+    pub sale_ends_at: Option<DateTime<Utc>>,
+}
+
+/// A change of a product's rules, with JSON merge-patch semantics (RFC 7396): a field left out
+/// stays as it is, `null` clears it, a value sets it.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProductPatch {
+    /// The most units one buyer may succeed with, 1 to 10^12; `null`: no limit.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 1_000_000_000_000_i64, example = 2)]
+    pub max_per_buyer: Option<Option<i64>>,
+    /// On sale from this time on (RFC 3339, inclusive, kept to the microsecond); `null`: no
+    /// start.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    pub sale_starts_at: Option<Option<DateTime<Utc>>>,
+    /// On sale until this time (exclusive), after the start; `null`: no end.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    pub sale_ends_at: Option<Option<DateTime<Utc>>>,
+    /// `true` pauses the sale (from now until resumed), `false` resumes it; `null` is refused.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = bool)]
+    pub paused: Option<Option<bool>>,
+}
+
+/// A field that is present: `Some(None)` for `null`, `Some(Some(value))` for a value (a field
+/// left out is `None`, through `#[serde(default)]`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// A name (of a product or a slot) as sent, checked: 1 to [`MAX_NAME_CHARS`] characters, no
+/// control characters, not only whitespace; returned trimmed.
+pub fn checked_name(name: &str) -> Result<&str, ApiError> {
+    // Checked as sent, so the limits are the ones the document states (NAME_PATTERN): a
+    // padded name does not get past the length limit, nor a tab past the control characters.
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(ApiError::InvalidBody(format!(
+            "name must have 1 to {MAX_NAME_CHARS} characters"
+        )));
+    }
+    // PostgreSQL text cannot hold NUL; no name needs any control character.
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::InvalidBody(
+            "name may not contain control characters".into(),
+        ));
+    }
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(ApiError::InvalidBody(
+            "name must have a character other than whitespace".into(),
+        ));
+    }
+    Ok(name)
+}
+
+/// A time of a request body, checked: within the years 1 to 9999, kept to the microsecond
+/// (PostgreSQL's precision). `field` names it in the error.
+pub fn checked_time(
+    field: &str,
+    value: Option<DateTime<Utc>>,
+) -> Result<Option<DateTime<Utc>>, ApiError> {
+    match value {
+        Some(time) if !(1..=9999).contains(&time.year()) => Err(ApiError::InvalidBody(format!(
+            "{field} must be a time between the years 1 and 9999, got {time}"
+        ))),
+        _ => Ok(value.map(to_stored_precision)),
+    }
+}
+
+/// A product's rules, checked: the limit in range, the times within years 1 to 9999 (kept to
+/// the microsecond, PostgreSQL's precision), the start before the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rules {
+    max_per_buyer: Option<i64>,
+    sale_starts_at: Option<DateTime<Utc>>,
+    sale_ends_at: Option<DateTime<Utc>>,
+}
+
+impl Rules {
+    fn checked(self) -> Result<Self, ApiError> {
+        if let Some(max) = self.max_per_buyer
+            && !(1..=MAX_STOCK).contains(&max)
+        {
+            return Err(ApiError::InvalidBody(format!(
+                "max_per_buyer must be between 1 and {MAX_STOCK}, got {max}"
+            )));
+        }
+        let rules = Rules {
+            max_per_buyer: self.max_per_buyer,
+            sale_starts_at: checked_time("sale_starts_at", self.sale_starts_at)?,
+            sale_ends_at: checked_time("sale_ends_at", self.sale_ends_at)?,
+        };
+        if let (Some(starts), Some(ends)) = (rules.sale_starts_at, rules.sale_ends_at)
+            && starts >= ends
+        {
+            return Err(ApiError::InvalidBody(format!(
+                "sale_starts_at ({}) must be before sale_ends_at ({})",
+                starts.to_rfc3339(),
+                ends.to_rfc3339()
+            )));
+        }
+        Ok(rules)
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -70,6 +238,9 @@ pub struct ProductPage {
 
 #[utoipa::path(post, path = "/api/v1/products", tag = crate::openapi::PRODUCTS,
     summary = "Create a product (staff)",
+    description = "Creates a product with its stock and, optionally, a per-buyer limit (`max_per_buyer`) \
+        and a sale window (`sale_starts_at` inclusive, `sale_ends_at` exclusive, RFC 3339 times). Requests \
+        are judged against the window at the time they are accepted.",
     request_body = NewProduct,
     security(("admin_token" = [])),
     responses(
@@ -85,38 +256,37 @@ pub async fn create(
     State(state): State<AppState>,
     AppJson(body): AppJson<NewProduct>,
 ) -> Result<(StatusCode, Json<Product>), ApiError> {
-    // Checked as sent, so the limits are the ones the document states (NAME_PATTERN): a
-    // padded name does not get past the length limit, nor a tab past the control characters.
-    if body.name.chars().count() > MAX_NAME_CHARS {
-        return Err(ApiError::InvalidBody(format!(
-            "name must have 1 to {MAX_NAME_CHARS} characters"
-        )));
-    }
-    // PostgreSQL text cannot hold NUL; no name needs any control character.
-    if body.name.chars().any(char::is_control) {
-        return Err(ApiError::InvalidBody(
-            "name may not contain control characters".into(),
-        ));
-    }
-    let name = body.name.trim();
-    if name.is_empty() {
-        return Err(ApiError::InvalidBody(
-            "name must have a character other than whitespace".into(),
-        ));
-    }
+    let name = checked_name(&body.name)?;
     if !(0..=MAX_STOCK).contains(&body.stock) {
         return Err(ApiError::InvalidBody(format!(
             "stock must be between 0 and {MAX_STOCK}, got {}",
             body.stock
         )));
     }
-    let product: Product = sqlx::query_as(
-        "INSERT INTO products (name, stock) VALUES ($1, $2) RETURNING id, name, stock",
-    )
+    let rules = Rules {
+        max_per_buyer: body.max_per_buyer,
+        sale_starts_at: body.sale_starts_at,
+        sale_ends_at: body.sale_ends_at,
+    }
+    .checked()?;
+    let product: Product = sqlx::query_as(concat!(
+        "INSERT INTO products (name, stock, max_per_buyer, sale_starts_at, sale_ends_at) ",
+        "VALUES ($1, $2, $3, $4, $5) RETURNING ",
+        product_columns!()
+    ))
     .bind(name)
     .bind(body.stock)
+    .bind(rules.max_per_buyer)
+    .bind(rules.sale_starts_at)
+    .bind(rules.sale_ends_at)
     .fetch_one(&state.pool)
     .await?;
+    if product.sale().is_restricted() {
+        state.catalogue.set_sale(
+            ProductId::try_from(product.id).map_err(anyhow::Error::msg)?,
+            product.sale(),
+        );
+    }
     tracing::info!(
         product_id = product.id,
         stock = product.stock,
@@ -155,9 +325,10 @@ pub async fn restock(
             body.quantity
         )));
     }
-    let updated: Option<Product> = sqlx::query_as(
-        "UPDATE products SET stock = stock + $2 WHERE id = $1 AND stock <= $3 - $2 RETURNING id, name, stock",
-    )
+    let updated: Option<Product> = sqlx::query_as(concat!(
+        "UPDATE products SET stock = stock + $2 WHERE id = $1 AND stock <= $3 - $2 RETURNING ",
+        product_columns!()
+    ))
     .bind(id.get())
     .bind(body.quantity)
     .bind(MAX_STOCK)
@@ -165,7 +336,7 @@ pub async fn restock(
     .await?;
     match updated {
         Some(product) => {
-            state.sold_out.reopen(id);
+            state.catalogue.reopen(id);
             tracing::info!(
                 product_id = product.id,
                 added = body.quantity,
@@ -198,12 +369,15 @@ pub async fn list(
             "limit must be between 1 and 1000, got {limit}"
         )));
     }
-    let products: Vec<Product> =
-        sqlx::query_as("SELECT id, name, stock FROM products WHERE id > $1 ORDER BY id LIMIT $2")
-            .bind(query.after.unwrap_or(0))
-            .bind(limit)
-            .fetch_all(&state.pool)
-            .await?;
+    let products: Vec<Product> = sqlx::query_as(concat!(
+        "SELECT ",
+        product_columns!(),
+        " FROM products WHERE id > $1 ORDER BY id LIMIT $2"
+    ))
+    .bind(query.after.unwrap_or(0))
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await?;
     let next_after = (products.len() as i64 == limit)
         .then(|| products.last().map(|p| p.id))
         .flatten();
@@ -233,10 +407,160 @@ pub async fn get(
 }
 
 async fn fetch(state: &AppState, id: i64) -> Result<Option<Product>, ApiError> {
-    Ok(
-        sqlx::query_as("SELECT id, name, stock FROM products WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&state.pool)
-            .await?,
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        product_columns!(),
+        " FROM products WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(&state.pool)
+    .await?)
+}
+
+/// Changes a product's per-buyer limit, sale window or pause, under the product's row lock (the
+/// lock every decision about it takes), so that no request is decided against half a change.
+#[utoipa::path(patch, path = "/api/v1/products/{id}", tag = crate::openapi::PRODUCTS,
+    summary = "Change a product's limit, sale window or pause (staff)",
+    description = "JSON merge-patch semantics (RFC 7396), sent as `application/json`: a field left out stays \
+        as it is, `null` clears it, a value sets it. `max_per_buyer` (1 to 10^12): no buyer's succeeded units \
+        of the product go past it (units bought before a limit is set count; lowering it undoes no purchase). \
+        `sale_starts_at` (inclusive) and `sale_ends_at` (exclusive), RFC 3339 times kept to the microsecond, \
+        the start before the end: a request is on sale iff it was accepted inside the window. `paused`: \
+        `true` pauses the sale from now on (requests accepted while paused are rejected `paused`, also those \
+        decided after the resume), `false` resumes it. Answers the product as it now is. The change applies \
+        at once on this server; other API instances answer at once from it within one catalogue refresh, \
+        and the worker always judges from the product itself.",
+    params(("id" = i64, Path, minimum = 1, description = "The product id")),
+    request_body = ProductPatch,
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The product as it now is", body = Product),
+        (status = 400, description = "`invalid_id` or `malformed_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong admin token", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such product", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_body`: unknown field, wrong type, a limit out of range, a time that is not RFC 3339 or outside the years 1 to 9999, a start not before the end, `paused: null`", body = ErrorBody),
+    ))]
+pub async fn update(
+    _: Admin,
+    State(state): State<AppState>,
+    AppPath(raw_id): AppPath<String>,
+    AppJson(body): AppJson<ProductPatch>,
+) -> Result<Json<Product>, ApiError> {
+    let id = extract::product_id(&raw_id)?;
+    let paused = match body.paused {
+        Some(None) => {
+            return Err(ApiError::InvalidBody(
+                "paused must be true or false, not null".into(),
+            ));
+        }
+        Some(Some(paused)) => Some(paused),
+        None => None,
+    };
+    let mut tx = state.pool.begin().await?;
+    let current: Option<Product> = sqlx::query_as(concat!(
+        "SELECT ",
+        product_columns!(),
+        " FROM products WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id.get())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(current) = current else {
+        return Err(ApiError::NotFound(format!("no product {id}")));
+    };
+    let rules = Rules {
+        max_per_buyer: body.max_per_buyer.unwrap_or(current.max_per_buyer),
+        sale_starts_at: body.sale_starts_at.unwrap_or(current.sale_starts_at),
+        sale_ends_at: body.sale_ends_at.unwrap_or(current.sale_ends_at),
+    }
+    .checked()?;
+    let now = state.clock.now();
+    let paused_at = match (paused, current.paused_at) {
+        (Some(true), None) => Some(now),
+        (Some(false), Some(since)) => {
+            resume(&mut tx, id, since, now).await?;
+            None
+        }
+        (_, unchanged) => unchanged,
+    };
+    match (current.max_per_buyer, rules.max_per_buyer) {
+        (None, Some(_)) => count_buyer_units(&mut tx, id).await?,
+        (Some(_), None) => {
+            sqlx::query("DELETE FROM buyer_units WHERE product_id = $1")
+                .bind(id.get())
+                .execute(&mut *tx)
+                .await?;
+        }
+        _ => {}
+    }
+    let product: Product = sqlx::query_as(concat!(
+        "UPDATE products SET max_per_buyer = $2, sale_starts_at = $3, sale_ends_at = $4, ",
+        "paused_at = $5 WHERE id = $1 RETURNING ",
+        product_columns!()
+    ))
+    .bind(id.get())
+    .bind(rules.max_per_buyer)
+    .bind(rules.sale_starts_at)
+    .bind(rules.sale_ends_at)
+    .bind(paused_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    state.catalogue.set_sale(id, product.sale());
+    tracing::info!(
+        product_id = product.id,
+        max_per_buyer = product.max_per_buyer,
+        sale_starts_at = ?product.sale_starts_at,
+        sale_ends_at = ?product.sale_ends_at,
+        paused_at = ?product.paused_at,
+        "product changed"
+    );
+    Ok(Json(product))
+}
+
+/// Ends a pause begun at `since`: records it as a closed pause `[since, now)` (so that a
+/// request accepted during it is rejected `paused` even when decided later), unless it covered
+/// no instant.
+async fn resume(
+    tx: &mut sqlx::PgConnection,
+    id: ProductId,
+    since: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    if now <= since {
+        return Ok(()); // a pause of no duration (or a clock that went back) covers nothing
+    }
+    sqlx::query(
+        "WITH closed AS (INSERT INTO product_pauses (product_id, paused_at, resumed_at) \
+                         VALUES ($1, $2, $3)) \
+         UPDATE products SET last_resumed_at = greatest(last_resumed_at, $3) WHERE id = $1",
     )
+    .bind(id.get())
+    .bind(since)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// When a limit is set on a product that had none: counts each buyer's succeeded and held
+/// units of it so far into `buyer_units` (from then on the worker keeps them), under the product's row lock,
+/// so that the limit counts what was bought before it too.
+async fn count_buyer_units(tx: &mut sqlx::PgConnection, id: ProductId) -> Result<(), ApiError> {
+    sqlx::query("DELETE FROM buyer_units WHERE product_id = $1")
+        .bind(id.get())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO buyer_units (product_id, user_id, units) \
+         SELECT $1, t.user_id, sum(l.quantity) FROM transaction_lines l \
+         JOIN transactions t ON t.id = l.transaction_id \
+         WHERE l.product_id = $1 AND t.status IN ('succeeded', 'held') GROUP BY t.user_id",
+    )
+    .bind(id.get())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }

@@ -187,33 +187,32 @@ impl<'a> Generator<'a> {
             }
             "body_wrong_type" => {
                 let (field, slot) = self.pick_field(operation);
-                let wrong: &[&str] = match field.kind {
-                    Kind::String { .. } => &["5", "true", "null", "[]", "{}", "[\"x\"]", "-1.5"],
-                    _ => &[
-                        "\"1\"",
-                        "1.5",
-                        "1.0",
-                        "1e2",
-                        "-0.0",
-                        "true",
-                        "null",
-                        "[]",
-                        "{}",
-                        "[1]",
-                        "\"\"",
-                        "{\"$numberLong\": \"1\"}",
-                        "0.99999999999999999999",
-                    ],
-                };
-                let value = wrong.choose(&mut self.rng).expect("wrong values");
-                draft.fields.as_mut().expect("a body")[slot].1 = value.as_bytes().to_vec();
+                let value = self.wrong_value(&field);
+                draft.fields.as_mut().expect("a body")[slot].1 = value.into_bytes();
             }
             "body_missing_field" => {
+                // Only required fields: leaving out an optional one is valid.
+                let required: Vec<usize> = operation
+                    .body
+                    .as_ref()
+                    .expect("a body")
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, field)| field.required)
+                    .map(|(slot, _)| slot)
+                    .collect();
                 let fields = draft.fields.as_mut().expect("a body");
                 if self.rng.random_bool(0.2) {
-                    fields.clear();
+                    fields.retain(|(name, _)| {
+                        !operation
+                            .body
+                            .as_ref()
+                            .expect("a body")
+                            .iter()
+                            .any(|field| field.required && field.name.as_bytes() == name.as_slice())
+                    });
                 } else {
-                    let slot = self.rng.random_range(0..fields.len());
+                    let slot = *required.choose(&mut self.rng).expect("a required field");
                     fields.remove(slot);
                 }
             }
@@ -239,27 +238,26 @@ impl<'a> Generator<'a> {
                 fields.insert(at, (key.into_bytes(), b"1".to_vec()));
             }
             "body_past_limit" | "body_at_limit_and_unknown_field" => {
-                let integers: Vec<usize> = operation
+                let bounded: Vec<usize> = operation
                     .body
                     .as_ref()
                     .expect("a body")
                     .iter()
                     .enumerate()
-                    .filter(|(_, field)| matches!(field.kind, Kind::Integer { .. }))
+                    .filter(|(_, field)| {
+                        matches!(
+                            field.kind,
+                            Kind::Integer { .. } | Kind::DateTime | Kind::Array { .. }
+                        )
+                    })
                     .map(|(slot, _)| slot)
                     .collect();
-                let slot = *integers.choose(&mut self.rng).expect("an integer field");
-                let Kind::Integer { min, max } =
-                    operation.body.as_ref().expect("a body")[slot].kind
-                else {
-                    unreachable!()
-                };
+                let slot = *bounded.choose(&mut self.rng).expect("a bounded field");
+                let field = operation.body.as_ref().expect("a body")[slot].clone();
                 let value = if category == "body_past_limit" {
-                    self.past_limit(min, max)
+                    self.past_limit_of(&field.kind)
                 } else {
-                    let at = [min, max].into_iter().flatten().collect::<Vec<_>>();
-                    at.choose(&mut self.rng)
-                        .map_or_else(|| "1".to_owned(), i128::to_string)
+                    self.at_limit_of(&field.kind)
                 };
                 let fields = draft.fields.as_mut().expect("a body");
                 fields[slot].1 = value.into_bytes();
@@ -598,15 +596,189 @@ impl<'a> Generator<'a> {
         fields
             .iter()
             .map(|field| {
-                let value = match field.kind {
-                    _ if field.name == "product_id" => self.product_id.to_string(),
-                    Kind::Integer { min, .. } => min.unwrap_or(1).max(1).to_string(),
-                    Kind::Uuid => format!("\"{}\"", uuid::Uuid::nil()),
-                    Kind::String { .. } => "\"Sweep product\"".to_owned(),
-                };
-                (field.name.clone().into_bytes(), value.into_bytes())
+                (
+                    field.name.clone().into_bytes(),
+                    self.valid_value(field).into_bytes(),
+                )
             })
             .collect()
+    }
+
+    /// A valid value of `field`: the sweep's product, the smallest allowed integer, a sale
+    /// window of this century, one valid item.
+    fn valid_value(&self, field: &Field) -> String {
+        match &field.kind {
+            _ if field.name == "product_id" => self.product_id.to_string(),
+            Kind::Integer { min, .. } => min.unwrap_or(1).max(1).to_string(),
+            Kind::Uuid => format!("\"{}\"", uuid::Uuid::nil()),
+            Kind::String { .. } => "\"Sweep product\"".to_owned(),
+            Kind::DateTime if field.name.contains("end") => "\"2100-01-01T00:00:00Z\"".to_owned(),
+            Kind::DateTime => "\"2000-01-01T00:00:00Z\"".to_owned(),
+            Kind::Boolean => "false".to_owned(),
+            Kind::Array { fields, .. } => {
+                format!(
+                    "[{}]",
+                    String::from_utf8(self.object(fields)).expect("UTF-8")
+                )
+            }
+        }
+    }
+
+    /// A valid object with `fields`.
+    fn object(&self, fields: &[Field]) -> Vec<u8> {
+        let draft = Draft {
+            method: String::new(),
+            path: Vec::new(),
+            query: Vec::new(),
+            fields: Some(self.valid_fields(fields)),
+            content_type: None,
+            authorization: None,
+        };
+        draft.body()
+    }
+
+    /// A value of the wrong type for `field` (never `null` where `null` is allowed).
+    fn wrong_value(&mut self, field: &Field) -> String {
+        let mut wrong: Vec<&str> = match field.kind {
+            Kind::String { .. } => vec!["5", "true", "null", "[]", "{}", "[\"x\"]", "-1.5"],
+            Kind::DateTime => vec![
+                "5",
+                "true",
+                "null",
+                "[]",
+                "{}",
+                "\"\"",
+                "\"2026-13-01T00:00:00Z\"",
+                "\"2026-01-01\"",
+                "\"2026-01-01T00:00:00\"",
+                "\"yesterday\"",
+                "\"1700000000\"",
+                "1.5",
+            ],
+            Kind::Boolean => vec!["\"true\"", "1", "0", "null", "[]", "{}", "\"\"", "[true]"],
+            Kind::Array { .. } => vec![
+                "1", "\"x\"", "true", "null", "{}", "[]", "[1]", "[null]", "[[1, 1]]", "[\"x\"]",
+                "[{}]",
+            ],
+            _ => vec![
+                "\"1\"",
+                "1.5",
+                "1.0",
+                "1e2",
+                "-0.0",
+                "true",
+                "null",
+                "[]",
+                "{}",
+                "[1]",
+                "\"\"",
+                "{\"$numberLong\": \"1\"}",
+                "0.99999999999999999999",
+            ],
+        };
+        if field.nullable {
+            wrong.retain(|value| *value != "null");
+        }
+        (*wrong.choose(&mut self.rng).expect("wrong values")).to_owned()
+    }
+
+    /// A value of `kind` past its limits.
+    fn past_limit_of(&mut self, kind: &Kind) -> String {
+        match kind {
+            Kind::Integer { min, max } => self.past_limit(*min, *max),
+            Kind::DateTime => (*[
+                "\"0000-12-31T23:59:59Z\"",
+                "\"+10000-01-01T00:00:00Z\"",
+                "\"-0001-01-01T00:00:00Z\"",
+                "\"+262142-01-01T00:00:00Z\"",
+            ]
+            .choose(&mut self.rng)
+            .expect("times"))
+            .to_owned(),
+            Kind::Array {
+                min_items,
+                max_items,
+                fields,
+            } => {
+                let choice = self.rng.random_range(0..4);
+                let pick: usize = self.rng.random_range(0..1000);
+                let item = |product: i64| {
+                    let values: Vec<String> = fields
+                        .iter()
+                        .map(|field| match field.kind {
+                            _ if field.name == "product_id" => {
+                                format!("\"{}\": {product}", field.name)
+                            }
+                            _ => format!("\"{}\": {}", field.name, self.valid_value(field)),
+                        })
+                        .collect();
+                    format!("{{{}}}", values.join(", "))
+                };
+                match choice {
+                    // One item more than allowed, each product once.
+                    0 if max_items.is_some() => {
+                        let items: Vec<String> = (1..=max_items.unwrap() as i64 + 1)
+                            .map(|n| item(self.product_id + n))
+                            .collect();
+                        format!("[{}]", items.join(", "))
+                    }
+                    // A product listed twice.
+                    1 => format!("[{}, {}]", item(self.product_id), item(self.product_id)),
+                    // An item's integer past its limit.
+                    2 => {
+                        let integers: Vec<&Field> = fields
+                            .iter()
+                            .filter(|field| matches!(field.kind, Kind::Integer { .. }))
+                            .collect();
+                        let field = integers[pick % integers.len()];
+                        let Kind::Integer { min, max } = field.kind else {
+                            unreachable!()
+                        };
+                        let past = self.past_limit(min, max);
+                        let values: Vec<String> = fields
+                            .iter()
+                            .map(|other| {
+                                let value = if other.name == field.name {
+                                    past.clone()
+                                } else {
+                                    self.valid_value(other)
+                                };
+                                format!("\"{}\": {value}", other.name)
+                            })
+                            .collect();
+                        format!("[{{{}}}]", values.join(", "))
+                    }
+                    _ if min_items.is_some_and(|min| min > 0) => "[]".to_owned(),
+                    _ => format!("[{}, {}]", item(self.product_id), item(self.product_id)),
+                }
+            }
+            _ => unreachable!("no limit to go past"),
+        }
+    }
+
+    /// A value of `kind` at one of its limits.
+    fn at_limit_of(&mut self, kind: &Kind) -> String {
+        match kind {
+            Kind::Integer { min, max } => {
+                let at = [*min, *max].into_iter().flatten().collect::<Vec<_>>();
+                at.choose(&mut self.rng)
+                    .map_or_else(|| "1".to_owned(), i128::to_string)
+            }
+            Kind::DateTime => (*[
+                "\"0001-01-01T00:00:00Z\"",
+                "\"9999-12-31T23:59:59.999999Z\"",
+            ]
+            .choose(&mut self.rng)
+            .expect("times"))
+            .to_owned(),
+            Kind::Array { fields, .. } => {
+                format!(
+                    "[{}]",
+                    String::from_utf8(self.object(fields)).expect("UTF-8")
+                )
+            }
+            _ => unreachable!("no limit to be at"),
+        }
     }
 
     /// The operation's path with valid ids, or `replace`d for one parameter.
@@ -679,15 +851,22 @@ impl<'a> Generator<'a> {
 /// The ways `operation` can be broken.
 fn categories(operation: &Operation) -> Vec<&'static str> {
     let mut categories = vec!["method", "unknown_path"];
-    if operation.body.is_some() {
+    if let Some(fields) = &operation.body {
+        categories.extend(["body_not_object", "body_wrong_type"]);
+        if fields.iter().any(|field| field.required) {
+            categories.push("body_missing_field");
+        }
+        if fields.iter().any(|field| {
+            matches!(
+                field.kind,
+                Kind::Integer { .. } | Kind::DateTime | Kind::Array { .. }
+            )
+        }) {
+            categories.extend(["body_past_limit", "body_at_limit_and_unknown_field"]);
+        }
         categories.extend([
-            "body_not_object",
-            "body_wrong_type",
-            "body_missing_field",
             "body_duplicate_field",
             "body_unknown_field",
-            "body_past_limit",
-            "body_at_limit_and_unknown_field",
             "body_bad_string",
             "body_huge",
             "body_deep",

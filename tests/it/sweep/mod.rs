@@ -37,6 +37,16 @@ const CLIENT_ERROR_CODES: &[&str] = &[
     "unauthorized",
     "not_found",
     "method_not_allowed",
+    "invalid_credentials",
+    "user_mismatch",
+    "username_taken",
+    "rate_limited",
+    "invalid_idempotency_key",
+    "idempotency_key_reused",
+    "idempotency_key_in_flight",
+    "unknown_slot",
+    "not_held",
+    "hold_expired",
 ];
 /// Queue depths are read every this many requests (and at the end): a request that got
 /// through would also have left its pending status in Redis, which is read after each one.
@@ -45,7 +55,9 @@ const QUEUES_EVERY: usize = 100;
 /// Everything a request could write in PostgreSQL and Redis.
 #[derive(Debug, PartialEq)]
 struct Written {
-    database: (i64, i64, String, i64, i64, i64),
+    database: (i64, i64, String, i64, i64, i64, i64, i64, i64, i64, i64),
+    /// Slots, and commands about holds.
+    capacity: (String, i64),
     redis_keys: Vec<String>,
 }
 
@@ -53,10 +65,22 @@ async fn written(app: &TestApp) -> Written {
     let database = sqlx::query_as(
         "SELECT (SELECT count(*) FROM products), \
                 (SELECT coalesce(sum(stock), 0)::bigint FROM products), \
-                (SELECT coalesce(string_agg(id || ':' || name, ',' ORDER BY id), '') FROM products), \
+                (SELECT coalesce(string_agg(p::text, ',' ORDER BY id), '') FROM products p), \
                 (SELECT count(*) FROM transactions), \
                 (SELECT count(*) FROM dead_letters), \
-                (SELECT count(*) FROM order_counters)",
+                (SELECT count(*) FROM order_counters), \
+                (SELECT count(*) FROM transaction_items), \
+                (SELECT count(*) FROM buyer_units), \
+                (SELECT count(*) FROM product_pauses), \
+                (SELECT count(*) FROM users), \
+                (SELECT count(*) FROM sessions)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("the database answers");
+    let capacity = sqlx::query_as(
+        "SELECT (SELECT coalesce(string_agg(s::text, ',' ORDER BY id), '') FROM slots s), \
+                (SELECT count(*) FROM hold_commands)",
     )
     .fetch_one(&app.pool)
     .await
@@ -69,6 +93,7 @@ async fn written(app: &TestApp) -> Written {
     redis_keys.sort();
     Written {
         database,
+        capacity,
         redis_keys,
     }
 }

@@ -18,17 +18,21 @@ pub enum Unavailable {
     QueueFull,
     /// `broker_unavailable`: RabbitMQ is unreachable or did not confirm in time.
     BrokerUnavailable,
-    /// `redis_unavailable`: Redis, the status store, is unreachable.
+    /// `redis_unavailable`: Redis (statuses, the shared queue bound, Idempotency-Keys) is
+    /// unreachable.
     RedisUnavailable,
+    /// `database_unavailable`: PostgreSQL is unreachable where the request needs it at once.
+    DatabaseUnavailable,
     /// `timeout`: the server's request timeout ran out.
     Timeout,
 }
 
 impl Unavailable {
-    pub const ALL: [Unavailable; 4] = [
+    pub const ALL: [Unavailable; 5] = [
         Unavailable::QueueFull,
         Unavailable::BrokerUnavailable,
         Unavailable::RedisUnavailable,
+        Unavailable::DatabaseUnavailable,
         Unavailable::Timeout,
     ];
 
@@ -37,6 +41,7 @@ impl Unavailable {
             Unavailable::QueueFull => "queue_full",
             Unavailable::BrokerUnavailable => "broker_unavailable",
             Unavailable::RedisUnavailable => "redis_unavailable",
+            Unavailable::DatabaseUnavailable => "database_unavailable",
             Unavailable::Timeout => "timeout",
         }
     }
@@ -99,30 +104,22 @@ impl Answer {
                     )),
                 }
             }
-            _ => match serde_json::from_str::<ErrorBody>(body) {
-                Ok(ErrorBody { error }) if status == StatusCode::SERVICE_UNAVAILABLE => {
-                    match (Unavailable::from_code(&error.code), retry_after) {
-                        (Some(reason), Some(retry_after)) => Answer::Refused {
-                            reason,
-                            retry_after: retry_after.to_owned(),
-                            message: error.message,
-                        },
-                        _ => Answer::Unexpected(format!(
-                            "{} (a 503 needs Retry-After and one of the codes {:?})",
-                            describe_failure(status, retry_after, body),
-                            Unavailable::ALL.map(Unavailable::code)
-                        )),
-                    }
-                }
-                Ok(ErrorBody { error }) if status.is_client_error() || status.is_server_error() => {
-                    Answer::Error {
-                        status,
-                        code: error.code,
-                        message: error.message,
-                    }
-                }
-                _ => Answer::Unexpected(describe_failure(status, retry_after, body)),
-            },
+            _ => refused_or_error(status, retry_after, body),
+        }
+    }
+
+    /// Judges an answer that promises no final `200`, only a `202` like `addToCart`'s (an
+    /// order of several products, a hold), or a refusal or an error.
+    pub fn judge_accepted(
+        status: StatusCode,
+        location: Option<&str>,
+        retry_after: Option<&str>,
+        body: &str,
+    ) -> Answer {
+        match status {
+            StatusCode::ACCEPTED => accepted(location, body),
+            StatusCode::OK => Answer::Unexpected(describe_failure(status, retry_after, body)),
+            _ => refused_or_error(status, retry_after, body),
         }
     }
 
@@ -147,6 +144,35 @@ impl Answer {
             Answer::Unanswered(why) => format!("no answer: {why}"),
             Answer::Unexpected(what) => what.clone(),
         }
+    }
+}
+
+/// A `503` with `Retry-After` and a documented reason's code, another error in the one shape,
+/// or anything else described.
+fn refused_or_error(status: StatusCode, retry_after: Option<&str>, body: &str) -> Answer {
+    match serde_json::from_str::<ErrorBody>(body) {
+        Ok(ErrorBody { error }) if status == StatusCode::SERVICE_UNAVAILABLE => {
+            match (Unavailable::from_code(&error.code), retry_after) {
+                (Some(reason), Some(retry_after)) => Answer::Refused {
+                    reason,
+                    retry_after: retry_after.to_owned(),
+                    message: error.message,
+                },
+                _ => Answer::Unexpected(format!(
+                    "{} (a 503 needs Retry-After and one of the codes {:?})",
+                    describe_failure(status, retry_after, body),
+                    Unavailable::ALL.map(Unavailable::code)
+                )),
+            }
+        }
+        Ok(ErrorBody { error }) if status.is_client_error() || status.is_server_error() => {
+            Answer::Error {
+                status,
+                code: error.code,
+                message: error.message,
+            }
+        }
+        _ => Answer::Unexpected(describe_failure(status, retry_after, body)),
     }
 }
 
@@ -365,6 +391,31 @@ mod tests {
         unexpected(judge(StatusCode::OK, None, None, &other_user));
         let not_final = body.replace("true", "false");
         unexpected(judge(StatusCode::OK, None, None, &not_final));
+    }
+
+    /// Where no final `200` is promised (orders, holds), a `200` is a broken promise; a `202`
+    /// and a refusal are judged as for `addToCart`.
+    #[test]
+    fn a_request_that_promises_a_202_is_judged_without_the_sold_out_answer() {
+        let id = Uuid::new_v4();
+        let location = format!("/api/v1/transaction/{id}");
+        let body = format!(r#"{{"transaction_id": "{id}", "status": "pending"}}"#);
+        assert_eq!(
+            Answer::judge_accepted(StatusCode::ACCEPTED, Some(&location), None, &body),
+            Answer::Accepted(id)
+        );
+        let sold_out = r#"{"status": "rejected", "reason": "out_of_stock", "user_id": 7,
+            "product_id": 1, "quantity": 1, "final": true}"#;
+        let error = unexpected(Answer::judge_accepted(StatusCode::OK, None, None, sold_out));
+        assert!(error.contains("200"), "{error}");
+        let full = r#"{"error": {"code": "queue_full", "message": "m"}}"#;
+        assert!(matches!(
+            Answer::judge_accepted(StatusCode::SERVICE_UNAVAILABLE, None, Some("1"), full),
+            Answer::Refused {
+                reason: Unavailable::QueueFull,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -29,7 +29,20 @@ pub struct NewProduct<'a> {
 pub struct Product {
     pub id: i64,
     pub name: String,
+    /// Units still for sale (held units not counted).
     pub stock: i64,
+    /// Units held by open holds; present only when some are.
+    #[serde(default)]
+    pub held: Option<i64>,
+    /// Present only when set, like the sale window and the pause.
+    #[serde(default)]
+    pub max_per_buyer: Option<i64>,
+    #[serde(default)]
+    pub sale_starts_at: Option<String>,
+    #[serde(default)]
+    pub sale_ends_at: Option<String>,
+    #[serde(default)]
+    pub paused_at: Option<String>,
 }
 
 /// A transaction as `GET /api/v1/transaction/{id}` shows it.

@@ -437,7 +437,7 @@ async fn shopper(
             let items = if n.is_multiple_of(2) { [a, b] } else { [b, a] };
             let body = json!({"user_id": user, "items": [
                 {"product_id": items[0], "quantity": 1}, {"product_id": items[1], "quantity": 1}]});
-            (a.min(b), api.place_order(&body).await)
+            (items[0], api.place_order(&body).await)
         };
         let reply = Reply::of_shop(answer);
         let pause = matches!(

@@ -94,6 +94,7 @@ impl System {
         let vars = [
             ("ALLOT_DATABASE_URL", ports.database_url(DATABASE)),
             ("ALLOT_AMQP_URL", ports.amqp_url("/")),
+            ("ALLOT_AMQP_URLS", ports.amqp_url("/")), // replaces any list inherited
             ("ALLOT_REDIS_URL", ports.redis_url(0)),
             ("ALLOT_HTTP_ADDR", ports.api_addr(Deployment::Main)),
             ("ALLOT_ADMIN_TOKEN", token.clone()),

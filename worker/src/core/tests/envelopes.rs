@@ -21,10 +21,13 @@ struct Store {
 
 impl Store {
     /// One attempt at `batch`: decided like `decide_and_commit`, stored only if `commit`.
-    fn attempt(&mut self, batch: &[PurchaseRequest], commit: bool) -> Vec<Decided> {
+    fn attempt(&mut self, batch: &[Order], commit: bool) -> Vec<Decided> {
         let locked: HashMap<ProductId, i64> = batch
             .iter()
-            .filter_map(|r| Some((r.product_id, *self.stock.get(&r.product_id)?)))
+            .filter_map(|r| {
+                let product = r.lines[0].product_id;
+                Some((product, *self.stock.get(&product)?))
+            })
             .collect();
         let decided = batch
             .iter()
@@ -33,6 +36,7 @@ impl Store {
         let mut state = PartitionState {
             stock: locked.clone(),
             decided,
+            ..PartitionState::default()
         };
         let decisions = decide(&mut state, batch);
         // `persist::reserve_order_numbers`: the next numbers of the day, 1 when nothing sold.
@@ -125,15 +129,15 @@ fn scenario() -> impl Strategy<Value = Scenario> {
 }
 
 /// The batches a consumer decides, in order, each with whether the attempt commits.
-fn deliveries(scenario: &Scenario) -> Vec<(Vec<PurchaseRequest>, bool)> {
-    let requests: Vec<PurchaseRequest> = scenario
+fn deliveries(scenario: &Scenario) -> Vec<(Vec<Order>, bool)> {
+    let requests: Vec<Order> = scenario
         .requests
         .iter()
         .enumerate()
         .map(|(id, &(product, quantity))| request(id as u128, product, quantity))
         .collect();
     // Packed in arrival order, as the API's lanes do.
-    let mut envelopes: Vec<Vec<PurchaseRequest>> = Vec::new();
+    let mut envelopes: Vec<Vec<Order>> = Vec::new();
     let mut rest = requests.as_slice();
     for &size in scenario.envelope_sizes.iter().cycle() {
         if rest.is_empty() {
@@ -157,7 +161,7 @@ fn deliveries(scenario: &Scenario) -> Vec<(Vec<PurchaseRequest>, bool)> {
             order.insert(position, envelope.index(envelopes.len()));
         }
     }
-    let mut batches: Vec<Vec<PurchaseRequest>> = Vec::new();
+    let mut batches: Vec<Vec<Order>> = Vec::new();
     let mut rest = order.as_slice();
     for &size in scenario.batch_sizes.iter().cycle() {
         if rest.is_empty() {
@@ -168,8 +172,8 @@ fn deliveries(scenario: &Scenario) -> Vec<(Vec<PurchaseRequest>, bool)> {
         rest = tail;
     }
     // Fates: a rollback retried at once; a lost ack redelivered after some later batch.
-    let mut attempts: Vec<(Vec<PurchaseRequest>, bool)> = Vec::new();
-    let mut redeliveries: Vec<(usize, Vec<PurchaseRequest>)> = Vec::new();
+    let mut attempts: Vec<(Vec<Order>, bool)> = Vec::new();
+    let mut redeliveries: Vec<(usize, Vec<Order>)> = Vec::new();
     let count = batches.len();
     for (index, (batch, fate)) in batches.into_iter().zip(scenario.fates.iter()).enumerate() {
         if matches!(fate, Fate::RollsBackFirst) {
@@ -220,14 +224,15 @@ proptest! {
             }
             for (request, got) in batch.iter().zip(&got) {
                 let expected = *model.entry(request.transaction_id).or_insert_with(|| {
-                    match model_stock.get_mut(&request.product_id) {
-                        None => Outcome::Rejected(RejectReason::UnknownProduct),
-                        Some(units) if *units >= request.quantity.get() => {
-                            *units -= request.quantity.get();
+                    let line = request.lines[0];
+                    match model_stock.get_mut(&line.product_id) {
+                        None => rejected(RejectReason::UnknownProduct),
+                        Some(units) if *units >= line.quantity.get() => {
+                            *units -= line.quantity.get();
                             model_seq += 1;
                             succeeded(model_seq)
                         }
-                        Some(_) => Outcome::Rejected(RejectReason::OutOfStock),
+                        Some(_) => rejected(RejectReason::OutOfStock),
                     }
                 });
                 prop_assert_eq!(got.outcome, expected, "{}", request.transaction_id);
@@ -240,7 +245,7 @@ proptest! {
         prop_assert_eq!(&store.stock, &model_stock);
         let mut seqs: Vec<i64> = store.outcomes.values().filter_map(|outcome| match outcome {
             Outcome::Succeeded(number) => Some(number.seq),
-            Outcome::Rejected(_) => None,
+            Outcome::Rejected(_) | Outcome::Held { .. } => None,
         }).collect();
         seqs.sort_unstable();
         prop_assert_eq!(&seqs, &(1..=store.last_seq).collect::<Vec<_>>(), "gapless, each once");
