@@ -180,6 +180,29 @@ async fn stock(api: &Api, product: i64) -> Result<(i64, i64)> {
     Ok((stock, view["held"].as_i64().unwrap_or(0)))
 }
 
+/// Buys `body` until it is accepted (its id) or the product shows no stock (`None`), for at
+/// most 10 s; any answer but a `202` or the sold-out answer is an error.
+async fn buy_while_in_stock(api: &Api, body: &Value, product: i64) -> Result<Option<Uuid>, String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = api.add_to_cart_json(body).await?;
+        if let Some(id) = reply.accepted() {
+            return Ok(Some(id));
+        }
+        if reply.status != reqwest::StatusCode::OK || reply.body["final"] != true {
+            return Err(format!("{body} was answered {}", reply.describe()));
+        }
+        match stock(api, product).await {
+            Ok((0, _)) => return Ok(None),
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(left) => return Err(format!("answered sold out for 10 s with {left:?} left")),
+            Err(error) => return Err(format!("{error:#}")),
+        }
+    }
+}
+
 fn unique(what: &str) -> String {
     format!("{what} {:08x}", Uuid::new_v4().as_u128() as u32)
 }
@@ -405,18 +428,25 @@ pub async fn hold_sale(api: &Api, buyers: usize, first_user: i64) -> Result<Shop
             violations.push(format!("abandoned hold {id} is {view}, not expired"));
         }
     }
-    // Later buyers take exactly the released units.
-    let bodies: Vec<Value> = (0..units)
-        .map(|i| json!({"user_id": first_user + 2 * units + i, "product_id": product, "quantity": 1}))
-        .collect();
-    let answers = fire(bodies, |body| {
+    // Later buyers take exactly the released units. An API instance may answer "sold out" at
+    // once for up to one refresh of its catalogue snapshot after the units came back (see the
+    // README): a buyer told so while the product still shows stock tries again, as a buyer
+    // refreshing the page would.
+    let mut later = JoinSet::new();
+    for i in 0..units {
+        let body =
+            json!({"user_id": first_user + 2 * units + i, "product_id": product, "quantity": 1});
         let api = api.clone();
-        async move { api.add_to_cart_json(&body).await }
-    })
-    .await;
-    let late: Vec<Uuid> = (accepted(&answers, &mut violations).into_iter())
-        .map(|(_, id)| id)
-        .collect();
+        later.spawn(async move { buy_while_in_stock(&api, &body, product).await });
+    }
+    let mut late = Vec::new();
+    while let Some(joined) = later.join_next().await {
+        match joined.context("a buyer's task panicked")? {
+            Ok(Some(id)) => late.push(id),
+            Ok(None) => {}
+            Err(why) => violations.push(why),
+        }
+    }
     let late_views = decided(api, &late).await?;
     let late_sold = numbers(&late_views, &mut violations);
     if late_sold as i64 != released {
