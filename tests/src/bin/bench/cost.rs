@@ -38,14 +38,19 @@ pub struct Cost {
     pub machine_us: f64,
 }
 
-/// utime + stime of one process, in seconds.
+/// CPU seconds of one process and of its children that ended (utime + stime + cutime +
+/// cstime): PostgreSQL's backends that exit during a scenario leave their time with the
+/// postmaster, so a component's total never goes down.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The name is in parentheses and may hold spaces: the fields start after the last ')'.
+    // The name is in parentheses and may hold spaces: the fields start after the last ')'
+    // (index 0 is field 3, the state; utime, stime, cutime, cstime are fields 14 to 17).
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / TICKS_PER_SECOND)
+    let mut ticks = 0.0;
+    for index in 11..=14 {
+        ticks += fields.get(index)?.parse::<f64>().ok()?;
+    }
+    Some(ticks / TICKS_PER_SECOND)
 }
 
 /// The process name (`comm`) of `pid`.
