@@ -271,6 +271,7 @@ mod tests {
             created_at: at(created),
             hold: None,
             slot: None,
+            shard: None,
         }
     }
 
