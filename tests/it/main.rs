@@ -29,6 +29,7 @@ mod orders;
 mod pipeline;
 mod poison;
 mod sale_windows;
+mod shards;
 mod slots;
 mod sold_out;
 mod spread;
