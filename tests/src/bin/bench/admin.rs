@@ -42,7 +42,8 @@ impl Admin {
         })
     }
 
-    async fn post(&self, path: &str, body: Value) -> Result<Value> {
+    /// `POST /api/v1{path}` with the staff token; the answer's JSON, or an error unless 2xx.
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value> {
         let response = self
             .client
             .post(format!("{}/api/v1{path}", self.base))

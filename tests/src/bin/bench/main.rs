@@ -10,8 +10,10 @@
 //!    accept-to-decided of the same requests).
 //! 3. Flash sale on one hot product, then requests for the sold-out product, then a restock.
 //! 4. Wide catalogue: uniform random requests over many products, backlog sampled.
-//! 5. Resident memory of allot-api and allot-worker (`--api-pid`, `--worker-pid`).
-//! 6. With `--chart PATH`, the accept phases' latency percentiles as an SVG picture.
+//! 5. One hot product spread over 1, 2 and 4 partitions (`shards`): its decisions/s with each
+//!    (`hot.rs`; `--only hot` runs this scenario alone).
+//! 6. Resident memory of allot-api and allot-worker (`--api-pid`, `--worker-pid`).
+//! 7. With `--chart PATH`, the accept phases' latency percentiles as an SVG picture.
 //!
 //! Correctness (everything accepted decided, succeeded == stock, stock 0, order numbers
 //! gapless) is asserted: the exit code is 1 if any check failed. Timing targets are reported,
@@ -21,6 +23,7 @@
 mod admin;
 mod chart;
 mod db;
+mod hot;
 mod load;
 mod refserver;
 mod report;
@@ -124,9 +127,20 @@ struct Args {
     /// file (`deploy/local.sh bench` writes docs/bench-latency.svg).
     #[arg(long)]
     chart: Option<std::path::PathBuf>,
+    /// Run only this scenario (`hot`: one hot product over 1, 2 and 4 shards), without the
+    /// references and the other scenarios.
+    #[arg(long, value_enum)]
+    only: Option<Only>,
     /// Internal: serve a reference design (the bench spawns itself with this).
     #[arg(long, value_enum, hide = true)]
     serve_reference: Option<refserver::Kind>,
+}
+
+/// A scenario that can run alone (`--only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Only {
+    /// One hot product over 1, 2 and 4 shards.
+    Hot,
 }
 
 /// The sizes of one run.
@@ -259,6 +273,14 @@ async fn run(args: Args) -> Result<Vec<String>> {
             ""
         }
     );
+    if args.only == Some(Only::Hot) {
+        let hot = hot::run(&mut bench, &settings).await?;
+        hot::report(&hot);
+        if let Err(err) = db::check_gapless(&bench.pool).await {
+            bench.expect(false, format!("{err:#}"));
+        }
+        return Ok(bench.failures);
+    }
     let mut references = Vec::new();
     for (kind, connections) in [
         (refserver::Kind::Bare, &[settings.connections][..]),
@@ -281,6 +303,8 @@ async fn run(args: Args) -> Result<Vec<String>> {
     report::flash(&flash);
     let wide = scenarios::wide(&mut bench, &settings).await?;
     report::wide(&wide, settings.partitions);
+    let hot = hot::run(&mut bench, &settings).await?;
+    hot::report(&hot);
     let numbers = db::check_gapless(&bench.pool).await;
     match numbers {
         Ok(count) => println!("order numbers: {count} checked, gapless from 00001 each day"),
