@@ -164,11 +164,9 @@ async fn changing_the_shards_and_restocking_during_a_sale_lose_and_oversell_noth
     let app = spawn_app(pool.clone(), Options::default()).await;
     let hot = create_sharded(&app, "hot", UNITS, 4).await;
 
-    let sale = async {
-        let first = buy_all(&app, hot, 1..BUYERS / 2 + 1).await;
-        let second = buy_all(&app, hot, BUYERS / 2 + 1..BUYERS + 1).await;
-        [first, second].concat()
-    };
+    // The first half of the buyers while staff change the shards and restock; the second half
+    // after: enough demand after the restock to sell every unit, whenever the first half ends.
+    let sale = buy_all(&app, hot, 1..BUYERS / 2 + 1);
     let staff = async {
         // Staff change the shards back and forth and restock while purchases are decided.
         for (shards, stock_added) in [(2, false), (1, true), (3, false), (4, false)] {
@@ -197,7 +195,9 @@ async fn changing_the_shards_and_restocking_during_a_sale_lose_and_oversell_noth
             }
         }
     };
-    let (ids, ()) = tokio::join!(sale, staff);
+    let (first, ()) = tokio::join!(sale, staff);
+    let second = buy_all(&app, hot, BUYERS / 2 + 1..BUYERS + 1).await;
+    let ids = [first, second].concat();
     let (succeeded, _) = outcomes(&app, &ids).await;
     assert_eq!(
         succeeded as i64,
