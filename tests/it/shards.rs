@@ -9,14 +9,17 @@
 //! the product had nothing left for it.
 
 use crate::helpers::{
-    Options, PARTITIONS, TestApp, accepted_id, assert_error, order_seqs, spawn_app, today, wait_for,
+    Options, PARTITIONS, TestApp, accepted_id, assert_error, order_request, order_seqs,
+    partition_of, process_orders, spawn_app, today, wait_for,
 };
-use allot_shared::TransactionId;
+use allot_shared::partition::shard_partition;
+use allot_shared::{Order, PartitionId, ProductId, Shard, SystemClock, TransactionId};
 use futures::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// Records every `out_of_stock` rejection as its transaction stores it: the product's stock
 /// then, its shares, and how many of them the rejecting transaction locked or wrote.
@@ -28,13 +31,13 @@ async fn audit_rejections(pool: &PgPool) {
          BEGIN \
            IF NEW.status = 'rejected' AND NEW.reason = 'out_of_stock' THEN \
              INSERT INTO rejection_audit \
-             SELECT NEW.id, NEW.product_id, \
-                    (SELECT stock FROM products WHERE id = NEW.product_id) \
-                      + COALESCE(sum(s.stock), 0), \
-                    count(*), \
-                    count(*) FILTER (WHERE s.xmin = pg_current_xact_id()::xid \
-                                        OR s.xmax = pg_current_xact_id()::xid) \
-             FROM product_shares s WHERE s.product_id = NEW.product_id; \
+             SELECT NEW.id, p.id, \
+                    p.stock + COALESCE(sum(s.stock), 0), \
+                    count(s.shard), \
+                    count(s.shard) FILTER (WHERE s.xmin = pg_current_xact_id()::xid \
+                                              OR s.xmax = pg_current_xact_id()::xid) \
+             FROM products p LEFT JOIN product_shares s ON s.product_id = p.id \
+             WHERE p.id = COALESCE(NEW.reason_product_id, NEW.product_id) GROUP BY p.id; \
            END IF; \
            RETURN NEW; \
          END $$; \
@@ -381,5 +384,99 @@ async fn bad_shards_are_refused_and_nothing_is_written(pool: PgPool) {
     assert_eq!(response.status(), StatusCode::CREATED);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body, json!({"id": body["id"], "name": "one", "stock": 3}));
+    app.shutdown().await;
+}
+
+#[sqlx::test(migrator = "allot_shared::db::MIGRATOR")]
+async fn deciders_racing_on_shares_orders_and_restocks_never_deadlock_nor_oversell(pool: PgPool) {
+    audit_rejections(&pool).await;
+    let app = spawn_app(pool.clone(), Options::without_worker()).await;
+    let hot = create_sharded(&app, "hot", 40, 4).await;
+    let plain = app.create_product("plain", 1000).await;
+    let deciders: Vec<_> = (0..5)
+        .map(|_| app.decider(Arc::new(SystemClock), chrono_tz::UTC))
+        .collect();
+    let purchase = |user: i64, shard: u16| {
+        let mut order = order_request(user, &[(hot, 1)]);
+        order.shard = Some(Shard(shard));
+        order
+    };
+
+    // Each round, five deciders commit at once, each in a transaction of its own: the four
+    // shards' partitions their own purchases (share-locking the product), the product's own
+    // partition orders of both products (locking it for update, and every share); every other
+    // round staff restock 2 units meanwhile. Demand (14 a round) is far above supply.
+    let mut all: Vec<Order> = Vec::new();
+    for round in 0..10i64 {
+        let user = 1000 * (round + 1);
+        let mut batches: Vec<(PartitionId, Vec<Order>)> = (0..4u16)
+            .map(|shard| {
+                let product = ProductId::try_from(hot).unwrap();
+                let partition = shard_partition(product, Shard(shard), PARTITIONS);
+                let orders = (0..3)
+                    .map(|n| purchase(user + i64::from(shard) * 10 + n, shard))
+                    .collect();
+                (partition, orders)
+            })
+            .collect();
+        let orders = (0..2)
+            .map(|n| order_request(user + 100 + n, &[(plain, 1), (hot, 1)]))
+            .collect();
+        batches.push((partition_of(hot.min(plain)), orders));
+        let decided = join_all(
+            batches
+                .iter()
+                .zip(&deciders)
+                .map(|((partition, orders), decider)| process_orders(decider, *partition, orders)),
+        );
+        let restock = async {
+            if round % 2 == 0 {
+                let response = app
+                    .post_admin(
+                        &format!("/api/v1/products/{hot}/restock"),
+                        &json!({"quantity": 2}),
+                    )
+                    .await;
+                assert_eq!(response.status(), StatusCode::OK);
+            }
+        };
+        let (results, ()) = tokio::join!(decided, restock);
+        for result in results {
+            // A deadlock would surface here: PostgreSQL aborts one of the transactions.
+            let outcome = result.expect("every batch commits");
+            assert_eq!(outcome.replayed + outcome.dead_lettered, 0);
+        }
+        all.extend(batches.into_iter().flat_map(|(_, orders)| orders));
+    }
+    let sold: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(l.quantity), 0)::bigint FROM transaction_lines l \
+         JOIN transactions t ON t.id = l.transaction_id \
+         WHERE l.product_id = $1 AND t.status = 'succeeded'",
+    )
+    .bind(hot)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(sold, 40 + 5 * 2, "every unit sold once, none twice");
+    assert_eq!(product(&app, hot).await["stock"], 0);
+    assert_eq!(shares(&pool, hot).await, vec![0, 0, 0, 0]);
+    let decided = app
+        .count("SELECT count(*) FROM transactions WHERE status IN ('succeeded', 'rejected')")
+        .await;
+    assert_eq!(decided, all.len() as i64, "each purchase decided once");
+    let succeeded = app
+        .count("SELECT count(*) FROM transactions WHERE status = 'succeeded'")
+        .await;
+    let expected: Vec<i64> = (1..=succeeded).collect();
+    assert_eq!(order_seqs(&pool, &today()).await, expected, "gapless");
+    let audit = audited(&pool).await;
+    assert_eq!(audit.len() as i64, all.len() as i64 - succeeded);
+    for (stock, shares, held) in audit {
+        assert_eq!(
+            (stock, shares, held),
+            (0, 4, 4),
+            "a rejection while stock remained"
+        );
+    }
     app.shutdown().await;
 }
