@@ -42,10 +42,11 @@ pub enum ApiError {
     /// 405 `method_not_allowed`.
     #[error("this method is not allowed on this path")]
     MethodNotAllowed,
-    /// 503 `unavailable`, with `Retry-After`: a dependency (broker, Redis, database) cannot
-    /// take the request right now; nothing was accepted.
+    /// 503, with `Retry-After`: a dependency cannot take the request right now; nothing was
+    /// accepted. The code names the reason ([`Unavailability`]).
     #[error("{message}")]
     Unavailable {
+        reason: Unavailability,
         message: String,
         retry_after_secs: u32,
     },
@@ -96,6 +97,45 @@ pub enum ApiError {
     NotHeld(String),
 }
 
+/// Why a request was answered 503: each reason has a stable code of its own, so that clients
+/// (and tests) tell a full queue from an outage without reading the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailability {
+    /// `queue_full`: the product's partition queue is at its bound (the API's or the broker's).
+    QueueFull,
+    /// `broker_unavailable`: RabbitMQ is unreachable or did not confirm in time.
+    BrokerUnavailable,
+    /// `redis_unavailable`: Redis (statuses, the shared queue bound, Idempotency-Keys) is
+    /// unreachable.
+    RedisUnavailable,
+    /// `database_unavailable`: PostgreSQL is unreachable where a request needs it at once
+    /// (accounts, sessions, a buyer's history, looking up a retried Idempotency-Key's request).
+    DatabaseUnavailable,
+    /// `timeout`: the request took longer than the server's request timeout.
+    Timeout,
+}
+
+impl Unavailability {
+    /// Every reason, in the order of the README's error table.
+    pub const ALL: [Unavailability; 5] = [
+        Unavailability::QueueFull,
+        Unavailability::BrokerUnavailable,
+        Unavailability::RedisUnavailable,
+        Unavailability::DatabaseUnavailable,
+        Unavailability::Timeout,
+    ];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Unavailability::QueueFull => "queue_full",
+            Unavailability::BrokerUnavailable => "broker_unavailable",
+            Unavailability::RedisUnavailable => "redis_unavailable",
+            Unavailability::DatabaseUnavailable => "database_unavailable",
+            Unavailability::Timeout => "timeout",
+        }
+    }
+}
+
 /// The body of every error response (also its OpenAPI schema).
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorBody<'a> {
@@ -106,10 +146,11 @@ pub struct ErrorBody<'a> {
 pub struct ErrorDetail<'a> {
     /// Stable and machine-readable: `malformed_json`, `invalid_body`, `unsupported_media_type`,
     /// `payload_too_large`, `invalid_id`, `invalid_query`, `unauthorized`, `not_found`,
-    /// `method_not_allowed`, `unavailable` or `internal`; for buyers `invalid_credentials`,
-    /// `user_mismatch`, `username_taken`, `rate_limited`, `invalid_idempotency_key`,
-    /// `idempotency_key_reused` or `idempotency_key_in_flight`; for holds and slots
-    /// `unknown_slot`, `not_held` or `hold_expired`.
+    /// `method_not_allowed` or `internal`; for buyers `invalid_credentials`, `user_mismatch`,
+    /// `username_taken`, `rate_limited`, `invalid_idempotency_key`, `idempotency_key_reused`
+    /// or `idempotency_key_in_flight`; for holds and slots `unknown_slot`, `not_held` or
+    /// `hold_expired`; for a 503 its reason: `queue_full`, `broker_unavailable`,
+    /// `redis_unavailable`, `database_unavailable` or `timeout`.
     #[schema(example = "invalid_body")]
     pub code: &'a str,
     /// For humans; may change.
@@ -118,8 +159,13 @@ pub struct ErrorDetail<'a> {
 }
 
 impl ApiError {
-    pub fn unavailable(message: impl Into<String>, retry_after_secs: u32) -> Self {
+    pub fn unavailable(
+        reason: Unavailability,
+        message: impl Into<String>,
+        retry_after_secs: u32,
+    ) -> Self {
         ApiError::Unavailable {
+            reason,
             message: message.into(),
             retry_after_secs,
         }
@@ -162,7 +208,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::Unavailable { .. } => "unavailable",
+            ApiError::Unavailable { reason, .. } => reason.code(),
             ApiError::Internal(_) => "internal",
             ApiError::Unauthenticated(_) => "unauthorized",
             ApiError::InvalidCredentials => "invalid_credentials",
@@ -225,5 +271,34 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every 503 reason is answered 503 with `Retry-After` and its own code, in the one shape.
+    #[tokio::test]
+    async fn every_unavailability_has_its_own_code_in_the_one_shape() {
+        let mut codes = std::collections::BTreeSet::new();
+        for reason in Unavailability::ALL {
+            let response = ApiError::unavailable(reason, "try again", 2).into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+            let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({"error": {"code": reason.code(), "message": "try again"}})
+            );
+            assert!(
+                codes.insert(reason.code()),
+                "{} is used once",
+                reason.code()
+            );
+        }
     }
 }

@@ -36,7 +36,7 @@
 //! append-only file, or the last second of writes under `appendfsync everysec`) forgets keys,
 //! and a retry after that is a new purchase (see docs/guarantees.md).
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Unavailability};
 use crate::state::AppState;
 use allot_shared::stored;
 use allot_shared::{RejectReason, TransactionId, UserId};
@@ -433,6 +433,7 @@ impl Record {
                             let _ = self.expire_lease(id).await;
                             tracing::warn!(error = %err, "cannot look up a retaken transaction");
                             return Err(ApiError::unavailable(
+                                Unavailability::DatabaseUnavailable,
                                 "the database is unavailable; the request was not accepted, try again",
                                 1,
                             ));
@@ -496,6 +497,7 @@ impl Record {
 fn store_unavailable(err: anyhow::Error) -> ApiError {
     tracing::warn!(error = %format_args!("{err:#}"), "the idempotency store is unavailable");
     ApiError::unavailable(
+        Unavailability::RedisUnavailable,
         "the idempotency store is unavailable; the request was not accepted, try again",
         1,
     )

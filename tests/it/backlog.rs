@@ -2,7 +2,9 @@
 //! instance through Redis: the estimate's rules one by one against real Redis, then two API
 //! instances publishing to one queue, which never accept more messages than the bound.
 
-use crate::helpers::{DEADLINE, ExtraApi, Options, accepted_id, partition_of, spawn_app, wait_for};
+use crate::helpers::{
+    DEADLINE, ExtraApi, Options, accepted_id, partition_of, spawn_app, test_redis_url, wait_for,
+};
 use allot_api::backlog::{Backlog, bound};
 use allot_shared::amqp::Topology;
 use allot_shared::{PartitionId, TransactionId, status_store};
@@ -23,8 +25,7 @@ struct Fixture {
 
 impl Fixture {
     async fn new(max_length: i64) -> Fixture {
-        let url = std::env::var("ALLOT_TEST_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:56379/2".into());
+        let url = test_redis_url();
         let redis = status_store::connect(&url, Duration::from_secs(1))
             .await
             .expect("Redis is reachable");

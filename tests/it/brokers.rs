@@ -1,15 +1,17 @@
 //! A list of broker addresses (`ALLOT_AMQP_URLS`): the API and the worker use whichever
 //! address answers, and move on to the next when theirs dies, with every accepted request
 //! decided once. A dead address is a port nobody listens on; an address that dies while in use
-//! is a TCP relay to the test broker that the test shuts down (its connections drop as they
+//! is the test kit's TCP proxy to the test broker, dropped (its connections drop as they
 //! would when a node stops); a node that accepts connections but never answers is a listener
 //! that says nothing.
 
 use crate::helpers::{
-    DEADLINE, ExtraApi, ExtraWorker, Options, TestApp, accepted_id, sample, spawn_app, wait_for,
+    DEADLINE, ExtraApi, ExtraWorker, Options, TestApp, accepted_id, sample, spawn_app,
+    test_amqp_url, wait_for,
 };
 use allot_shared::TransactionId;
 use allot_shared::brokers::BrokerAddress;
+use allot_tests::proxy::Proxy;
 use reqwest::StatusCode;
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -36,40 +38,6 @@ fn broker_address(url: &str) -> SocketAddr {
 async fn dead_address() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap()
-}
-
-/// Relays TCP connections to `upstream` until [`Relay::kill`]: then every connection it
-/// carried drops at once, as when a broker node stops.
-struct Relay {
-    address: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(upstream: SocketAddr) -> Relay {
-        Relay::on(TcpListener::bind("127.0.0.1:0").await.unwrap(), upstream)
-    }
-
-    fn on(listener: TcpListener, upstream: SocketAddr) -> Relay {
-        let address = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            // Dropped with the task: aborts every connection's relay, closing both sockets.
-            let mut connections = JoinSet::new();
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                connections.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        });
-        Relay { address, task }
-    }
-
-    async fn kill(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
 }
 
 /// A listener that accepts connections and never says a word (a node that hangs).
@@ -181,8 +149,10 @@ async fn a_list_whose_first_address_is_dead_is_served_by_the_next(pool: sqlx::Pg
 async fn an_address_that_dies_while_in_use_is_left_for_the_next(pool: sqlx::PgPool) {
     let mut app = spawn_app(pool, Options::without_worker()).await;
     let live = app.api_config.common.amqp_url.clone();
-    let relay = Relay::start(broker_address(&live)).await;
-    let relayed = url_at(&live, relay.address);
+    let relay = Proxy::start(broker_address(&live).to_string())
+        .await
+        .unwrap();
+    let relayed = url_at(&live, relay.addr());
     let (api, worker) = start_on(&mut app, &[relayed.clone(), live.clone()]).await;
     wait_ready(&app, &worker).await;
     let product = app.create_product("failover", 1_000).await;
@@ -195,7 +165,7 @@ async fn an_address_that_dies_while_in_use_is_left_for_the_next(pool: sqlx::PgPo
     assert_sold_exactly(&app, &accepted).await;
 
     // The node of the first address goes away with both connections.
-    relay.kill().await;
+    drop(relay); // every connection it carried drops, and its port is closed
     let mut refused = Vec::new();
     let mut user = 100;
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -340,13 +310,13 @@ async fn with_no_address_answering_the_api_refuses_to_start_and_the_worker_waits
     let listener = TcpListener::bind(port)
         .await
         .expect("the port is free again");
-    let relay = Relay::on(listener, upstream);
+    let relay = Proxy::on(listener, upstream.to_string()).unwrap();
     wait_ready(&app, &worker).await;
     let metrics = metrics(&app).await;
     assert_eq!(connection_sample(&metrics, "allot-worker", &second), 1.0);
     assert_eq!(connection_sample(&metrics, "allot-worker", &first), 0.0);
     worker.stop().await;
-    relay.kill().await;
+    drop(relay);
     app.shutdown().await;
 }
 
@@ -364,8 +334,7 @@ fn lapin_threads() -> usize {
 /// answers again is used.
 #[tokio::test]
 async fn a_hung_address_is_probed_before_it_is_connected_again() {
-    let live = std::env::var("ALLOT_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:55672/allot-test".into());
+    let live = test_amqp_url();
     let upstream = broker_address(&live);
     // Silent until told to relay.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -190,7 +190,7 @@ async fn a_message_refused_by_the_queue_bound_refuses_every_request_in_it(pool: 
                 .await;
         for response in answers {
             assert_eq!(response.headers()["retry-after"], "1");
-            assert_error(response, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
+            assert_error(response, StatusCode::SERVICE_UNAVAILABLE, "queue_full").await;
             refused_requests += 1.0;
         }
         assert_eq!(

@@ -1,6 +1,8 @@
 //! The test harness: [`spawn_app`] starts an API server (and, unless told otherwise, a worker)
 //! against the test's own database, queues and Redis keys, and [`TestApp`] offers typed helpers
-//! to drive it and inspect the services behind it.
+//! to drive it and inspect the services behind it. They are built on the test kit
+//! (`allot_tests`): its client judges the answers, its broker publishes and counts, its
+//! invariants check the promises.
 
 use allot_api::{ApiConfig, AppState};
 use allot_shared::partition::partition_for;
@@ -8,13 +10,15 @@ use allot_shared::{
     Clock, Line, Lines, ManualClock, Order, PartitionId, ProductId, PurchaseRequest, Quantity,
     SystemClock, TransactionId, UserId, status_store,
 };
+use allot_tests::broker::Broker;
+use allot_tests::client::{self as kit, Answer, Api};
+use allot_tests::invariants::{self, Statuses};
+use allot_tests::ports::{PortMap, TEST_REDIS_DB, TEST_VHOST};
 use allot_worker::WorkerConfig;
 use allot_worker::decider::Decider;
 use allot_worker::decider::Item;
 use chrono::Utc;
 use clap::Parser;
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
 use redis::aio::ConnectionManager;
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
@@ -121,21 +125,48 @@ pub struct TestApp {
     pub worker_address: Option<String>,
     api: Option<Running>,
     worker: Option<Running>,
+    /// The test's broker, directly (never through a proxy of the API's, nor what a test set
+    /// the worker's configuration to).
+    amqp_url: String,
+}
+
+/// The tests' broker: `ALLOT_TEST_AMQP_URL`, else the port map's copy at offset 0
+/// (`deploy/local.sh env` prints it for any copy).
+pub fn test_amqp_url() -> String {
+    std::env::var("ALLOT_TEST_AMQP_URL").unwrap_or_else(|_| PortMap::default().amqp_url(TEST_VHOST))
+}
+
+/// The tests' Redis: `ALLOT_TEST_REDIS_URL`, else the port map's copy at offset 0.
+pub fn test_redis_url() -> String {
+    std::env::var("ALLOT_TEST_REDIS_URL")
+        .unwrap_or_else(|_| PortMap::default().redis_url(TEST_REDIS_DB))
 }
 
 /// Starts the API (and a worker, see [`Options`]) on the test's fresh database.
 pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
+    spawn_app_through(pool, options, Through::default()).await
+}
+
+/// How the API reaches its services, when not directly: URLs of proxies in front of them
+/// (`allot_tests::proxy`), so that a test can take a service away from this API alone. The
+/// test's own connections (and the worker's Redis) stay direct.
+#[derive(Debug, Default)]
+pub struct Through {
+    pub redis_url: Option<String>,
+    pub amqp_url: Option<String>,
+}
+
+/// [`spawn_app`], with the API reaching Redis or RabbitMQ through [`Through`]'s proxies.
+pub async fn spawn_app_through(pool: PgPool, options: Options, through: Through) -> TestApp {
     init_logging();
     let unique = format!("it-{}", uuid::Uuid::new_v4().simple());
-    let amqp_url = std::env::var("ALLOT_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:55672/allot-test".into());
-    let redis_url = std::env::var("ALLOT_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:56379/2".into());
+    let amqp_url = test_amqp_url();
+    let redis_url = test_redis_url();
 
     let mut api_config = ApiConfig::parse_from(["allot-api"]);
-    api_config.common.amqp_url = amqp_url;
+    api_config.common.amqp_url = through.amqp_url.unwrap_or_else(|| amqp_url.clone());
     api_config.common.amqp_urls = Vec::new(); // whatever the environment says
-    api_config.common.redis_url = redis_url;
+    api_config.common.redis_url = through.redis_url.clone().unwrap_or(redis_url.clone());
     api_config.common.partitions = options.partitions;
     api_config.common.queue_prefix = unique.clone();
     api_config.common.redis_prefix = unique;
@@ -147,18 +178,23 @@ pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
     (options.tweak_api)(&mut api_config);
     let mut worker_config = WorkerConfig::parse_from(["allot-worker"]);
     worker_config.common = api_config.common.clone();
+    worker_config.common.redis_url = redis_url.clone();
+    worker_config.common.amqp_url = amqp_url.clone();
 
-    let redis = status_store::connect(
-        &api_config.common.redis_url,
-        api_config.common.redis_timeout(),
-    )
-    .await
-    .expect("Redis is reachable");
+    let redis = status_store::connect(&redis_url, api_config.common.redis_timeout())
+        .await
+        .expect("Redis is reachable");
+    let api_redis = match &through.redis_url {
+        Some(url) => status_store::connect(url, api_config.common.redis_timeout())
+            .await
+            .expect("Redis is reachable through its proxy"),
+        None => redis.clone(),
+    };
     let api_clock: Arc<dyn Clock> = match options.api_clock {
         Some(clock) => Arc::new(clock),
         None => Arc::new(SystemClock),
     };
-    let state = AppState::build_with_clock(&api_config, pool.clone(), redis.clone(), api_clock)
+    let state = AppState::build_with_clock(&api_config, pool.clone(), api_redis, api_clock)
         .await
         .expect("API state builds");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -180,6 +216,7 @@ pub async fn spawn_app(pool: PgPool, options: Options) -> TestApp {
         api: Some(Running { stop, task }),
         worker_address: None,
         worker: None,
+        amqp_url,
     };
     if options.worker {
         let clock: Arc<dyn Clock> = match options.clock {
@@ -233,19 +270,9 @@ impl TestApp {
         if let Some(api) = self.api.take() {
             api.stop().await;
         }
-        let connection =
-            allot_shared::amqp::connect(&self.api_config.common.amqp_url, "allot-tests-cleanup")
-                .await
-                .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        for partition in self.api_config.common.topology().partitions() {
-            let queue = self.api_config.common.topology().queue(partition);
-            channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .unwrap();
-        }
-        let _ = connection.close(200, "done".into()).await;
+        let broker = self.broker().await;
+        broker.delete_queues().await.unwrap();
+        broker.close().await;
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{}:*", self.api_config.common.redis_prefix))
             .query_async(&mut self.redis.clone())
@@ -273,6 +300,19 @@ impl TestApp {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)
+    }
+
+    /// The kit's typed client of this API, with the admin token.
+    pub fn api(&self) -> Api {
+        Api::with_client(self.client.clone(), &self.address, Some(ADMIN_TOKEN.into()))
+            .expect("the test server's address is a plain http URL")
+    }
+
+    /// The test's broker and partition queues (directly, not through a proxy of the API's).
+    pub async fn broker(&self) -> Broker {
+        Broker::connect(&self.amqp_url, self.api_config.common.topology())
+            .await
+            .expect("RabbitMQ is reachable")
     }
 
     pub async fn get(&self, path: &str) -> Response {
@@ -326,9 +366,18 @@ impl TestApp {
         .await
     }
 
-    /// Places an order and asserts the exact 202 answer; returns the transaction id.
+    /// Places an order and asserts the exact 202 answer (the kit's judgment: exactly
+    /// `{"transaction_id", "status": "pending"}` and its `Location`); returns the transaction id.
     pub async fn buy(&self, user_id: i64, product_id: i64, quantity: i64) -> TransactionId {
-        accepted_id(self.add_to_cart(user_id, product_id, quantity).await).await
+        let order = kit::Order {
+            user_id,
+            product_id,
+            quantity,
+        };
+        match self.api().add_to_cart(order).await {
+            Answer::Accepted(id) => TransactionId(id),
+            other => panic!("{order:?} was answered {}, not 202", other.describe()),
+        }
     }
 
     /// Posts an order of `items` (product, quantity) for `user_id` to `POST /api/v1/orders`.
@@ -397,22 +446,15 @@ impl TestApp {
         (id, self.log_in(username, &password).await)
     }
 
-    /// Creates a product and returns its id.
+    /// Creates a product (asserting exactly `201` with it) and returns its id.
     pub async fn create_product(&self, name: &str, stock: i64) -> i64 {
-        let response = self
-            .post_admin("/api/v1/products", &json!({"name": name, "stock": stock}))
-            .await;
-        assert_eq!(response.status(), StatusCode::CREATED);
-        let body: Value = response.json().await.unwrap();
-        body["id"].as_i64().expect("a product id")
+        let product = self.api().create_product(name, stock).await;
+        product.unwrap_or_else(|err| panic!("{err:#}")).id
     }
 
     pub async fn product_stock(&self, product_id: i64) -> i64 {
-        let response = self.get(&format!("/api/v1/products/{product_id}")).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        response.json::<Value>().await.unwrap()["stock"]
-            .as_i64()
-            .unwrap()
+        let product = self.api().product(product_id).await;
+        product.unwrap_or_else(|err| panic!("{err:#}")).stock
     }
 
     /// Creates a slot of `capacity` places (with any other fields of `extra`) and returns its
@@ -514,97 +556,35 @@ impl TestApp {
         requests: &[&[u8]],
         message_id: &str,
     ) {
-        let body = allot_shared::message::envelope(requests.iter().copied());
-        let mut headers = lapin::types::FieldTable::default();
-        headers.insert(
-            allot_shared::message::COUNT_HEADER.into(),
-            lapin::types::AMQPValue::LongLongInt(requests.len() as i64),
-        );
-        let properties = lapin::BasicProperties::default()
-            .with_type(allot_shared::message::ENVELOPE_TYPE.into())
-            .with_headers(headers);
-        self.publish_with(partition, &body, Some(message_id), properties)
-            .await;
+        let broker = self.broker().await;
+        (broker
+            .publish_envelope(partition, requests, message_id)
+            .await)
+            .expect("the broker took the message");
+        broker.close().await;
     }
 
     /// Publishes a raw message to a partition queue, persistent and confirmed, as a
     /// misbehaving (or retrying) publisher would.
     pub async fn publish_raw(&self, partition: PartitionId, body: &[u8], message_id: Option<&str>) {
-        self.publish_with(
-            partition,
-            body,
-            message_id,
-            lapin::BasicProperties::default(),
-        )
-        .await;
-    }
-
-    async fn publish_with(
-        &self,
-        partition: PartitionId,
-        body: &[u8],
-        message_id: Option<&str>,
-        properties: lapin::BasicProperties,
-    ) {
-        let connection =
-            allot_shared::amqp::connect(&self.api_config.common.amqp_url, "allot-tests-publisher")
-                .await
-                .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        channel
-            .confirm_select(lapin::options::ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        let queue = self.api_config.common.topology().queue(partition);
-        let mut properties = properties.with_delivery_mode(2);
-        if let Some(id) = message_id {
-            properties = properties.with_message_id(id.into());
-        }
-        let confirmation = channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                lapin::options::BasicPublishOptions::default(),
-                body,
-                properties,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirmation.is_ack(), "the broker took the message");
-        let _ = connection.close(200, "done".into()).await;
+        let broker = self.broker().await;
+        (broker.publish(partition, body, message_id).await).expect("the broker took the message");
+        broker.close().await;
     }
 
     /// Messages waiting in a partition queue (not counting unacked ones).
     pub async fn queue_depth(&self, partition: PartitionId) -> u32 {
-        let connection =
-            allot_shared::amqp::connect(&self.api_config.common.amqp_url, "allot-tests")
-                .await
-                .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let queue = self.api_config.common.topology().queue(partition);
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let _ = connection.close(200, "done".into()).await;
-        declared.message_count()
+        let broker = self.broker().await;
+        let depth = broker.depth(partition).await.unwrap();
+        broker.close().await;
+        depth
     }
 
     /// Messages waiting in all partition queues.
     pub async fn total_queue_depth(&self) -> u32 {
-        let mut total = 0;
-        for partition in self.api_config.common.topology().partitions() {
-            total += self.queue_depth(partition).await;
-        }
+        let broker = self.broker().await;
+        let total = broker.total_depth().await.unwrap();
+        broker.close().await;
         total
     }
 
@@ -723,58 +703,53 @@ impl ExtraWorker {
     }
 }
 
-/// Asserts the exact 202 answer to a request to buy; returns its transaction id.
+/// Asserts the exact 202 answer to a request to buy (the kit's judgment, as for `addToCart`:
+/// exactly `{"transaction_id", "status": "pending"}` and its `Location`); returns its
+/// transaction id.
 pub async fn accepted_id(response: Response) -> TransactionId {
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let location = response
-        .headers()
-        .get("location")
-        .expect("a Location header")
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let body: Value = response.json().await.unwrap();
-    let id: uuid::Uuid = body["transaction_id"]
-        .as_str()
-        .expect("a transaction_id")
-        .parse()
-        .expect("a UUID");
-    assert_eq!(
-        body,
-        json!({"transaction_id": id.to_string(), "status": "pending"})
-    );
-    assert_eq!(location, format!("/api/v1/transaction/{id}"));
-    TransactionId(id)
+    let header = |name: &str| {
+        (response.headers().get(name))
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+    };
+    let (location, retry_after) = (header("location"), header("retry-after"));
+    let status = response.status();
+    let body = response.text().await.expect("the answer is read");
+    match Answer::judge_accepted(status, location.as_deref(), retry_after.as_deref(), &body) {
+        Answer::Accepted(id) => TransactionId(id),
+        other => panic!("answered {}, not 202", other.describe()),
+    }
 }
 
 /// Polls `check` until it returns `Some`, or panics naming `what` after [`DEADLINE`].
-pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    (allot_tests::wait::until(what, DEADLINE, check).await).unwrap_or_else(|err| panic!("{err}"))
 }
 
 /// The value of one sample in a Prometheus text rendering (`name{labels}` exactly as rendered,
 /// labels in alphabetical order), or 0 if the sample is not there yet.
-pub fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0.0, |value| {
-            value.trim().parse().expect("a sample value is a number")
-        })
+pub use allot_tests::metrics::sample;
+
+/// Asserts the promises the whole test database must keep, with the kit's invariants: every
+/// day's order numbers exactly 1..N and the day's counter N, only successes numbered, no stock
+/// below zero, every decided status in Redis equal to PostgreSQL's.
+pub async fn assert_promises_hold(app: &TestApp) {
+    let mut redis = app.redis.clone();
+    let statuses = Statuses {
+        redis: &mut redis,
+        prefix: &app.api_config.common.redis_prefix,
+    };
+    let checked = invariants::whole_database(&app.pool, Some(statuses))
+        .await
+        .expect("the database and Redis can be read");
+    assert!(
+        checked.violations.is_empty(),
+        "broken promises: {:#?}",
+        checked.violations
+    );
 }
 
 /// Asserts an error response: exact status, JSON content type, and exactly

@@ -3,39 +3,41 @@
 //! again.
 //!
 //! How a worker is stopped abruptly in-process: it runs on a tokio runtime of its own, with its
-//! own PostgreSQL pool and Redis connection, and reaches RabbitMQ through a TCP relay. Crashing
-//! it shuts that runtime down without a graceful stop (every task is dropped wherever it was
-//! awaiting: a batch half decided, a commit in flight, statuses half published, an ack not
-//! sent, a sweep between its read and its publish) and cuts the relay, so the broker sees the
-//! connection drop without a close, as it would from a killed process, and redelivers what was
-//! unacked. What this proves: no hold, expiry or decision depends on a process's memory or on a
-//! graceful stop. What it does not: a real `kill -9` (the process's other threads, such as
-//! lapin's I/O thread, are not killed with the runtime, only cut off by the relay; sockets to
-//! PostgreSQL and Redis are closed by the drop rather than reset by the kernel), and the
+//! own PostgreSQL pool and Redis connection, and reaches RabbitMQ through a TCP relay (the test
+//! kit's proxy). Crashing it shuts that runtime down without a graceful stop (every task is
+//! dropped wherever it was awaiting: a batch half decided, a commit in flight, statuses half
+//! published, an ack not sent, a sweep between its read and its publish) and cuts the relay, so
+//! the broker sees the connection drop without a close, as it would from a killed process, and
+//! redelivers what was unacked. What this proves: no hold, expiry or decision depends on a
+//! process's memory or on a graceful stop. What it does not: a real `kill -9` (the process's
+//! other threads, such as lapin's I/O thread, are not killed with the runtime, only cut off by
+//! the relay; sockets to PostgreSQL and Redis are closed by the drop rather than reset by the
+//! kernel), and the
 //! services themselves do not crash here (their durability is PostgreSQL's and RabbitMQ's).
 
 use crate::helpers::{ExtraApi, Options, TestApp, assert_error, spawn_app, wait_for};
 use allot_shared::{ManualClock, TransactionId};
+use allot_tests::proxy::Proxy;
 use chrono::{DateTime, TimeDelta, Utc};
 use futures::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::{JoinHandle, JoinSet};
 
 /// A worker that can be stopped abruptly; see the module documentation.
 struct CrashableWorker {
     runtime: Option<tokio::runtime::Runtime>,
-    relay: JoinHandle<()>,
+    /// The test kit's proxy between the worker and the broker; dropping it cuts them apart.
+    relay: Option<Proxy>,
 }
 
 impl CrashableWorker {
     async fn start(app: &TestApp, clock: ManualClock) -> CrashableWorker {
-        let (relay, relayed) = relay_to(&app.api_config.common.amqp_url).await;
+        let (relay, relayed) = Proxy::in_front_of(&app.api_config.common.amqp_url)
+            .await
+            .unwrap();
         let mut config = app.worker_config.clone();
         config.common.amqp_urls = vec![relayed];
         let options = (*app.pool.connect_options()).clone();
@@ -70,7 +72,7 @@ impl CrashableWorker {
         });
         CrashableWorker {
             runtime: Some(runtime),
-            relay,
+            relay: Some(relay),
         }
     }
 
@@ -79,8 +81,7 @@ impl CrashableWorker {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
-        self.relay.abort();
-        let _ = (&mut self.relay).await;
+        drop(self.relay.take());
     }
 }
 
@@ -89,33 +90,8 @@ impl Drop for CrashableWorker {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
-        self.relay.abort();
+        drop(self.relay.take());
     }
-}
-
-/// A TCP relay to the broker of `url`, and `url` pointed at it. Aborting the relay's task drops
-/// every connection it carries.
-async fn relay_to(url: &str) -> (JoinHandle<()>, String) {
-    let (scheme_and_user, rest) = url.split_once('@').expect("a URL with credentials");
-    let (host, vhost) = rest.split_once('/').expect("a URL with a vhost");
-    let upstream: SocketAddr = tokio::net::lookup_host(host)
-        .await
-        .unwrap()
-        .next()
-        .expect("the broker's address");
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let mut connections = JoinSet::new();
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            connections.spawn(async move {
-                if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
-    });
-    (task, format!("{scheme_and_user}@{address}/{vhost}"))
 }
 
 /// Every transaction's status and reason, from PostgreSQL.

@@ -316,7 +316,7 @@ async fn a_first_attempt_refused_with_503_leaves_the_key_free_for_the_retry(pool
     let body = json!({"user_id": 7, "product_id": product, "quantity": 1});
     let response = buy_keyed(&app, "k-4", &body, &[]).await;
     assert_eq!(response.headers()["retry-after"], "1");
-    assert_error(response, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
+    assert_error(response, StatusCode::SERVICE_UNAVAILABLE, "queue_full").await;
     let exists: bool = redis::cmd("EXISTS")
         .arg(record(&app, 7, "k-4"))
         .query_async(&mut app.redis.clone())

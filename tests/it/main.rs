@@ -26,6 +26,7 @@ mod limits;
 mod observability;
 mod order_races;
 mod orders;
+mod outages;
 mod pipeline;
 mod poison;
 mod sale_windows;

@@ -5,8 +5,8 @@
 //! Promises are checked against PostgreSQL, not only through the HTTP answers.
 
 use crate::helpers::{
-    Options, clock_at, insert_product, order_seqs, partition_of, process, request, spawn_app,
-    stock_of, today, wait_for,
+    Options, assert_promises_hold, clock_at, insert_product, order_seqs, partition_of, process,
+    request, spawn_app, stock_of, today, wait_for,
 };
 use allot_shared::{Clock, ManualClock, PurchaseRequest, SystemClock};
 use allot_worker::decider::Decider;
@@ -80,6 +80,7 @@ async fn a_flash_sale_sells_exactly_the_stock_with_gapless_numbers(pool: PgPool)
         5
     );
     assert_eq!(order_seqs(&app.pool, &today()).await, vec![1, 2, 3, 4, 5]);
+    assert_promises_hold(&app).await;
     app.shutdown().await;
 }
 
@@ -258,6 +259,7 @@ async fn a_message_published_twice_is_decided_once(pool: PgPool) {
     assert_eq!(order_number_of(&view), format!("{}-00001", today()));
     assert_eq!(app.product_stock(product).await, 2, "5 - 2 (once) - 1");
     assert_eq!(order_seqs(&app.pool, &today()).await, vec![1, 2]);
+    assert_promises_hold(&app).await;
     app.shutdown().await;
 }
 
@@ -303,6 +305,7 @@ async fn two_deciders_on_one_partition_never_oversell_or_decide_twice(pool: PgPo
         order_seqs(&app.pool, &today()).await,
         (1..=10).collect::<Vec<_>>()
     );
+    assert_promises_hold(&app).await;
     app.shutdown().await;
 }
 
@@ -338,6 +341,7 @@ async fn a_restock_during_a_sale_loses_no_update(pool: PgPool) {
         order_seqs(&app.pool, &today()).await,
         (1..=sold).collect::<Vec<_>>()
     );
+    assert_promises_hold(&app).await;
     app.shutdown().await;
 }
 
@@ -377,6 +381,7 @@ async fn order_numbers_start_again_at_one_on_a_new_day(pool: PgPool) {
             "20260315-00002"
         ]
     );
+    assert_promises_hold(&app).await;
     app.shutdown().await;
 }
 

@@ -1,6 +1,6 @@
 """Checks a log of allot-api started with ALLOT_LOG_FORMAT=json (deploy/local.sh test runs it).
 
-Every line is one JSON object with a timestamp, a level and fields (deploy/local.sh's own
+Every line is one JSON object with a timestamp, a level and fields (the test kit's own
 "----- ... starting" marker lines excepted); every line logged inside a request's span names
 the request id; and the request id given on the command line (sent by the Postman collection)
 appears on at least one line.

@@ -7,7 +7,7 @@
 use crate::buyers::credentials::{PASSWORD_MAX, PASSWORD_MIN, Password, Username};
 use crate::buyers::limits::retry_after_secs;
 use crate::buyers::{Caller, accounts, sessions, tokens};
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, Unavailability};
 use crate::extract::{AppJson, ClientAddress};
 use crate::state::AppState;
 use allot_shared::{Clock, SystemClock, UserId};
@@ -97,7 +97,7 @@ fn rate_limited(wait: std::time::Duration) -> ApiError {
         (status = 422, description = "`invalid_body`: a username or password that breaks the rules", body = ErrorBody),
         (status = 429, description = "`rate_limited`: too many attempts from this address; see `Retry-After`", body = ErrorBody,
             headers(("retry-after" = u32, description = "Seconds until an attempt is allowed"))),
-        (status = 503, description = "`unavailable`: the database cannot be reached", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`: the database cannot be reached (or `timeout`); retry after `Retry-After`", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all)]
 pub async fn sign_up(
@@ -149,7 +149,7 @@ pub async fn sign_up(
         (status = 422, description = "`invalid_body`: a username or password that no account can have", body = ErrorBody),
         (status = 429, description = "`rate_limited`: too many logins for this username or from this address; see `Retry-After`", body = ErrorBody,
             headers(("retry-after" = u32, description = "Seconds until an attempt is allowed"))),
-        (status = 503, description = "`unavailable`: the database cannot be reached", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`: the database cannot be reached (or `timeout`); retry after `Retry-After`", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all)]
 pub async fn login(
@@ -210,7 +210,7 @@ pub async fn login(
     responses(
         (status = 204, description = "Logged out: the token is revoked"),
         (status = 401, description = "`unauthorized`: no buyer's token, or one that is not valid (already revoked, expired, forged)", body = ErrorBody),
-        (status = 503, description = "`unavailable`: the database cannot be reached; the token was not revoked", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`: the database cannot be reached; the token was not revoked (or `timeout`); retry after `Retry-After`", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all)]
 pub async fn logout(State(state): State<AppState>, caller: Caller) -> Result<StatusCode, ApiError> {
@@ -234,5 +234,9 @@ pub async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Sta
 /// retry (logged with its cause).
 fn database_unavailable(err: anyhow::Error) -> ApiError {
     tracing::warn!(error = %format_args!("{err:#}"), "the database is unavailable");
-    ApiError::unavailable("the account store is unavailable; try again", 1)
+    ApiError::unavailable(
+        Unavailability::DatabaseUnavailable,
+        "the account store is unavailable; try again",
+        1,
+    )
 }

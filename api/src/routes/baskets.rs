@@ -136,7 +136,7 @@ impl NewOrder {
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`invalid_body`: missing, unknown or out-of-range field (an account's `user_id`, 10^15 and up, without its token), no item or more than 20, an item that is not an object, a product listed twice; or `idempotency_key_reused`: this `Idempotency-Key` came with another request", body = ErrorBody),
-        (status = 503, description = "`unavailable`: not accepted, retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "Not accepted: retry after `Retry-After`. The code says why, as for addToCart: `queue_full` (the partition queue is at its bound), `broker_unavailable` (RabbitMQ unreachable or did not confirm in time), `redis_unavailable` (Redis unreachable: the status store, the shared queue bound or the Idempotency-Key store), `database_unavailable` (PostgreSQL unreachable while a named slot or the retry of an Idempotency-Key is looked up), `timeout` (the request took longer than the server's request timeout)", body = ErrorBody),
     ),
     summary = "Order several products at once, all or nothing",
     description = "Like addToCart, for 1 to 20 items (each product at most once, each quantity at most the \

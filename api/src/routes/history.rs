@@ -10,7 +10,7 @@
 //! decided after its page was read keeps its place on later reads.
 
 use crate::buyers::{self, Caller, pending};
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, Unavailability};
 use crate::extract::AppQuery;
 use crate::state::AppState;
 use allot_shared::{TransactionId, TransactionView, UserId, stored};
@@ -66,7 +66,7 @@ pub struct HistoryPage {
         (status = 400, description = "`invalid_query`: a malformed or unknown parameter, or staff without `user_id`", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
         (status = 403, description = "`user_mismatch`: a buyer's token and another buyer's `user_id`", body = ErrorBody),
-        (status = 503, description = "`unavailable`: Redis or the database cannot be reached", body = ErrorBody),
+        (status = 503, description = "`redis_unavailable` (Redis, which lists the pending transactions, cannot be reached) or `database_unavailable` (PostgreSQL cannot be reached), or `timeout`; retry after `Retry-After`", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all)]
 pub async fn history(
@@ -96,13 +96,21 @@ pub async fn history(
     };
     let pending = pending::read(&state, user).await.map_err(|err| {
         tracing::warn!(error = %format_args!("{err:#}"), "Redis unavailable; cannot list pending transactions");
-        ApiError::unavailable("the status store is unavailable; try again", 1)
+        ApiError::unavailable(
+            Unavailability::RedisUnavailable,
+            "the status store is unavailable; try again",
+            1,
+        )
     })?;
     let decided = stored::fetch_of_user(&state.pool, user, query.after, limit + 1)
         .await
         .map_err(|err| {
             tracing::warn!(error = %err, "the database is unavailable");
-            ApiError::unavailable("the database is unavailable; try again", 1)
+            ApiError::unavailable(
+                Unavailability::DatabaseUnavailable,
+                "the database is unavailable; try again",
+                1,
+            )
         })?;
     let mut page: BTreeMap<TransactionId, TransactionView> = pending
         .into_iter()

@@ -55,7 +55,7 @@ use tokio::time::Instant;
         (status = 401, description = "`unauthorized`: a token that is not valid, or no token while `ALLOT_ANONYMOUS_BUYERS` is false", body = ErrorBody),
         (status = 404, description = "`not_found`: no such transaction, or another buyer's", body = ErrorBody),
         (status = 409, description = "`hold_expired`: the hold expired first; or `not_held`: the transaction is not held (its status in the message)", body = ErrorBody),
-        (status = 503, description = "`unavailable`: not accepted (broker, Redis or database unavailable); nothing changed", body = ErrorBody),
+        (status = 503, description = "Not accepted, nothing changed: retry after `Retry-After`. The code says why: `queue_full` (the hold's partition queue is at its bound), `broker_unavailable` (RabbitMQ unreachable or did not confirm in time), `redis_unavailable` (Redis unreachable: the status store or the shared queue bound), `timeout` (the request took longer than the server's request timeout)", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all, fields(transaction_id = %raw_id))]
 pub async fn checkout(
@@ -85,7 +85,7 @@ pub async fn checkout(
         (status = 401, description = "`unauthorized`: a token that is not valid, or no token while `ALLOT_ANONYMOUS_BUYERS` is false", body = ErrorBody),
         (status = 404, description = "`not_found`: no such transaction, or another buyer's", body = ErrorBody),
         (status = 409, description = "`hold_expired`: the hold expired first; or `not_held`: the transaction is not held (its status in the message)", body = ErrorBody),
-        (status = 503, description = "`unavailable`: not accepted (broker, Redis or database unavailable); nothing changed", body = ErrorBody),
+        (status = 503, description = "Not accepted, nothing changed: retry after `Retry-After`. The code says why: `queue_full` (the hold's partition queue is at its bound), `broker_unavailable` (RabbitMQ unreachable or did not confirm in time), `redis_unavailable` (Redis unreachable: the status store or the shared queue bound), `timeout` (the request took longer than the server's request timeout)", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all, fields(transaction_id = %raw_id))]
 pub async fn cancel(

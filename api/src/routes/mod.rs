@@ -25,7 +25,7 @@ pub use slots::{NewSlot, Slot, SlotPage, SlotPatch};
 pub use stats::Stats;
 pub use watch::WATCH_LIMIT;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Unavailability};
 use crate::extract;
 use crate::observe;
 use crate::openapi::{ApiDoc, ConfiguredLimits, DOCS_PATH, DOCUMENT_PATH};
@@ -154,7 +154,11 @@ fn is_json(response: &Response) -> bool {
 
 async fn timeout_response(err: BoxError) -> ApiError {
     if err.is::<tower::timeout::error::Elapsed>() {
-        ApiError::unavailable("the request took too long; try again", 1)
+        ApiError::unavailable(
+            Unavailability::Timeout,
+            "the request took too long; try again",
+            1,
+        )
     } else {
         ApiError::Internal(anyhow::anyhow!("unhandled middleware error: {err}"))
     }

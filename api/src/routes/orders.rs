@@ -5,7 +5,7 @@
 use crate::buyers::{self, Caller, pending};
 use crate::catalogue::FinalAnswer;
 use crate::decisions::{Waiter, preference_applied, preferred_wait};
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, Unavailability};
 use crate::extract::{self, AppJson};
 use crate::idempotency::{self, Failed, Fingerprint, IdempotencyKey, Remembered, Settled};
 use crate::intake::Refusal;
@@ -82,6 +82,7 @@ pub async fn check_slot(state: &AppState, slot: Option<SlotId>) -> Result<(), Ap
         .map_err(|err| {
             tracing::warn!(error = %err, "cannot check a slot: the database is unavailable");
             ApiError::unavailable(
+                Unavailability::DatabaseUnavailable,
                 "the database is unavailable; the request was not accepted, try again",
                 1,
             )
@@ -129,7 +130,7 @@ pub const ORDERS: &str = "orders";
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`invalid_body`: missing, unknown or out-of-range field (an account's `user_id`, 10^15 and up, without its token); or `idempotency_key_reused`: this `Idempotency-Key` came with another request", body = ErrorBody),
-        (status = 503, description = "`unavailable`: not accepted, retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "Not accepted: retry after `Retry-After`. The code says why: `queue_full` (the product's partition queue is at its bound), `broker_unavailable` (RabbitMQ unreachable or did not confirm in time), `redis_unavailable` (Redis unreachable: the status store, the shared queue bound or the Idempotency-Key store), `database_unavailable` (PostgreSQL unreachable while a named slot or the retry of an Idempotency-Key is looked up), `timeout` (the request took longer than the server's request timeout)", body = ErrorBody),
     ),
     summary = "Ask to buy units of a product",
     description = "Answers `202` with a transaction id once the request is stored for processing; \
@@ -375,14 +376,17 @@ pub(super) fn refusal_error(refusal: Refusal) -> ApiError {
     let retry_after = refusal.retry_after_secs();
     match refusal {
         Refusal::QueueFull => ApiError::unavailable(
+            Unavailability::QueueFull,
             "too many pending orders for this product's partition; the request was not accepted, try again",
             retry_after,
         ),
         Refusal::BrokerUnavailable => ApiError::unavailable(
+            Unavailability::BrokerUnavailable,
             "the order queue is unavailable; the request was not accepted, try again",
             retry_after,
         ),
         Refusal::StoreUnavailable => ApiError::unavailable(
+            Unavailability::RedisUnavailable,
             "the status store is unavailable; the request was not accepted, try again",
             retry_after,
         ),
@@ -406,7 +410,7 @@ pub(super) fn refusal_error(refusal: Refusal) -> ApiError {
         (status = 400, description = "`invalid_id`: not a UUID", body = ErrorBody),
         (status = 401, description = "`unauthorized`: a token that is not valid, or no token while `ALLOT_ANONYMOUS_BUYERS` is false", body = ErrorBody),
         (status = 404, description = "`not_found`: allot never accepted this id, or the caller may not read it (another buyer's; an account's without its token)", body = ErrorBody),
-        (status = 503, description = "`unavailable`: Redis is down and the transaction is not decided", body = ErrorBody),
+        (status = 503, description = "`redis_unavailable`: Redis is down and the transaction is not decided (or `timeout`); retry after `Retry-After`", body = ErrorBody),
     ),
     summary = "Follow a purchase request",
     description = "The transaction: `pending` until it is decided, then `succeeded` with its order number \
@@ -461,6 +465,7 @@ pub async fn read_transaction(
         Some(row) => Ok(row.to_view()?),
         None if redis_answered => Err(ApiError::NotFound(format!("no transaction {id}"))),
         None => Err(ApiError::unavailable(
+            Unavailability::RedisUnavailable,
             "the status store is unavailable; try again",
             1,
         )),

@@ -38,7 +38,7 @@ pub const WATCH_LIMIT: Duration = Duration::from_secs(60);
         (status = 400, description = "`invalid_id`: not a UUID", body = ErrorBody),
         (status = 401, description = "`unauthorized`: a token that is not valid, or no token while `ALLOT_ANONYMOUS_BUYERS` is false", body = ErrorBody),
         (status = 404, description = "`not_found`: allot never accepted this id, or the caller may not read it (as `GET /api/v1/transaction/{id}`)", body = ErrorBody),
-        (status = 503, description = "`unavailable`: Redis is down and the transaction is not decided", body = ErrorBody),
+        (status = 503, description = "`redis_unavailable`: Redis is down and the transaction is not decided (or `timeout`); retry after `Retry-After`", body = ErrorBody),
     ))]
 pub async fn transaction_events(
     State(state): State<AppState>,

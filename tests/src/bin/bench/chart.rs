@@ -7,9 +7,9 @@
 //! same requests). The percentile axis is in "nines" (`-log10(1 - q)`): 90 %, 99 % and 99.9 %
 //! are evenly spaced, so the tail gets as much room as the median.
 
-use crate::load::Tally;
 use crate::refserver::{Kind, Measured};
 use crate::scenarios::{Accept, WAIT_SECS, Wait};
+use allot_tests::load::Tally;
 use anyhow::Result;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;

@@ -119,26 +119,6 @@ pub async fn stock(pool: &PgPool, product: i64) -> Result<i64> {
     )
 }
 
-/// Checks that every day's order numbers run from 1 without a gap (the bench's database is
-/// fresh, so every number in it was handed out during this run). Returns the numbers checked.
-pub async fn check_gapless(pool: &PgPool) -> Result<u64> {
-    let days: Vec<(chrono::NaiveDate, i64, i64, i64)> = sqlx::query_as(
-        "SELECT order_day, count(*), min(order_seq), max(order_seq) FROM transactions \
-         WHERE status = 'succeeded' GROUP BY order_day",
-    )
-    .fetch_all(pool)
-    .await?;
-    let mut total = 0;
-    for (day, count, min, max) in days {
-        ensure!(
-            min == 1 && max == count,
-            "order numbers of {day} are not gapless: {count} numbers from {min} to {max}"
-        );
-        total += count as u64;
-    }
-    Ok(total)
-}
-
 /// Creates `count` products with `stock` units each, straight in the database (the catalogue
 /// is set-up, not what is measured); returns the first and last id.
 pub async fn create_products(

@@ -10,11 +10,10 @@
 //! sum of its shares) down by exactly that many, and the partitions that decided it.
 
 use crate::db::{self, Decisions};
-use crate::load::{self, Load, Tally};
 use crate::{Bench, Settings};
+use allot_tests::load::{self, Load, Tally};
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -45,13 +44,9 @@ async fn one(bench: &mut Bench, s: &Settings, shards: u16) -> Result<Hot> {
     let name = format!("bench-hot-{shards}");
     let product = bench
         .admin
-        .post(
-            "/products",
-            json!({"name": name, "stock": STOCK, "shards": shards}),
-        )
-        .await?["id"]
-        .as_i64()
-        .context("no product id")?;
+        .create_sharded_product(&name, STOCK, shards)
+        .await?
+        .id;
     let load = Load::new(
         bench.addr,
         "/api/v1/order/addToCart",

@@ -15,22 +15,28 @@
 //! 6. Resident memory of allot-api and allot-worker (`--api-pid`, `--worker-pid`).
 //! 7. With `--chart PATH`, the accept phases' latency percentiles as an SVG picture.
 //!
-//! Correctness (everything accepted decided, succeeded == stock, stock 0, order numbers
-//! gapless) is asserted: the exit code is 1 if any check failed. Timing targets are reported,
-//! never asserted (`--smoke` runs everything tiny, for CI). Needs a fresh allot database: the
-//! gapless check reads every number in it. `deploy/local.sh bench` does all of this.
+//! Correctness is asserted: everything accepted decided, succeeded == stock and stock 0 after
+//! the flash sale, and the kit's invariants over the whole database (every day's order numbers
+//! exactly 1..N and its counter N, no stock below zero, and with `--redis-url` every decided
+//! status in Redis equal to PostgreSQL's); the exit code is 1 if any check failed. Timing
+//! targets are reported, never asserted (`--smoke` runs everything tiny, for CI). Needs a fresh
+//! allot database: the checks read every row in it. `deploy/local.sh bench` does all of this.
+//!
+//! A scenario over the test kit (`allot_tests`): its load generator, its client, its invariants.
 
-mod admin;
 mod chart;
 mod db;
 mod hot;
-mod load;
 mod refserver;
 mod report;
 mod rss;
 mod scenarios;
 
-use anyhow::{Context as _, Result};
+use allot_tests::client::Api;
+use allot_tests::invariants::{self, Statuses};
+use allot_tests::load;
+use allot_tests::ports::{BENCH_NAIVE_DATABASE, Deployment, PortMap};
+use anyhow::{Context as _, Result, ensure};
 use clap::Parser;
 use sqlx::PgPool;
 use std::net::SocketAddr;
@@ -55,32 +61,22 @@ struct Args {
     )]
     admin_token: String,
     /// allot's database (a fresh one), for the correctness checks and decision times.
-    #[arg(
-        long,
-        env = "ALLOT_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:55432/allot"
-    )]
+    #[arg(long, env = "ALLOT_DATABASE_URL", default_value_t = PortMap::default().database_url(Deployment::Bench.database()))]
     database_url: String,
+    /// allot's Redis: every decided status must equal PostgreSQL's (not checked without it).
+    #[arg(long, env = "ALLOT_REDIS_URL")]
+    redis_url: Option<String>,
+    /// allot's Redis key prefix (its ALLOT_REDIS_PREFIX).
+    #[arg(long, env = "ALLOT_REDIS_PREFIX", default_value = "allot")]
+    redis_prefix: String,
     /// RabbitMQ, for the publish reference (it uses a queue `bench.reference`).
-    #[arg(
-        long,
-        env = "ALLOT_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:55672/%2f"
-    )]
+    #[arg(long, env = "ALLOT_AMQP_URL", default_value_t = PortMap::default().amqp_url(Deployment::Bench.vhost()))]
     amqp_url: String,
     /// The naive design's own database (it creates its table there).
-    #[arg(
-        long,
-        env = "ALLOT_BENCH_NAIVE_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:55432/allot_bench_naive"
-    )]
+    #[arg(long, env = "ALLOT_BENCH_NAIVE_DATABASE_URL", default_value_t = PortMap::default().database_url(BENCH_NAIVE_DATABASE))]
     naive_database_url: String,
     /// Where the reference servers listen.
-    #[arg(
-        long,
-        env = "ALLOT_BENCH_REFERENCE_ADDR",
-        default_value = "127.0.0.1:19080"
-    )]
+    #[arg(long, env = "ALLOT_BENCH_REFERENCE_ADDR", default_value_t = default_reference_addr())]
     reference_addr: SocketAddr,
     /// pid of allot-api, to sample its memory.
     #[arg(long)]
@@ -188,11 +184,38 @@ impl Settings {
     }
 }
 
+fn default_reference_addr() -> SocketAddr {
+    (PortMap::default().bench_reference_addr().parse()).expect("the port map's address parses")
+}
+
+/// The socket address of a `http://127.0.0.1:PORT` base URL (the load generator connects to it
+/// directly). Only loopback addresses are accepted: the bench never targets another machine.
+fn socket_addr(base_url: &str) -> Result<SocketAddr> {
+    let url = reqwest::Url::parse(base_url).with_context(|| format!("invalid URL {base_url:?}"))?;
+    ensure!(
+        url.scheme() == "http",
+        "{base_url:?} must be a plain http:// URL"
+    );
+    let addr: SocketAddr = format!(
+        "{}:{}",
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or(80)
+    )
+    .parse()
+    .with_context(|| format!("{base_url:?} must name an IP address"))?;
+    ensure!(
+        addr.ip().is_loopback(),
+        "the bench only targets loopback addresses, not {addr}"
+    );
+    Ok(addr)
+}
+
 /// What the scenarios share.
 pub struct Bench {
     pub addr: SocketAddr,
     pub pool: PgPool,
-    pub admin: admin::Admin,
+    /// The set-up calls (creating and restocking products): the kit's client, not measured.
+    pub admin: Api,
     /// Correctness violations; any fails the run.
     pub failures: Vec<String>,
 }
@@ -242,14 +265,14 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<Vec<String>> {
     let settings = Settings::from(&args);
-    let addr = admin::socket_addr(&args.base_url)?;
+    let addr = socket_addr(&args.base_url)?;
     let pool = PgPool::connect(&args.database_url)
         .await
         .context("connecting to allot's database")?;
     let mut bench = Bench {
         addr,
         pool,
-        admin: admin::Admin::new(&args.base_url, &args.admin_token)?,
+        admin: Api::new(&args.base_url, Some(args.admin_token.clone()), 4)?,
         failures: Vec::new(),
     };
     let memory: Vec<rss::Watched> = [
@@ -276,9 +299,7 @@ async fn run(args: Args) -> Result<Vec<String>> {
     if args.only == Some(Only::Hot) {
         let hot = hot::run(&mut bench, &settings).await?;
         hot::report(&hot);
-        if let Err(err) = db::check_gapless(&bench.pool).await {
-            bench.expect(false, format!("{err:#}"));
-        }
+        check_promises(&args, &mut bench).await?;
         return Ok(bench.failures);
     }
     let mut references = Vec::new();
@@ -305,11 +326,7 @@ async fn run(args: Args) -> Result<Vec<String>> {
     report::wide(&wide, settings.partitions);
     let hot = hot::run(&mut bench, &settings).await?;
     hot::report(&hot);
-    let numbers = db::check_gapless(&bench.pool).await;
-    match numbers {
-        Ok(count) => println!("order numbers: {count} checked, gapless from 00001 each day"),
-        Err(err) => bench.expect(false, format!("{err:#}")),
-    }
+    check_promises(&args, &mut bench).await?;
     report::batching(&args.base_url, args.worker_url.as_deref()).await;
     report::memory(&memory);
     report::targets(&references, &accept, &wait, &flash, &wide, &memory);
@@ -327,6 +344,33 @@ async fn run(args: Args) -> Result<Vec<String>> {
         println!("chart: {}", path.display());
     }
     Ok(bench.failures)
+}
+
+/// The kit's invariants over the whole database (and, with `--redis-url`, every decided status
+/// in Redis); each violation fails the run.
+async fn check_promises(args: &Args, bench: &mut Bench) -> Result<()> {
+    let mut redis = match &args.redis_url {
+        Some(url) => Some(
+            redis::aio::ConnectionManager::new(redis::Client::open(url.as_str())?)
+                .await
+                .context("connecting to allot's Redis")?,
+        ),
+        None => None,
+    };
+    let statuses = redis.as_mut().map(|redis| Statuses {
+        redis,
+        prefix: &args.redis_prefix,
+    });
+    match invariants::whole_database(&bench.pool, statuses).await {
+        Ok(checked) => {
+            for violation in &checked.violations {
+                bench.expect(false, violation.clone());
+            }
+            println!("promises: {checked}");
+        }
+        Err(err) => bench.expect(false, format!("{err:#}")),
+    }
+    Ok(())
 }
 
 /// Runs one reference design in a child process and loads it like allot's accept path, with

@@ -49,7 +49,7 @@ impl Kind {
 pub struct Measured {
     pub kind: Kind,
     pub connections: usize,
-    pub tally: crate::load::Tally,
+    pub tally: allot_tests::load::Tally,
 }
 
 impl Measured {

@@ -2,10 +2,10 @@
 //! measured in the same run.
 
 use crate::db::Decisions;
-use crate::load::Tally;
 use crate::refserver::{Kind, Measured};
 use crate::rss::Watched;
 use crate::scenarios::{Accept, Flash, WAIT_SECS, Wait, Wide};
+use allot_tests::load::Tally;
 use hdrhistogram::Histogram;
 
 pub fn load_line(name: &str, tally: &Tally) {
@@ -296,18 +296,7 @@ pub fn targets(
 /// message (the API's `allot_api_envelope_requests`) and per database transaction (the
 /// worker's `allot_worker_batch_size`), over the whole run.
 pub async fn batching(api_url: &str, worker_url: Option<&str>) {
-    let mean = |metrics: &str, name: &str| -> Option<(f64, f64)> {
-        let value = |series: String| {
-            metrics
-                .lines()
-                .find(|line| line.starts_with(&series))
-                .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        };
-        Some((
-            value(format!("{name}_sum "))?,
-            value(format!("{name}_count "))?,
-        ))
-    };
+    let mean = allot_tests::metrics::sum_and_count;
     let fetch = |url: String| async move { reqwest::get(&url).await.ok()?.text().await.ok() };
     if let Some(metrics) = fetch(format!("{}/metrics", api_url.trim_end_matches('/'))).await
         && let Some((requests, messages)) = mean(&metrics, "allot_api_envelope_requests")

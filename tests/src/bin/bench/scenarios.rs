@@ -2,8 +2,8 @@
 //! are collected in `Bench::failures` (they fail the run); timing targets are only reported.
 
 use crate::db::{self, Decisions};
-use crate::load::{self, Load, Tally};
 use crate::{Bench, Settings};
+use allot_tests::load::{self, Load, Tally};
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -282,7 +282,8 @@ pub async fn flash(bench: &mut Bench, s: &Settings) -> Result<Flash> {
     let product = bench
         .admin
         .create_product("bench-flash", s.flash_stock)
-        .await?;
+        .await?
+        .id;
     let load = orders(bench.addr, product, product);
     let counter = Arc::new(AtomicU64::new(0));
     let sale = load::closed_loop(

@@ -1,13 +1,13 @@
 //! The promises, checked against PostgreSQL (and Redis for the statuses), never against the
-//! HTTP answers alone. Every check runs over everything since the start of the run.
+//! HTTP answers alone. Every check runs over everything since the start of the run: the kit's
+//! [`invariants`], given what the sale knows (every 202, the demand and supply per product),
+//! and the chaos test's own, request by request against what each client was told.
 
 use crate::load::{Ledger, Said};
-use anyhow::{Context as _, Result};
-use redis::AsyncCommands as _;
-use serde_json::Value;
+use allot_tests::invariants::{self, Outcome, Statuses};
+use anyhow::Result;
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 use uuid::Uuid;
 
 /// What is known about the products when checking.
@@ -73,32 +73,6 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// Waits until every accepted id has a decided row, or `deadline` passed.
-pub async fn wait_decided(pool: &PgPool, ids: &[Uuid], deadline: Duration) -> Result<Duration> {
-    let started = std::time::Instant::now();
-    loop {
-        let decided: i64 =
-            match sqlx::query_scalar("SELECT count(*) FROM transactions WHERE id = ANY($1)")
-                .bind(ids)
-                .fetch_one(pool)
-                .await
-            {
-                Ok(decided) => decided,
-                Err(_) if started.elapsed() < deadline => -1, // PostgreSQL may just be coming back
-                Err(err) => return Err(err).context("counting decided transactions"),
-            };
-        if decided == ids.len() as i64 {
-            return Ok(started.elapsed());
-        }
-        anyhow::ensure!(
-            started.elapsed() < deadline,
-            "only {decided} of {} accepted transactions decided after {deadline:?}",
-            ids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Runs every check; returns the counts and the violations found.
 pub async fn check_all(
     pool: &PgPool,
@@ -114,43 +88,21 @@ pub async fn check_all(
     };
     let ids: Vec<Uuid> = ledger.accepted.keys().copied().collect();
 
-    // Every 202 id: exactly one final outcome (the primary key makes "more than one"
-    // impossible; a missing row or a withdrawn one is the violation to look for).
-    let rows: Vec<(Uuid, String, Option<String>, i64)> = sqlx::query_as(
-        "SELECT id, status, reason, product_id FROM transactions WHERE id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(pool)
-    .await
-    .context("reading the accepted transactions")?;
-    if rows.len() != ids.len() {
-        violations.push(format!(
-            "{} of {} accepted ids have no final outcome",
-            ids.len() - rows.len(),
-            ids.len()
-        ));
-    }
-    for (id, status, reason, product) in &rows {
-        if reason.as_deref() == Some("not_accepted") {
-            violations.push(format!("{id} got a 202 but was recorded as not accepted"));
-        }
-        if ledger.accepted.get(id) != Some(product) {
+    // Every 202 id: exactly one final outcome, for its product, never withdrawn.
+    let (rows, accepted) = invariants::accepted_decided_once(pool, &ledger.accepted).await?;
+    violations.extend(accepted);
+    for row in &rows {
+        if row.product_id == catalogue.cursed && row.reason.as_deref() != Some("unprocessable") {
             violations.push(format!(
-                "{id} was stored for product {product}, not the one requested"
+                "{} for the cursed product ended {} {:?}, not rejected as unprocessable",
+                row.id, row.status, row.reason
             ));
-        }
-        if *product == catalogue.cursed && reason.as_deref() != Some("unprocessable") {
-            violations.push(format!("{id} for the cursed product ended {status} {reason:?}, not rejected as unprocessable"));
         }
     }
 
     // Nothing sold that a client was not told about, request by request (each has its own
     // user id): every success is a 202 id or a request whose answer a kill -9 cut.
-    let stored: Vec<Stored> =
-        sqlx::query_as("SELECT id, user_id, product_id, status, reason FROM transactions")
-            .fetch_all(pool)
-            .await
-            .context("reading every transaction")?;
+    let stored = invariants::every_outcome(pool).await?;
     summary.succeeded = stored
         .iter()
         .filter(|row| row.status == "succeeded")
@@ -159,25 +111,43 @@ pub async fn check_all(
     let lost = check_requests(ledger, &stored, &mut violations);
     summary.lost = lost.summary;
 
-    check_stock(pool, ledger, &lost.demand, catalogue, &mut violations).await?;
-    summary.orders_today = check_order_numbers(pool, &mut violations).await?;
+    // No stock below zero; units sold == min(demand, supply) per sale product (demand: the
+    // 202s, and the requests a kill cut that a worker decided); the cursed product sold nothing.
+    violations.extend(invariants::stock_never_negative(pool).await?);
+    let mut demand = ledger.demand.clone();
+    for (product, cut) in &lost.demand {
+        *demand.entry(*product).or_default() += cut;
+    }
+    violations.extend(invariants::sold_within_supply(pool, &catalogue.supply, &demand).await?);
+    let cursed_sold = invariants::sold_by_product(pool)
+        .await?
+        .get(&catalogue.cursed)
+        .copied()
+        .unwrap_or(0);
+    let cursed_stock = invariants::stock_by_product(pool)
+        .await?
+        .get(&catalogue.cursed)
+        .copied();
+    if cursed_sold != 0 || cursed_stock != Some(catalogue.cursed_stock) {
+        violations.push(format!("the cursed product sold {cursed_sold} units"));
+    }
+
+    let (numbered, numbers) = invariants::order_numbers(pool).await?;
+    violations.extend(numbers);
+    summary.orders_today = numbered.latest_day;
     summary.dead_letters = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
         .fetch_one(pool)
         .await?;
     let decided: Vec<Uuid> = ids.iter().chain(&lost.decided).copied().collect();
-    summary.redis_checked =
-        check_redis(pool, redis, redis_prefix, &decided, &mut violations).await?;
+    let statuses = Statuses {
+        redis,
+        prefix: redis_prefix,
+    };
+    let (matched, wrong) =
+        invariants::redis_matches_postgres(pool, statuses, Some(&decided)).await?;
+    summary.redis_checked = matched;
+    violations.extend(wrong);
     Ok((summary, violations))
-}
-
-/// One row of `transactions`.
-#[derive(sqlx::FromRow)]
-struct Stored {
-    id: Uuid,
-    user_id: i64,
-    product_id: i64,
-    status: String,
-    reason: Option<String>,
 }
 
 /// What the rows of the requests without a 202 showed.
@@ -193,7 +163,7 @@ struct Unaccepted {
 /// one per request): no request answered 503 was sold, none answered sold-out or 422 was
 /// recorded, and a request whose answer was lost may have been decided (or withdrawn) only if
 /// a `kill -9` of the API cut it. And no request has two outcomes.
-fn check_requests(ledger: &Ledger, stored: &[Stored], violations: &mut Vec<String>) -> Unaccepted {
+fn check_requests(ledger: &Ledger, stored: &[Outcome], violations: &mut Vec<String>) -> Unaccepted {
     let mut found = Unaccepted {
         summary: LostAnswers {
             lost: (ledger.requests.values())
@@ -284,193 +254,14 @@ fn check_requests(ledger: &Ledger, stored: &[Stored], violations: &mut Vec<Strin
     found
 }
 
-/// No stock below zero; per sale product, units sold == min(demand, supply) and the stock left
-/// is supply - sold (demand: the 202s, and the requests a kill cut that a worker decided); the
-/// cursed product sold nothing.
-async fn check_stock(
-    pool: &PgPool,
-    ledger: &Ledger,
-    cut_demand: &HashMap<i64, u64>,
-    catalogue: &Catalogue,
-    violations: &mut Vec<String>,
-) -> Result<()> {
-    let stock: HashMap<i64, i64> = sqlx::query_as("SELECT id, stock FROM products")
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .collect();
-    let sold: HashMap<i64, i64> = sqlx::query_as(
-        "SELECT product_id, sum(quantity)::bigint FROM transactions WHERE status = 'succeeded' GROUP BY product_id",
-    )
-    .fetch_all(pool)
-    .await?
-    .into_iter()
-    .collect();
-    for (product, units) in &stock {
-        if *units < 0 {
-            violations.push(format!("product {product} has stock {units}"));
-        }
-    }
-    for (product, supply) in &catalogue.supply {
-        let demand = ledger.demand.get(product).copied().unwrap_or(0)
-            + cut_demand.get(product).copied().unwrap_or(0);
-        let demand = demand as i64;
-        let sold = sold.get(product).copied().unwrap_or(0);
-        if sold != demand.min(*supply) {
-            violations.push(format!(
-                "product {product}: sold {sold}, expected min(demand {demand}, supply {supply})"
-            ));
-        }
-        if stock.get(product) != Some(&(supply - sold)) {
-            violations.push(format!(
-                "product {product}: stock {:?}, expected supply {supply} - sold {sold}",
-                stock.get(product)
-            ));
-        }
-    }
-    let cursed_sold = sold.get(&catalogue.cursed).copied().unwrap_or(0);
-    if cursed_sold != 0 || stock.get(&catalogue.cursed) != Some(&catalogue.cursed_stock) {
-        violations.push(format!("the cursed product sold {cursed_sold} units"));
-    }
-    Ok(())
-}
-
-/// For every day: numbers exactly 1..N, no gap, no duplicate, N the day's counter; every
-/// numbered order succeeded. Returns N of the latest day.
-async fn check_order_numbers(pool: &PgPool, violations: &mut Vec<String>) -> Result<i64> {
-    let seqs: Vec<(chrono::NaiveDate, i64)> = sqlx::query_as(
-        "SELECT order_day, order_seq FROM transactions WHERE order_seq IS NOT NULL ORDER BY order_day, order_seq",
-    )
-    .fetch_all(pool)
-    .await?;
-    let counters: BTreeMap<chrono::NaiveDate, i64> =
-        sqlx::query_as("SELECT day, last_seq FROM order_counters")
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .collect();
-    let mut by_day: BTreeMap<chrono::NaiveDate, Vec<i64>> = BTreeMap::new();
-    for (day, seq) in seqs {
-        by_day.entry(day).or_default().push(seq);
-    }
-    let mut latest = 0;
-    for (day, seqs) in &by_day {
-        let n = seqs.len() as i64;
-        if !seqs.iter().copied().eq(1..=n) {
-            violations.push(format!("order numbers of {day} are not exactly 1..{n}"));
-        }
-        if counters.get(day) != Some(&n) {
-            violations.push(format!(
-                "the counter of {day} is {:?}, but {n} orders carry its numbers",
-                counters.get(day)
-            ));
-        }
-        latest = n;
-    }
-    let numbered_not_succeeded: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM transactions WHERE (order_seq IS NOT NULL) <> (status = 'succeeded')",
-    )
-    .fetch_one(pool)
-    .await?;
-    if numbered_not_succeeded != 0 {
-        violations.push(format!(
-            "{numbered_not_succeeded} orders are numbered but not succeeded, or the reverse"
-        ));
-    }
-    Ok(latest)
-}
-
-/// Every accepted id's status in Redis is its final one from PostgreSQL.
-async fn check_redis(
-    pool: &PgPool,
-    redis: &mut redis::aio::ConnectionManager,
-    prefix: &str,
-    ids: &[Uuid],
-    violations: &mut Vec<String>,
-) -> Result<usize> {
-    let stored: HashMap<Uuid, (String, Option<String>)> =
-        sqlx::query_as("SELECT id, status, reason FROM transactions WHERE id = ANY($1)")
-            .bind(ids)
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .map(|(id, status, reason)| (id, (status, reason)))
-            .collect();
-    // A batch's statuses reach Redis just after its commit: give stragglers a moment.
-    let mut wrong: Vec<(Uuid, Value)> = statuses(redis, prefix, ids, &stored).await?;
-    for _ in 0..20 {
-        if wrong.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let again: Vec<Uuid> = wrong.iter().map(|(id, _)| *id).collect();
-        wrong = statuses(redis, prefix, &again, &stored).await?;
-    }
-    for (id, view) in wrong.iter().take(5) {
-        violations.push(format!(
-            "Redis has {view} for {id}, PostgreSQL {:?}",
-            stored.get(id)
-        ));
-    }
-    if wrong.len() > 5 {
-        violations.push(format!("... {} Redis statuses wrong in all", wrong.len()));
-    }
-    Ok(ids.len() - wrong.len())
-}
-
-/// The ids whose Redis status differs from the stored one, with what Redis has.
-async fn statuses(
-    redis: &mut redis::aio::ConnectionManager,
-    prefix: &str,
-    ids: &[Uuid],
-    stored: &HashMap<Uuid, (String, Option<String>)>,
-) -> Result<Vec<(Uuid, Value)>> {
-    let mut wrong = Vec::new();
-    for chunk in ids.chunks(500) {
-        let keys: Vec<String> = chunk.iter().map(|id| format!("{prefix}:tx:{id}")).collect();
-        let values = mget(redis, &keys).await?;
-        for (id, value) in chunk.iter().zip(values) {
-            let view: Value = value
-                .and_then(|v| serde_json::from_str(&v).ok())
-                .unwrap_or(Value::Null);
-            let matches = stored.get(id).is_some_and(|(status, reason)| {
-                view["status"] == status.as_str() && view["reason"].as_str() == reason.as_deref()
-            });
-            if !matches {
-                wrong.push((*id, view));
-            }
-        }
-    }
-    Ok(wrong)
-}
-
-/// `MGET`, retried a few times: the first command after Redis restarted reports the dropped
-/// connection, and the connection manager reconnects for the next.
-async fn mget(
-    redis: &mut redis::aio::ConnectionManager,
-    keys: &[String],
-) -> Result<Vec<Option<String>>> {
-    let mut attempt = 0;
-    loop {
-        match redis.mget(keys).await {
-            Ok(values) => return Ok(values),
-            Err(_) if attempt < 10 => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            Err(err) => return Err(err).context("MGET statuses"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::load::Request;
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
-    fn row(user: i64, status: &str, reason: Option<&str>) -> Stored {
-        Stored {
+    fn row(user: i64, status: &str, reason: Option<&str>) -> Outcome {
+        Outcome {
             id: Uuid::new_v4(),
             user_id: user,
             product_id: 1,

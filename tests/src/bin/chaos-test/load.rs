@@ -9,7 +9,8 @@
 //! [`Users`]), so a row in `transactions` tells which request it came from even when the client
 //! never learnt its transaction id (a 503, a sold-out answer, an answer lost to a `kill -9`).
 
-use crate::api::{Answer, Api};
+use allot_tests::client::{Answer, Api, Order, Unavailable};
+use reqwest::StatusCode;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,51 @@ impl Default for Users {
 impl Users {
     pub fn next(&self) -> i64 {
         self.0.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// How one `addToCart` of the sale was answered, as the ledger counts it (the kit's client has
+/// judged the answer strictly: exact bodies, `Retry-After` and a documented code on a 503).
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// 202 with a pending transaction and a matching `Location`.
+    Accepted(Uuid),
+    /// 503 with `Retry-After`; `queue_full` when its code says the queue was full.
+    Refused { queue_full: bool },
+    /// 200 `rejected` `out_of_stock` with `"final": true`: the API's sold-out short-circuit, a
+    /// final answer that records nothing (no transaction id).
+    SoldOut,
+    /// 422 `invalid_body`, for the deliberately bad requests (quantity 0).
+    Invalid,
+    /// No HTTP answer (the API is down or restarting).
+    Unanswered,
+    /// Anything else: a broken promise, described.
+    Unexpected(String),
+}
+
+impl Reply {
+    /// What `answer` to `order` means for the sale.
+    pub fn of(order: &Order, answer: Answer) -> Reply {
+        match answer {
+            Answer::Accepted(id) => Reply::Accepted(id),
+            Answer::Refused { reason, .. } => Reply::Refused {
+                queue_full: reason == Unavailable::QueueFull,
+            },
+            Answer::SoldOut if order.quantity > 0 => Reply::SoldOut,
+            Answer::Error { status, code, .. }
+                if order.quantity == 0
+                    && status == StatusCode::UNPROCESSABLE_ENTITY
+                    && code == "invalid_body" =>
+            {
+                Reply::Invalid
+            }
+            Answer::Unanswered(_) => Reply::Unanswered,
+            other => Reply::Unexpected(format!(
+                "{} for quantity {}",
+                other.describe(),
+                order.quantity
+            )),
+        }
     }
 }
 
@@ -97,10 +143,10 @@ impl Ledger {
     }
 
     /// Records the answer to the request of `user` (a fresh user id from [`Users`]).
-    pub fn record(&mut self, user: i64, product: i64, sent: Instant, answer: Answer) {
+    pub fn record(&mut self, user: i64, product: i64, sent: Instant, reply: Reply) {
         let in_outage = self.outage_since.is_some_and(|since| sent >= since);
-        let said = match answer {
-            Answer::Accepted(id) => {
+        let said = match reply {
+            Reply::Accepted(id) => {
                 if in_outage {
                     self.violations.push(format!(
                         "a 202 ({id}) for a request sent while a dependency was down"
@@ -109,7 +155,7 @@ impl Ledger {
                 self.accept(id, product);
                 Said::Accepted(id)
             }
-            Answer::Refused { queue_full } => {
+            Reply::Refused { queue_full } => {
                 self.refused += 1;
                 self.queue_full += u64::from(queue_full);
                 if in_outage {
@@ -117,22 +163,22 @@ impl Ledger {
                 }
                 Said::Refused
             }
-            Answer::SoldOut => {
+            Reply::SoldOut => {
                 *self.sold_out.entry(product).or_default() += 1;
                 Said::SoldOut
             }
-            Answer::Invalid => {
+            Reply::Invalid => {
                 self.invalid += 1;
                 Said::Invalid
             }
-            Answer::Unanswered => {
+            Reply::Unanswered => {
                 *self.lost.entry(product).or_default() += 1;
                 Said::Lost {
                     sent,
                     gave_up: Instant::now(),
                 }
             }
-            Answer::Unexpected(what) => {
+            Reply::Unexpected(what) => {
                 self.violations.push(format!("unexpected answer: {what}"));
                 Said::Unexpected
             }
@@ -275,15 +321,20 @@ async fn buyer(
         let quantity = if n.is_multiple_of(25) { 0 } else { 1 };
         let user = users.next();
         let sent = Instant::now();
-        let answer = api.add_to_cart(user, product, quantity).await;
+        let order = Order {
+            user_id: user,
+            product_id: product,
+            quantity,
+        };
+        let reply = Reply::of(&order, api.add_to_cart(order).await);
         let pause = matches!(
-            answer,
-            Answer::Unanswered | Answer::Refused { .. } | Answer::SoldOut
+            reply,
+            Reply::Unanswered | Reply::Refused { .. } | Reply::SoldOut
         );
         ledger
             .lock()
             .expect("ledger lock")
-            .record(user, product, sent, answer);
+            .record(user, product, sent, reply);
         if pause {
             // What a well-behaved client does with a 503, a refused connection or a sold-out
             // product (shortened): waits a little before trying again.

@@ -23,28 +23,29 @@
 //! times, 8 in the long form, with 32 more clients on products that never sell out, so every
 //! partition has a message awaiting its confirm), duplicated messages.
 //!
-//! It starts its own services through `deploy/local.sh` (state folder `--state`, port offset
-//! `--port-offset`, both its own) and spawns `allot-api` and two `allot-worker`s from the folder
-//! of its own binary. Everything it started is stopped on every exit path; `--deadline-secs`
-//! bounds the whole run. It exits 1 on any violation.
+//! It is a scenario over the test kit (`allot_tests`): its services are a private copy
+//! ([`allot_tests::system::Services`]: state folder `--state`, port offset `--port-offset`, both
+//! its own, started and stopped through `deploy/services.sh`), its requests go through the
+//! kit's client, its checks are the kit's invariants plus its own, request by request. It
+//! spawns `allot-api` and two `allot-worker`s from the folder of its own binary. Everything it
+//! started is stopped on every exit path; `--deadline-secs` bounds the whole run. It exits 1 on
+//! any violation.
 //!
 //! ```text
-//! cargo build --bins && target/debug/chaos-test            # the short form (CI)
-//! target/release/chaos-test --long                          # the long form
+//! cargo build --release --bins && target/release/chaos-test          # the short form (CI)
+//! target/release/chaos-test --long                                    # the long form
 //! ```
 
-mod api;
 mod apps;
-mod broker;
 mod check;
 mod faults;
 mod load;
-mod services;
 mod system;
 
+use allot_tests::ports::{CHAOS_OFFSET, PortMap};
+use allot_tests::system::Services;
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use services::Services;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -58,10 +59,10 @@ pub struct Args {
     #[arg(long, env = "ALLOT_CHAOS_LONG")]
     long: bool,
 
-    /// Port offset of the chaos copy's services (deploy/local.sh ALLOT_LOCAL_PORT_OFFSET). The
-    /// default puts the service ports above Linux's ephemeral range (32768-60999), where no
-    /// outgoing connection can hold one for a moment while it is being restarted.
-    #[arg(long, env = "ALLOT_CHAOS_PORT_OFFSET", default_value_t = 6000)]
+    /// Port offset of the chaos copy (see tests/src/ports.rs). The default puts the service
+    /// ports above Linux's ephemeral range (32768-60999), where no outgoing connection can hold
+    /// one for a moment while it is being restarted.
+    #[arg(long, env = "ALLOT_CHAOS_PORT_OFFSET", default_value_t = CHAOS_OFFSET)]
     port_offset: u16,
 
     /// State folder of the chaos copy (wiped at the start); default `<repo>/.allot/chaos`.
@@ -109,13 +110,23 @@ async fn main() -> ExitCode {
             args.deadline_secs
                 .unwrap_or(if args.long { 1800 } else { 420 }),
         );
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let repo = match std::env::var_os("ALLOT_REPO") {
+        Some(repo) => PathBuf::from(repo),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."),
+    };
     let repo = repo.canonicalize().unwrap_or(repo);
     let state = args
         .state
         .clone()
         .unwrap_or_else(|| repo.join(".allot/chaos"));
-    let services = Services::new(&repo, state, args.port_offset);
+    let ports = match PortMap::new(args.port_offset) {
+        Ok(ports) => ports,
+        Err(err) => {
+            eprintln!("chaos-test: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let services = Services::new(&repo, state, ports).quiet();
     let started = Instant::now();
 
     let outcome = tokio::select! {
@@ -125,7 +136,8 @@ async fn main() -> ExitCode {
         },
         () = allot_shared::shutdown::signal() => Err(anyhow::anyhow!("interrupted")),
     };
-    // The allot processes died with `run` (kill on drop); now the services.
+    // The system died with `run` (its processes and services are stopped on drop); should it
+    // have failed before owning them, stop what an earlier run may have left.
     if let Err(err) = services.down().await {
         eprintln!("chaos-test: stopping the services failed: {err:#}");
     }

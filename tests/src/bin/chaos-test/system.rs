@@ -2,15 +2,17 @@
 //! the sale's products and the ledger, and the phase loop (restock, load, fault, drain, check).
 
 use crate::Args;
-use crate::api::Api;
-use crate::apps::{App, AppEnv, Role};
-use crate::broker::Broker;
+use crate::apps::{self, AppEnv, Role};
 use crate::check::{self, Catalogue};
-use crate::load::{Counts, Ledger, Load, Users};
-use crate::services::Services;
+use crate::load::{Counts, Ledger, Load, Reply, Users};
 use allot_shared::ProductId;
 use allot_shared::amqp::Topology;
 use allot_shared::partition::partition_for;
+use allot_tests::broker::Broker;
+use allot_tests::client::{Api, Order};
+use allot_tests::invariants;
+use allot_tests::ports::Deployment;
+use allot_tests::system::{Owned, Process, Services};
 use anyhow::{Context as _, Result, bail};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -21,12 +23,15 @@ use std::time::{Duration, Instant};
 pub const PARTITIONS: u16 = 4;
 pub const REDIS_PREFIX: &str = "chaos";
 pub const QUEUE_PREFIX: &str = "chaos";
+/// The chaos copy's database.
+const DATABASE: &str = "allot";
 
 pub struct System {
-    pub services: Services,
+    /// Stopped (with every process recorded on them) when the system is dropped.
+    pub services: Owned,
     env: AppEnv,
-    api_app: Option<App>,
-    workers: [Option<App>; 2],
+    api_app: Option<Process>,
+    workers: [Option<Process>; 2],
     pub api: Arc<Api>,
     pub pool: PgPool,
     pub redis: redis::aio::ConnectionManager,
@@ -61,21 +66,17 @@ pub struct Phase {
 impl System {
     /// Fresh services, a fresh database, two workers and the API, and the products.
     pub async fn start(args: &Args, services: Services) -> Result<System> {
+        let ports = services.ports();
         println!(
-            "starting fresh services (deploy/local.sh, offset {}, state {})",
-            services.offset,
-            services.state.display()
+            "starting fresh services (deploy/services.sh, port offset {}, state {})",
+            ports.offset(),
+            services.state().display()
         );
-        services.fresh().await?;
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&services.database_admin_url())
-            .await?;
-        sqlx::query("CREATE DATABASE allot")
-            .execute(&admin)
+        let services = Owned::fresh(services).await?;
+        services
+            .ensure_database(DATABASE)
             .await
             .context("creating the database")?;
-        admin.close().await;
 
         let token = format!("chaos-{}", uuid::Uuid::new_v4());
         let bin_dir = match &args.bin_dir {
@@ -87,10 +88,11 @@ impl System {
         };
         let max_length = args.queue_max_length.to_string();
         let vars = [
-            ("ALLOT_DATABASE_URL", services.database_url()),
-            ("ALLOT_AMQP_URL", services.amqp_url()),
-            ("ALLOT_REDIS_URL", services.redis_url()),
-            ("ALLOT_HTTP_ADDR", services.http_addr()),
+            ("ALLOT_DATABASE_URL", ports.database_url(DATABASE)),
+            ("ALLOT_AMQP_URL", ports.amqp_url("/")),
+            ("ALLOT_AMQP_URLS", ports.amqp_url("/")), // replaces any list inherited
+            ("ALLOT_REDIS_URL", ports.redis_url(0)),
+            ("ALLOT_HTTP_ADDR", ports.api_addr(Deployment::Main)),
             ("ALLOT_ADMIN_TOKEN", token.clone()),
             ("ALLOT_PARTITIONS", PARTITIONS.to_string()),
             ("ALLOT_QUEUE_PREFIX", QUEUE_PREFIX.to_owned()),
@@ -105,25 +107,29 @@ impl System {
             bin_dir,
             vars: vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         };
-        let api = Arc::new(Api::new(&services.http_addr(), token)?);
+        let api = Arc::new(Api::new(
+            &format!("http://{}", ports.api_addr(Deployment::Main)),
+            Some(token),
+            256,
+        )?);
         let topology = Topology {
             queue_prefix: QUEUE_PREFIX.into(),
             partitions: PARTITIONS,
             max_length: args.queue_max_length,
         };
         let workers = [
-            Some(App::spawn(Role::WorkerA, &env, &services).await?),
-            Some(App::spawn(Role::WorkerB, &env, &services).await?),
+            Some(apps::spawn(Role::WorkerA, &env, &services)?),
+            Some(apps::spawn(Role::WorkerB, &env, &services)?),
         ];
-        let api_app = Some(App::spawn(Role::Api, &env, &services).await?);
+        let api_app = Some(apps::spawn(Role::Api, &env, &services)?);
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(3))
-            .connect(&services.database_url())
+            .connect(&ports.database_url(DATABASE))
             .await?;
         // Reconnects by itself after the Redis fault.
         let redis =
-            redis::aio::ConnectionManager::new(redis::Client::open(services.redis_url())?).await?;
+            redis::aio::ConnectionManager::new(redis::Client::open(ports.redis_url(0))?).await?;
         let mut system = System {
             services,
             env,
@@ -154,7 +160,8 @@ impl System {
             let id = system
                 .api
                 .create_product(&format!("chaos sale {i}"), 0)
-                .await?;
+                .await?
+                .id;
             system.catalogue.supply.insert(id, 0);
             products.push(id);
         }
@@ -165,7 +172,8 @@ impl System {
             let id = system
                 .api
                 .create_product("chaos cursed", cursed_stock)
-                .await?;
+                .await?
+                .id;
             if (id - products[0]) % i64::from(PARTITIONS) == 0 {
                 break id;
             } // else an unused product: the next id lands in the right partition
@@ -176,7 +184,8 @@ impl System {
             let id = system
                 .api
                 .create_product("chaos probe", probe_stock)
-                .await?;
+                .await?
+                .id;
             let product = ProductId::try_from(id).map_err(anyhow::Error::msg)?;
             if covered.insert(partition_for(product, PARTITIONS)) {
                 system.catalogue.supply.insert(id, probe_stock);
@@ -192,24 +201,28 @@ impl System {
     /// Orders one unit of `product` for a fresh user, records the answer in the ledger and
     /// returns the transaction id if it was accepted.
     pub async fn order(&self, product: i64) -> Option<uuid::Uuid> {
-        let answer = self.order_answer(product).await;
-        match answer {
-            crate::api::Answer::Accepted(id) => Some(id),
+        match self.order_answer(product).await {
+            Reply::Accepted(id) => Some(id),
             _ => None,
         }
     }
 
     /// Orders one unit of `product` for a fresh user, records the answer in the ledger and
     /// returns it.
-    pub async fn order_answer(&self, product: i64) -> crate::api::Answer {
+    pub async fn order_answer(&self, product: i64) -> Reply {
         let user = self.users.next();
         let sent = Instant::now();
-        let answer = self.api.add_to_cart(user, product, 1).await;
+        let order = Order {
+            user_id: user,
+            product_id: product,
+            quantity: 1,
+        };
+        let reply = Reply::of(&order, self.api.add_to_cart(order).await);
         self.ledger
             .lock()
             .expect("ledger")
-            .record(user, product, sent, answer.clone());
-        answer
+            .record(user, product, sent, reply.clone());
+        reply
     }
 
     /// Waits until `/readyz` answers 200.
@@ -233,7 +246,7 @@ impl System {
         Ok(())
     }
 
-    fn slot(&mut self, role: Role) -> &mut Option<App> {
+    fn slot(&mut self, role: Role) -> &mut Option<Process> {
         match role {
             Role::Api => &mut self.api_app,
             Role::WorkerA => &mut self.workers[0],
@@ -242,8 +255,8 @@ impl System {
     }
 
     pub async fn spawn(&mut self, role: Role) -> Result<()> {
-        let app = App::spawn(role, &self.env, &self.services).await?;
-        println!("    started {}", app.role().name());
+        let app = apps::spawn(role, &self.env, &self.services)?;
+        println!("    started {}", role.name());
         *self.slot(role) = Some(app);
         Ok(())
     }
@@ -273,7 +286,7 @@ impl System {
     }
 
     pub async fn broker(&self) -> Result<Broker> {
-        Broker::connect(&self.services.amqp_url(), self.topology.clone()).await
+        Broker::connect(&self.services.ports().amqp_url("/"), self.topology.clone()).await
     }
 
     /// Restocks every sale product and starts the load.
@@ -360,7 +373,7 @@ impl System {
             .keys()
             .copied()
             .collect();
-        let drained = check::wait_decided(&self.pool, &ids, self.drain_deadline).await?;
+        let drained = invariants::wait_decided(&self.pool, &ids, self.drain_deadline).await?;
         let ledger = std::mem::take(&mut *self.ledger.lock().expect("ledger"));
         let result = check::check_all(
             &self.pool,

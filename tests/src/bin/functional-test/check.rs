@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use crate::client::{Accept, Polled};
 use crate::order_number::check_order_numbers;
-use crate::wire::{OUT_OF_STOCK, REJECTED, SUCCEEDED, Transaction};
+use allot_tests::client::Transaction;
+use allot_tests::client::wire::{OUT_OF_STOCK, REJECTED, SUCCEEDED};
 
 /// How many instances a grouped violation quotes.
 const MAX_EXAMPLES: usize = 3;

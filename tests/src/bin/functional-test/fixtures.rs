@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 use crate::check::Observation;
 use crate::client::{Accept, Polled};
-use crate::wire::{OUT_OF_STOCK, REJECTED, SUCCEEDED, Transaction};
+use allot_tests::client::Transaction;
+use allot_tests::client::wire::{OUT_OF_STOCK, REJECTED, SUCCEEDED};
 
 pub fn date(y: i32, m: u32, d: u32) -> NaiveDate {
     NaiveDate::from_ymd_opt(y, m, d).expect("valid test date")

@@ -16,8 +16,15 @@
 //!    and the product's stock is 0 at the end.
 //!
 //! It prints one table row per size (accept throughput, time until all decided, OK/FAIL) with the
-//! violations listed under it, then `functional-test: <passed> passed, <failed> failed`. The exit
-//! code is 1 if any size failed, 0 otherwise.
+//! violations listed under it, then `functional-test: <passed> passed, <failed> failed`. Given
+//! `--database-url` (and `--redis-url`), it then checks the promises where they are kept, with
+//! the kit's invariants: every day's order numbers exactly 1..N and the day's counter N, no stock
+//! below zero, every decided status in Redis equal to PostgreSQL's (`deploy/local.sh test` gives
+//! both; the database must be the tested allot's own). The exit code is 1 if anything failed,
+//! 0 otherwise.
+//!
+//! A scenario over the test kit (`allot_tests`): its requests go through the kit's client,
+//! which judges every answer strictly.
 //!
 //! Run it against a running system, for example:
 //!
@@ -35,11 +42,12 @@ mod client;
 mod fixtures;
 mod order_number;
 mod report;
-mod wire;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
+use allot_tests::client::{Api, poll_until_final};
+use allot_tests::invariants::{self, Statuses};
 use anyhow::{Context as _, Result};
 use chrono::{NaiveDate, Utc};
 use chrono_tz::Tz;
@@ -48,7 +56,7 @@ use clap::builder::RangedU64ValueParser;
 use uuid::Uuid;
 
 use crate::check::{Observation, check};
-use crate::client::{Api, create_product, fire, poll_until_final, product_stock};
+use crate::client::fire;
 use crate::report::SizeReport;
 
 /// Flash-sale functional test against a running allot system.
@@ -94,6 +102,18 @@ struct Args {
     /// IANA time zone the server dates order numbers in (the server's ALLOT_TIMEZONE).
     #[arg(long, env = "ALLOT_TIMEZONE", default_value = "UTC")]
     timezone: Tz,
+
+    /// The tested allot's own PostgreSQL database: check the promises in it after the sizes.
+    #[arg(long, env = "ALLOT_FT_DATABASE_URL")]
+    database_url: Option<String>,
+
+    /// The tested allot's Redis (with --database-url): its statuses must equal PostgreSQL's.
+    #[arg(long, env = "ALLOT_FT_REDIS_URL")]
+    redis_url: Option<String>,
+
+    /// The tested allot's Redis key prefix (its ALLOT_REDIS_PREFIX).
+    #[arg(long, env = "ALLOT_REDIS_PREFIX", default_value = "allot")]
+    redis_prefix: String,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -117,9 +137,9 @@ async fn run_size(api: &Api, args: &Args, n: usize) -> Result<SizeReport> {
     let start_date = today(args.timezone);
     let stock = n / 2;
     let name = format!("functional-{n}-{:08x}", Uuid::new_v4().as_u128() as u32);
-    let product_id = create_product(api, &name, i64::try_from(stock)?)
-        .await
-        .with_context(|| format!("creating product {name:?}"))?;
+    let product_id = (api.create_product(&name, i64::try_from(stock)?).await)
+        .with_context(|| format!("creating product {name:?}"))?
+        .id;
 
     let fired = fire(api, product_id, &user_ids(n), args.max_in_flight).await?;
     let deadline = Duration::from_secs(args.deadline_secs);
@@ -132,7 +152,9 @@ async fn run_size(api: &Api, args: &Args, n: usize) -> Result<SizeReport> {
         fired.release + deadline,
     )
     .await;
-    let final_stock = (product_stock(api, product_id).await).map_err(|e| format!("{e:#}"));
+    let final_stock = (api.product(product_id).await)
+        .map(|product| product.stock)
+        .map_err(|e| format!("{e:#}"));
 
     let observation = Observation {
         n,
@@ -162,10 +184,18 @@ async fn main() -> ExitCode {
 
 /// Runs every size, printing a table row per size; returns whether all passed.
 async fn run(args: Args) -> Result<bool> {
-    let api = Api::new(&args)?;
+    let api = Api::new(
+        &args.base_url,
+        Some(args.admin_token.clone()),
+        args.max_in_flight,
+    )
+    .context("--base-url")?;
     println!(
         "functional-test against {} (deadline {}s per size, at most {} requests in flight, order dates in {})",
-        api.base, args.deadline_secs, args.max_in_flight, args.timezone
+        api.base(),
+        args.deadline_secs,
+        args.max_in_flight,
+        args.timezone
     );
     println!("{}", SizeReport::HEADER);
     let mut failed = 0;
@@ -183,7 +213,37 @@ async fn run(args: Args) -> Result<bool> {
         "functional-test: {} passed, {failed} failed",
         args.sizes.len() - failed
     );
-    Ok(failed == 0)
+    let promises_held = match &args.database_url {
+        Some(url) => check_promises(url, args.redis_url.as_deref(), &args.redis_prefix).await?,
+        None => true,
+    };
+    Ok(failed == 0 && promises_held)
+}
+
+/// The kit's invariants over the whole database (and Redis); prints what was checked.
+async fn check_promises(database_url: &str, redis_url: Option<&str>, prefix: &str) -> Result<bool> {
+    let pool = sqlx::PgPool::connect(database_url)
+        .await
+        .context("connecting to --database-url")?;
+    let mut redis = match redis_url {
+        Some(url) => Some(
+            redis::aio::ConnectionManager::new(redis::Client::open(url)?)
+                .await
+                .context("connecting to --redis-url")?,
+        ),
+        None => None,
+    };
+    let statuses = redis.as_mut().map(|redis| Statuses { redis, prefix });
+    let checked = invariants::whole_database(&pool, statuses).await?;
+    if checked.violations.is_empty() {
+        println!("functional-test: promises hold in the database: {checked}");
+        return Ok(true);
+    }
+    println!("functional-test: promises broken in the database:");
+    for violation in &checked.violations {
+        println!("        - {violation}");
+    }
+    Ok(false)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::check::Observation;
-use crate::wire::{REJECTED, SUCCEEDED};
+use allot_tests::client::wire::{REJECTED, SUCCEEDED};
 
 /// The outcome of one size, as printed.
 #[derive(Debug)]

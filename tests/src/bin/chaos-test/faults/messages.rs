@@ -2,10 +2,10 @@
 //! duplicated messages.
 
 use crate::apps::Role;
-use crate::check;
 use crate::load::Load;
 use crate::system::System;
 use allot_shared::{ProductId, PurchaseRequest, Quantity, TransactionId, UserId};
+use allot_tests::invariants;
 use anyhow::{Context as _, Result};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -31,7 +31,7 @@ pub async fn flood(system: &mut System, max_length: i64) -> Result<Vec<String>> 
     let broker = system.broker().await?;
     let mut deepest = 0;
     loop {
-        deepest = deepest.max(broker.deepest_queue().await?);
+        deepest = deepest.max(broker.deepest().await?);
         let refused = system.ledger.lock().expect("ledger").queue_full - before;
         if refused >= 50 || started.elapsed() > Duration::from_secs(60) {
             println!(
@@ -45,7 +45,7 @@ pub async fn flood(system: &mut System, max_length: i64) -> Result<Vec<String>> 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     flood.stop().await;
-    deepest = deepest.max(broker.deepest_queue().await?);
+    deepest = deepest.max(broker.deepest().await?);
     // A quorum queue applies the limit as publishes are committed, so publishes already in
     // flight when it is reached still get in: at most one per concurrent request.
     let in_flight = (system.clients + FLOOD_CLIENTS) as i64;
@@ -107,7 +107,7 @@ pub async fn poison(system: &mut System) -> Result<Vec<String>> {
             ids.push(id);
         }
     }
-    let took = check::wait_decided(&system.pool, &ids, Duration::from_secs(120)).await?;
+    let took = invariants::wait_decided(&system.pool, &ids, Duration::from_secs(120)).await?;
     let letters: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
         .fetch_one(&system.pool)
         .await?;

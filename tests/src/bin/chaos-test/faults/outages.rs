@@ -2,12 +2,11 @@
 //! then started again.
 
 use super::under_load;
-use crate::api::Answer;
-use crate::check;
-use crate::services::Service;
+use crate::load::Reply;
 use crate::system::System;
+use allot_tests::invariants;
+use allot_tests::system::Service;
 use anyhow::Result;
-use reqwest::StatusCode;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -46,11 +45,17 @@ async fn outage(
     let mut violations = Vec::new();
     under_load(Duration::from_millis(1500)).await;
     let decided = some_decided(system).await?;
+    let started = Instant::now();
     if kill {
         system.services.kill(service).await?;
     } else {
         system.services.stop(service).await?;
     }
+    println!(
+        "    {} {service} ({:.1} s)",
+        if kill { "killed" } else { "stopped" },
+        started.elapsed().as_secs_f64()
+    );
     // No 202 may be given while the broker or Redis is down; PostgreSQL is not on that path.
     let refuses = service != Service::Postgres;
     system.ledger.lock().expect("ledger").mark_outage(refuses);
@@ -62,11 +67,11 @@ async fn outage(
         let took = sent.elapsed();
         probes += 1;
         match (&answer, refuses) {
-            (Answer::Refused { .. }, true) => slowest = slowest.max(took),
+            (Reply::Refused { .. }, true) => slowest = slowest.max(took),
             // A sold-out product is answered from memory, final, with nothing to publish.
-            (Answer::SoldOut, _) => sold_out += 1,
+            (Reply::SoldOut, _) => sold_out += 1,
             // Deciding pauses while PostgreSQL is down: the bounded queues may fill.
-            (Answer::Accepted(_) | Answer::Refused { queue_full: true }, false) => {}
+            (Reply::Accepted(_) | Reply::Refused { queue_full: true }, false) => {}
             _ => violations.push(format!(
                 "{service} down: addToCart answered {answer:?} after {took:?}"
             )),
@@ -77,10 +82,14 @@ async fn outage(
         // Reads of decided transactions fall back to whichever store is up.
         if let Some(id) = decided {
             match system.api.transaction(id).await {
-                Ok((StatusCode::OK, body)) if body["status"] != "pending" => {}
-                other => violations.push(format!(
-                    "{service} down: GET of decided {id} answered {other:?}"
+                Ok(transaction) if transaction.is_final() => {}
+                Ok(transaction) => violations.push(format!(
+                    "{service} down: GET of decided {id} answered it {}",
+                    transaction.status
                 )),
+                Err(err) => {
+                    violations.push(format!("{service} down: GET of decided {id}: {err:#}"))
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -95,12 +104,17 @@ async fn outage(
     } else {
         println!("    {probes} probes while down: addToCart answered 202, reads served from Redis");
     }
+    let started = Instant::now();
     system.services.start(service).await?;
+    println!(
+        "    started {service} ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
     let back = Instant::now();
     // Recovery: a fresh request is accepted and decided again.
     let recovered = loop {
         if let Some(id) = system.order(system.probes[0]).await {
-            check::wait_decided(&system.pool, &[id], Duration::from_secs(60)).await?;
+            invariants::wait_decided(&system.pool, &[id], Duration::from_secs(60)).await?;
             break back.elapsed();
         }
         anyhow::ensure!(

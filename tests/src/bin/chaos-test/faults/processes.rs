@@ -3,9 +3,9 @@
 
 use super::under_load;
 use crate::apps::Role;
-use crate::check;
 use crate::load::Load;
 use crate::system::System;
+use allot_tests::invariants;
 use anyhow::Result;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,7 +60,7 @@ async fn every_partition_decides(system: &System, deadline: Duration) -> Result<
         }
     }
     let left = deadline.saturating_sub(started.elapsed());
-    Ok(check::wait_decided(&system.pool, &ids, left)
+    Ok(invariants::wait_decided(&system.pool, &ids, left)
         .await
         .ok()
         .map(|_| started.elapsed()))
@@ -133,7 +133,7 @@ pub async fn api_crash(system: &mut System, kills: usize) -> Result<Vec<String>>
     // Whatever reached the broker is decided: the queues empty.
     let broker = system.broker().await?;
     let started = Instant::now();
-    while broker.deepest_queue().await? > 0 {
+    while broker.deepest().await? > 0 {
         if started.elapsed() > Duration::from_secs(60) {
             violations.push("the partition queues were not empty 60 s after the last kill".into());
             break;

@@ -1,5 +1,5 @@
-//! The load generator: keep-alive HTTP/1.1 connections (hyper's client connection, no pool, no
-//! per-request allocation beyond the body), one task per connection.
+//! The load generator (the benchmark's): keep-alive HTTP/1.1 connections (hyper's client
+//! connection, no pool, no per-request allocation beyond the body), one task per connection.
 //!
 //! - [`closed_loop`]: a fixed number of connections, each sending its next request as soon as
 //!   the previous one was answered: measures the throughput the server sustains.
