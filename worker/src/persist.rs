@@ -146,8 +146,8 @@ pub async fn lock_products(
     share_locks: &BTreeMap<i64, ShareLock>,
 ) -> anyhow::Result<Locked> {
     let product_ids: Vec<i64> = product_ids.iter().copied().collect();
-    let (rows, share_rows): (Vec<ProductRow>, Vec<(i64, i32, i64)>) = if share_locks.is_empty() {
-        let rows = sqlx::query_as(concat!(
+    let rows: Vec<ProductRow> = if share_locks.is_empty() {
+        sqlx::query_as(concat!(
             "SELECT ",
             product_row!(),
             " FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE"
@@ -156,11 +156,32 @@ pub async fn lock_products(
         .persistent(false)
         .fetch_all(&mut *conn)
         .await
-        .context("failed to lock the batch's products")?;
-        (rows, Vec::new())
     } else {
-        lock_products_and_shares(&mut *conn, &product_ids, share_locks).await?
-    };
+        // One row lock after the other, in id order, each in its own mode: a nested loop over
+        // the ids (a lateral subquery with a row lock is never flattened).
+        let shared: Vec<bool> = product_ids
+            .iter()
+            .map(|id| share_locks.contains_key(id))
+            .collect();
+        sqlx::query_as(concat!(
+            "SELECT l.* FROM UNNEST($1::bigint[], $2::bool[]) WITH ORDINALITY AS t(id, shared, n) \
+             CROSS JOIN LATERAL ( \
+               SELECT * FROM (SELECT ",
+            product_row!(),
+            " FROM products p WHERE p.id = t.id AND NOT t.shared FOR UPDATE) x \
+               UNION ALL \
+               SELECT * FROM (SELECT ",
+            product_row!(),
+            " FROM products p WHERE p.id = t.id AND t.shared FOR SHARE) y) l \
+             ORDER BY t.n"
+        ))
+        .bind(&product_ids)
+        .bind(&shared)
+        .persistent(false)
+        .fetch_all(&mut *conn)
+        .await
+    }
+    .context("failed to lock the batch's products")?;
     let mut locked = Locked::default();
     let mut resumed: HashMap<ProductId, DateTime<Utc>> = HashMap::new();
     // Products with shares, and how they are held.
@@ -208,7 +229,7 @@ pub async fn lock_products(
         return Ok(locked); // decided again, locked otherwise
     }
     if !sharded.is_empty() {
-        locked.shares = shares_of(&mut *conn, &sharded, share_locks, share_rows).await?;
+        locked.shares = lock_shares(&mut *conn, &sharded, share_locks).await?;
     }
     if resumed.is_empty() {
         return Ok(locked); // no product of the batch was ever resumed: no closed pause
@@ -253,131 +274,40 @@ pub async fn lock_products(
     Ok(locked)
 }
 
-/// What a row lock of [`lock_products_and_shares`] targets, in the one global order.
-const LOCK_FOR_UPDATE: i32 = -1;
-const LOCK_FOR_SHARE: i32 = -2;
-const LOCK_ALL_SHARES: i32 = -3;
-
-/// A row of [`lock_products_and_shares`]: a product row (`shard` `None`), or a share
-/// (`shard`, its units as `stock`, the other columns empty).
-type LockedRow = (
-    i64,
-    Option<i32>,
-    i64,
-    i64,
-    Option<i64>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    i32,
-);
-
-/// One statement for a batch that share-locks some products: each product row in id order, in
-/// its own mode (`FOR SHARE` for those of `share_locks`, `FOR UPDATE` for the others), then the
-/// shares `share_locks` asks for, in (product, shard) order, `FOR UPDATE`: one row lock after
-/// the other, in that order, by a nested loop over the targets (a lateral subquery with a row
-/// lock is never flattened). Returns the product rows, and the shares as (product, shard,
-/// units).
-async fn lock_products_and_shares(
-    conn: &mut PgConnection,
-    product_ids: &[i64],
-    share_locks: &BTreeMap<i64, ShareLock>,
-) -> anyhow::Result<(Vec<ProductRow>, Vec<(i64, i32, i64)>)> {
-    let mut ids: Vec<i64> = Vec::with_capacity(product_ids.len() * 2);
-    let mut targets: Vec<i32> = Vec::with_capacity(product_ids.len() * 2);
-    for &id in product_ids {
-        ids.push(id);
-        targets.push(match share_locks.contains_key(&id) {
-            true => LOCK_FOR_SHARE,
-            false => LOCK_FOR_UPDATE,
-        });
-    }
-    for (&id, lock) in share_locks {
-        if !product_ids.contains(&id) {
-            continue;
-        }
-        match lock {
-            ShareLock::Own(shards) => {
-                for shard in shards {
-                    ids.push(id);
-                    targets.push(i32::from(shard.0));
-                }
-            }
-            ShareLock::Pooled => {
-                ids.push(id);
-                targets.push(LOCK_ALL_SHARES);
-            }
-        }
-    }
-    let rows: Vec<LockedRow> = sqlx::query_as(
-        "SELECT l.* FROM UNNEST($1::bigint[], $2::integer[]) WITH ORDINALITY AS t(id, target, n) \
-         CROSS JOIN LATERAL ( \
-           SELECT * FROM (SELECT id, NULL::integer AS shard, stock, held, max_per_buyer, sale_starts_at, \
-                                 sale_ends_at, paused_at, last_resumed_at, shards \
-                          FROM products p WHERE p.id = t.id AND t.target = $3 FOR UPDATE) a \
-           UNION ALL \
-           SELECT * FROM (SELECT id, NULL::integer AS shard, stock, held, max_per_buyer, sale_starts_at, \
-                                 sale_ends_at, paused_at, last_resumed_at, shards \
-                          FROM products p WHERE p.id = t.id AND t.target = $4 FOR SHARE) b \
-           UNION ALL \
-           SELECT * FROM (SELECT product_id, shard, stock, 0::bigint, NULL::bigint, \
-                                 NULL::timestamptz, NULL::timestamptz, NULL::timestamptz, \
-                                 NULL::timestamptz, 0 \
-                          FROM product_shares s \
-                          WHERE s.product_id = t.id AND (s.shard = t.target OR t.target = $5) \
-                          ORDER BY shard FOR UPDATE) c) l \
-         ORDER BY t.n, l.shard",
-    )
-    .bind(&ids)
-    .bind(&targets)
-    .bind(LOCK_FOR_UPDATE)
-    .bind(LOCK_FOR_SHARE)
-    .bind(LOCK_ALL_SHARES)
-    .persistent(false)
-    .fetch_all(&mut *conn)
-    .await
-    .context("failed to lock the batch's products and shares")?;
-    let mut products = Vec::with_capacity(product_ids.len());
-    let mut shares = Vec::new();
-    for (id, shard, stock, held, max, starts, ends, paused, resumed, shards) in rows {
-        match shard {
-            None => products.push((id, stock, held, max, starts, ends, paused, resumed, shards)),
-            Some(shard) => shares.push((id, shard, stock)),
-        }
-    }
-    Ok((products, shares))
-}
-
-/// The shares of `sharded` (products with shares, with their shard count and how the batch
-/// holds them): those `share_rows` locked already (the batch's own shards, or all of a pooled
-/// product's), and every share of the products locked for update, locked now, `FOR UPDATE` in
-/// (product, shard) order (whoever holds a product row for update holds its shares alone: this
-/// never waits).
-async fn shares_of(
+/// Locks the shares of `sharded` (products with shares, with their shard count and how the batch
+/// holds them: its own shards' shares, or all), `FOR UPDATE` in (product, shard) order, in one
+/// statement, and returns them.
+async fn lock_shares(
     conn: &mut PgConnection,
     sharded: &[(ProductId, i32, ShareMode)],
     share_locks: &BTreeMap<i64, ShareLock>,
-    share_rows: Vec<(i64, i32, i64)>,
 ) -> anyhow::Result<HashMap<ProductId, Shares>> {
-    let exclusive: Vec<i64> = sharded
-        .iter()
-        .filter(|(product, _, _)| !share_locks.contains_key(&product.get()))
-        .map(|(product, _, _)| product.get())
-        .collect();
-    let mut rows = share_rows;
-    if !exclusive.is_empty() {
-        let all: Vec<(i64, i32, i64)> = sqlx::query_as(
-            "SELECT product_id, shard, stock FROM product_shares WHERE product_id = ANY($1) \
-             ORDER BY product_id, shard FOR UPDATE",
-        )
-        .bind(&exclusive)
-        .persistent(false)
-        .fetch_all(&mut *conn)
-        .await
-        .context("failed to lock the shares of the batch's products")?;
-        rows.extend(all);
+    let mut all = Vec::new();
+    let (mut own_products, mut own_shards) = (Vec::new(), Vec::new());
+    for &(product, shards, mode) in sharded {
+        match share_locks.get(&product.get()) {
+            Some(ShareLock::Own(own)) if mode == ShareMode::Own => {
+                for shard in own.iter().filter(|shard| i32::from(shard.0) < shards) {
+                    own_products.push(product.get());
+                    own_shards.push(i32::from(shard.0));
+                }
+            }
+            _ => all.push(product.get()),
+        }
     }
+    let rows: Vec<(i64, i32, i64)> = sqlx::query_as(
+        "SELECT product_id, shard, stock FROM product_shares \
+         WHERE product_id = ANY($1) \
+            OR (product_id, shard) IN (SELECT * FROM UNNEST($2::bigint[], $3::integer[])) \
+         ORDER BY product_id, shard FOR UPDATE",
+    )
+    .bind(&all)
+    .bind(&own_products)
+    .bind(&own_shards)
+    .persistent(false)
+    .fetch_all(&mut *conn)
+    .await
+    .context("failed to lock the batch's shares")?;
     let mut shares: HashMap<ProductId, Shares> = sharded
         .iter()
         .map(|&(product, _, mode)| {
@@ -385,12 +315,8 @@ async fn shares_of(
             (product, Shares { mode, units })
         })
         .collect();
-    let count: HashMap<ProductId, i32> = sharded.iter().map(|&(p, k, _)| (p, k)).collect();
     for (product, shard, units) in rows {
         let product = ProductId::try_from(product).map_err(anyhow::Error::msg)?;
-        if count.get(&product).is_none_or(|&k| shard >= k) {
-            continue; // not a share of the product as it now is
-        }
         let shard = Shard(u16::try_from(shard).context("a shard out of range")?);
         if let Some(held) = shares.get_mut(&product) {
             held.units.insert(shard, units);
