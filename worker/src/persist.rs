@@ -277,6 +277,13 @@ pub async fn lock_products(
 /// Locks the shares of `sharded` (products with shares, with their shard count and how the batch
 /// holds them: its own shards' shares, or all), `FOR UPDATE` in (product, shard) order, in one
 /// statement, and returns them.
+///
+/// A statement of its own, after the products' locks are held: its snapshot is taken then, so
+/// it sees the shares as the last change of the product left them. Staff's restocks and changes
+/// of `shards` delete and insert share rows under the product row's update lock; a statement that
+/// locked the product row and scanned the shares at once would scan them with the snapshot it
+/// took before waiting for that lock, find the deleted rows gone and miss the inserted ones, and
+/// decide from shares that are not there (the integration tests caught exactly that).
 async fn lock_shares(
     conn: &mut PgConnection,
     sharded: &[(ProductId, i32, ShareMode)],
