@@ -136,15 +136,22 @@ pub async fn order_numbers(pool: &PgPool) -> Result<(Numbered, Vec<String>)> {
     Ok((numbered, violations))
 }
 
-/// No product has a stock below zero.
+/// No product has a stock below zero, nor any share of a product spread over several
+/// partitions.
 pub async fn stock_never_negative(pool: &PgPool) -> Result<Vec<String>> {
-    let negative: Vec<(i64, i64)> =
-        sqlx::query_as("SELECT id, stock FROM products WHERE stock < 0 ORDER BY id")
-            .fetch_all(pool)
-            .await
-            .context("reading the stock")?;
+    let negative: Vec<(i64, Option<i32>, i64)> = sqlx::query_as(
+        "SELECT id, NULL::integer, stock FROM products WHERE stock < 0 \
+         UNION ALL SELECT product_id, shard, stock FROM product_shares WHERE stock < 0 \
+         ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the stock")?;
     Ok((negative.iter())
-        .map(|(product, stock)| format!("product {product} has stock {stock}"))
+        .map(|(product, shard, stock)| match shard {
+            None => format!("product {product} has stock {stock}"),
+            Some(shard) => format!("product {product}'s share {shard} has stock {stock}"),
+        })
         .collect())
 }
 
@@ -236,14 +243,19 @@ pub async fn sold_within_supply(
     Ok(violations)
 }
 
-/// Every product's stock now.
+/// Every product's stock now (of a product spread over several partitions, the sum of its
+/// shares).
 pub async fn stock_by_product(pool: &PgPool) -> Result<HashMap<i64, i64>> {
-    Ok(sqlx::query_as("SELECT id, stock FROM products")
-        .fetch_all(pool)
-        .await
-        .context("reading the stock")?
-        .into_iter()
-        .collect())
+    Ok(sqlx::query_as(
+        "SELECT p.id, p.stock + COALESCE((SELECT sum(s.stock) FROM product_shares s \
+                                         WHERE s.product_id = p.id), 0)::bigint \
+         FROM products p",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the stock")?
+    .into_iter()
+    .collect())
 }
 
 /// Units sold per product, over every line of every succeeded transaction (an `addToCart`'s

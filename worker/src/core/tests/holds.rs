@@ -205,6 +205,7 @@ impl Store {
             holds,
             decided,
             commands,
+            shares: HashMap::new(),
         };
         let decisions = super::super::decide(&mut state, batch, now);
         let first_seq = if decisions.sold() == 0 {
