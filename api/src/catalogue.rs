@@ -14,6 +14,13 @@
 //! A restock or a change of window or pause through this API applies at once on this instance,
 //! and on every other instance at its next refresh.
 //!
+//! The snapshot also holds how many shards each product spread over several partitions has
+//! (`shards` > 1), refreshed the same way even when the short-circuit is off
+//! ([`SHARDS_REFRESH_WHEN_OFF`]): [`Catalogue::assign_shard`] sends each purchase of such a
+//! product to one of its shards' partitions. A snapshot that is a refresh old only changes
+//! where a purchase is decided, never how: a purchase that names a shard the product no longer
+//! has, or none while it has some, is decided from all of its shares.
+//!
 //! Windows and pauses are judged by the same rule as the worker's ([`Sale::closed_at`]), at the
 //! request's acceptance time (its `created_at`): the answer at once is the answer the worker
 //! would give, and a request that reaches the worker is judged there again, from the locked
@@ -21,7 +28,7 @@
 
 use allot_shared::sale::Sale;
 use allot_shared::{
-    HoldSeconds, Line, Order, ProductId, Quantity, RejectReason, SlotId, Status, UserId,
+    HoldSeconds, Line, Order, ProductId, Quantity, RejectReason, Shard, SlotId, Status, UserId,
 };
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -32,18 +39,24 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 
-/// What the snapshot knows of one product: whether it was sold out, and its sale window and
-/// pause. Only products with something to say are held.
+/// How often the snapshot is refreshed when the short-circuit is off
+/// (`ALLOT_SOLD_OUT_REFRESH_MS=0`), for the shards of products alone.
+pub const SHARDS_REFRESH_WHEN_OFF: Duration = Duration::from_secs(1);
+
+/// What the snapshot knows of one product: whether it was sold out, its sale window and
+/// pause, and its shards. Only products with something to say are held.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Gate {
     pub sold_out: bool,
     /// Window and current pause (closed pauses are the worker's business: they lie in the past).
     pub sale: Sale,
+    /// The product's shards, when it has more than one (0 or 1: not spread).
+    pub shards: u16,
 }
 
 impl Gate {
     fn is_empty(&self) -> bool {
-        !self.sold_out && !self.sale.is_restricted()
+        !self.sold_out && !self.sale.is_restricted() && self.shards <= 1
     }
 
     /// Why a request accepted `at` cannot be served: the window and pause first, as the worker
@@ -130,6 +143,7 @@ type GateRow = (
     Option<DateTime<Utc>>,
     Option<DateTime<Utc>>,
     Option<DateTime<Utc>>,
+    i32,
 );
 
 impl Catalogue {
@@ -155,6 +169,32 @@ impl Catalogue {
         })
     }
 
+    /// Sends a purchase of one line without a hold, of a product the snapshot knows is spread
+    /// over several partitions, to one of its shards: `shard` is set from a hash of the
+    /// transaction id (random bits of a UUIDv7), so purchases spread evenly over the shards.
+    /// Anything else is left as it is (decided from the whole product). No I/O.
+    pub fn assign_shard(&self, order: &mut Order) {
+        let Some(line) = order.lines.single() else {
+            return;
+        };
+        if order.hold.is_some() {
+            return;
+        }
+        let shards = self
+            .read()
+            .get(&line.product_id)
+            .map_or(0, |gate| gate.shards);
+        if shards > 1 {
+            let hash = order.transaction_id.0.as_u128() as u64;
+            order.shard = Some(Shard((hash % u64::from(shards)) as u16));
+        }
+    }
+
+    /// Sets `product`'s shards at once (after a change through this instance).
+    pub fn set_shards(&self, product: ProductId, shards: u16) {
+        self.change(product, |gate| gate.shards = shards);
+    }
+
     /// Re-opens `product` at once (after a restock through this instance).
     pub fn reopen(&self, product: ProductId) {
         self.change(product, |gate| gate.sold_out = false);
@@ -175,19 +215,24 @@ impl Catalogue {
         }
     }
 
-    /// Replaces the snapshot with what PostgreSQL holds: the products at stock 0 and those
-    /// with a sale window or a pause.
+    /// Replaces the snapshot with what PostgreSQL holds: the products at stock 0 (a product
+    /// with shares: the sum of its shares), those with a sale window or a pause, and those
+    /// spread over several partitions.
     pub async fn refresh(&self, pool: &PgPool) -> sqlx::Result<()> {
         let changes = self.local_changes.load(Ordering::SeqCst);
         let rows: Vec<GateRow> = sqlx::query_as(
-            "SELECT id, stock = 0, sale_starts_at, sale_ends_at, paused_at FROM products \
-             WHERE stock = 0 OR sale_starts_at IS NOT NULL OR sale_ends_at IS NOT NULL \
-                OR paused_at IS NOT NULL",
+            "SELECT p.id, p.stock + COALESCE(s.units, 0) = 0, p.sale_starts_at, p.sale_ends_at, \
+                    p.paused_at, p.shards \
+             FROM products p LEFT JOIN (SELECT product_id, sum(stock) AS units \
+                                        FROM product_shares GROUP BY product_id) s \
+               ON s.product_id = p.id \
+             WHERE p.stock + COALESCE(s.units, 0) = 0 OR p.sale_starts_at IS NOT NULL \
+                OR p.sale_ends_at IS NOT NULL OR p.paused_at IS NOT NULL OR p.shards > 1",
         )
         .fetch_all(pool)
         .await?;
         let mut gates = HashMap::with_capacity(rows.len());
-        for (id, sold_out, starts_at, ends_at, paused_since) in rows {
+        for (id, sold_out, starts_at, ends_at, paused_since, shards) in rows {
             let Ok(id) = ProductId::try_from(id) else {
                 continue;
             };
@@ -197,7 +242,15 @@ impl Catalogue {
                 paused_since,
                 pauses: Vec::new(),
             };
-            gates.insert(id, Gate { sold_out, sale });
+            let shards = u16::try_from(shards).unwrap_or(1);
+            gates.insert(
+                id,
+                Gate {
+                    sold_out,
+                    sale,
+                    shards,
+                },
+            );
         }
         let mut current = self.write();
         if self.local_changes.load(Ordering::SeqCst) == changes {
@@ -271,6 +324,7 @@ mod tests {
             created_at: at(created),
             hold: None,
             slot: None,
+            shard: None,
         }
     }
 

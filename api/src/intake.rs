@@ -138,9 +138,15 @@ impl Intake {
     /// documentation. An order of several products goes to the partition of its smallest
     /// product id (the worker locks every product it names, whichever partition it belongs
     /// to).
+    /// A purchase decided from one share of its product (`shard` set, see
+    /// [`crate::catalogue::Catalogue::assign_shard`]) goes to that shard's partition.
     pub async fn accept(&self, request: Order) -> Result<(), Refusal> {
         let route = request.routing_product();
-        self.accept_in(route, Request::Order(request)).await
+        let partition = match request.shard {
+            Some(shard) => self.publisher.partition_of_shard(route, shard),
+            None => self.publisher.partition_of(route),
+        };
+        self.accept_on(partition, Request::Order(request)).await
     }
 
     /// Accepts a checkout or cancel of a hold whose orders go to `route`'s partition (its
@@ -150,7 +156,11 @@ impl Intake {
     }
 
     async fn accept_in(&self, route: ProductId, request: Request) -> Result<(), Refusal> {
-        let partition = self.publisher.partition_of(route);
+        self.accept_on(self.publisher.partition_of(route), request)
+            .await
+    }
+
+    async fn accept_on(&self, partition: PartitionId, request: Request) -> Result<(), Refusal> {
         let (answer, answered) = oneshot::channel();
         let job = Job {
             json: request.to_json(),

@@ -38,12 +38,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let publisher = state.publisher.clone();
-    let refresher = state.catalogue_refresh.map(|every| {
+    // Refreshed even with the short-circuit off: the snapshot also says which products are
+    // spread over several partitions, and the routing of their purchases needs that.
+    let every = state
+        .catalogue_refresh
+        .unwrap_or(catalogue::SHARDS_REFRESH_WHEN_OFF);
+    let refresher = Some(
         state
             .catalogue
             .clone()
-            .spawn_refresher(state.pool.clone(), every)
-    });
+            .spawn_refresher(state.pool.clone(), every),
+    );
     let revocations = state
         .buyers
         .revocations

@@ -84,6 +84,8 @@ pub struct ConfiguredLimits {
     pub max_quantity: i64,
     /// `ALLOT_MAX_HOLD_SECONDS`.
     pub max_hold_seconds: i64,
+    /// `ALLOT_PARTITIONS`: the most shards a product may have.
+    pub partitions: u16,
 }
 
 impl ConfiguredLimits {
@@ -91,6 +93,7 @@ impl ConfiguredLimits {
         Self {
             max_quantity: state.max_quantity,
             max_hold_seconds: state.max_hold_seconds,
+            partitions: state.publisher.partition_count(),
         }
     }
 }
@@ -145,6 +148,37 @@ impl Modify for ConfiguredLimits {
                          null: buy now. A hold is `held`, without an order number, until checked \
                          out, cancelled or expired",
                         self.max_hold_seconds
+                    )))
+                    .into(),
+            );
+        }
+        // A product's shards: up to the partitions (a product's `shards` is null-able at
+        // creation, not in a patch).
+        for (schema, nullable) in [("NewProduct", true), ("ProductPatch", false)] {
+            let object = openapi
+                .components
+                .as_mut()
+                .and_then(|components| components.schemas.get_mut(schema));
+            let Some(RefOr::T(Schema::Object(object))) = object else {
+                panic!("the document has the {schema} schema");
+            };
+            let types = match nullable {
+                true => utoipa::openapi::schema::SchemaType::from_iter([Type::Integer, Type::Null]),
+                false => utoipa::openapi::schema::SchemaType::Type(Type::Integer),
+            };
+            object.properties.insert(
+                "shards".into(),
+                ObjectBuilder::new()
+                    .schema_type(types)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                    .minimum(Some(1))
+                    .maximum(Some(self.partitions))
+                    .description(Some(format!(
+                        "Spread the product's purchases over this many partitions, each deciding \
+                         from its own share of the stock (a share that runs short takes from the \
+                         others): 1 to {} (this server's ALLOT_PARTITIONS); not above 1 with \
+                         max_per_buyer",
+                        self.partitions
                     )))
                     .into(),
             );

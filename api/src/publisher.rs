@@ -18,8 +18,8 @@ use crate::backlog::{self, Backlog};
 use allot_shared::amqp::Topology;
 use allot_shared::brokers::{BrokerAddress, Brokers, Failover};
 use allot_shared::message::{COUNT_HEADER, ENVELOPE_TYPE};
-use allot_shared::partition::partition_for;
-use allot_shared::{PartitionId, ProductId};
+use allot_shared::partition::{partition_for, shard_partition};
+use allot_shared::{PartitionId, ProductId, Shard};
 use anyhow::Context;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -407,6 +407,16 @@ impl Publisher {
     /// The partition that decides `product`.
     pub fn partition_of(&self, product: ProductId) -> PartitionId {
         partition_for(product, self.topology.partitions)
+    }
+
+    /// How many partitions there are (`ALLOT_PARTITIONS`): the most shards a product may have.
+    pub fn partition_count(&self) -> u16 {
+        self.topology.partitions
+    }
+
+    /// The partition that decides `shard` of `product` (see [`shard_partition`]).
+    pub fn partition_of_shard(&self, product: ProductId, shard: Shard) -> PartitionId {
+        shard_partition(product, shard, self.topology.partitions)
     }
 
     /// Whether the connection to the broker is up.

@@ -173,6 +173,19 @@ impl fmt::Display for PartitionId {
     }
 }
 
+/// One share of a product spread over several partitions (`shards` > 1): 0 to `shards - 1`.
+/// Shard `i` of product `p` is decided by partition `(partition_for(p) + i) mod ALLOT_PARTITIONS`
+/// (see [`crate::partition::shard_partition`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Shard(pub u16);
+
+impl fmt::Display for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

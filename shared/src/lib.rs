@@ -24,7 +24,7 @@ pub mod telemetry;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::CommonConfig;
 pub use ids::{
-    CommandId, HoldSeconds, PartitionId, ProductId, Quantity, SlotId, TransactionId, UserId,
+    CommandId, HoldSeconds, PartitionId, ProductId, Quantity, Shard, SlotId, TransactionId, UserId,
 };
 pub use message::{Command, CommandKind, Line, Lines, Order, PurchaseRequest, Request};
 pub use outcome::{

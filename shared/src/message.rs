@@ -16,7 +16,8 @@
 //! A request of one line (every addToCart, an order of one item) is the flat JSON of
 //! [`PurchaseRequest`], byte for byte what earlier versions wrote; an order of several lines
 //! carries them as `items` ([`Order`]). A hold adds `"hold_seconds"`, an order for a capacity
-//! counter `"slot_id"`, after the other fields and only when present, so a request without
+//! counter `"slot_id"`, a purchase of a product spread over several partitions the share it is
+//! decided from (`"shard"`), after the other fields and only when present, so a request without
 //! them is the same bytes as before they existed.
 //!
 //! A checkout or cancel of a hold travels the same way, as a [`Command`] item of its hold's
@@ -29,7 +30,9 @@
 //! is set aside alone. A body that is not an envelope is one item: the single-request message
 //! of earlier versions, still understood, or a foreign message set aside as it is.
 
-use crate::ids::{CommandId, HoldSeconds, ProductId, Quantity, SlotId, TransactionId, UserId};
+use crate::ids::{
+    CommandId, HoldSeconds, ProductId, Quantity, Shard, SlotId, TransactionId, UserId,
+};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -159,6 +162,10 @@ pub struct Order {
     pub hold: Option<HoldSeconds>,
     /// The capacity counter the order takes one place of, besides its products' units.
     pub slot: Option<SlotId>,
+    /// The share of its product this purchase is decided from, when the API spread the product
+    /// over several partitions (`shards` > 1): set only on a purchase of one line without a
+    /// hold, which travels to that shard's partition. `None`: decided from the whole product.
+    pub shard: Option<Shard>,
 }
 
 impl From<PurchaseRequest> for Order {
@@ -173,6 +180,7 @@ impl From<PurchaseRequest> for Order {
             created_at: request.created_at,
             hold: None,
             slot: None,
+            shard: None,
         }
     }
 }
@@ -190,6 +198,8 @@ struct OneLineWire<'a> {
     hold_seconds: Option<HoldSeconds>,
     #[serde(skip_serializing_if = "Option::is_none")]
     slot_id: Option<SlotId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard: Option<Shard>,
 }
 
 #[derive(Serialize)]
@@ -220,6 +230,8 @@ struct AnyWire {
     hold_seconds: Option<HoldSeconds>,
     #[serde(default)]
     slot_id: Option<SlotId>,
+    #[serde(default)]
+    shard: Option<Shard>,
 }
 
 impl Order {
@@ -233,6 +245,7 @@ impl Order {
                 created_at: &self.created_at,
                 hold_seconds: self.hold,
                 slot_id: self.slot,
+                shard: self.shard,
             }),
             None => serde_json::to_vec(&ItemsWire {
                 transaction_id: self.transaction_id,
@@ -251,6 +264,7 @@ impl Order {
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         use serde::de::Error;
         let wire: AnyWire = serde_json::from_slice(bytes)?;
+        let single = wire.items.is_none();
         let lines = match (wire.product_id, wire.quantity, wire.items) {
             (Some(product_id), Some(quantity), None) => Lines::one(Line {
                 product_id,
@@ -270,6 +284,8 @@ impl Order {
             created_at: wire.created_at,
             hold: wire.hold_seconds,
             slot: wire.slot_id,
+            // Only a purchase of one line is decided from one share.
+            shard: wire.shard.filter(|_| single),
         })
     }
 
@@ -512,6 +528,22 @@ mod tests {
             Request::Order(order)
         );
         assert!(Order::from_json(br#"{"transaction_id":"00000000-0000-0000-0000-000000000001","user_id":1,"product_id":2,"quantity":1,"created_at":"2023-11-14T22:13:20Z","hold_seconds":0}"#).is_err());
+    }
+
+    #[test]
+    fn a_shard_comes_last_only_when_present_and_only_on_one_line() {
+        let request = request(8);
+        let mut order = Order::from(request.clone());
+        order.shard = Some(Shard(3));
+        let json = String::from_utf8(order.to_json()).unwrap();
+        let plain = String::from_utf8(request.to_json()).unwrap();
+        assert_eq!(
+            json,
+            format!("{},\"shard\":3}}", plain.trim_end_matches('}'))
+        );
+        assert_eq!(Order::from_json(json.as_bytes()).unwrap(), order);
+        let several = br#"{"transaction_id":"00000000-0000-0000-0000-000000000001","user_id":1,"items":[{"product_id":2,"quantity":1},{"product_id":3,"quantity":1}],"created_at":"2023-11-14T22:13:20Z","shard":1}"#;
+        assert_eq!(Order::from_json(several).unwrap().shard, None);
     }
 
     #[test]

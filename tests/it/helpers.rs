@@ -825,6 +825,7 @@ pub fn order_request(user_id: i64, items: &[(i64, i64)]) -> Order {
         created_at: SystemClock.now(),
         hold: None,
         slot: None,
+        shard: None,
     }
 }
 

@@ -30,6 +30,7 @@ mod outages;
 mod pipeline;
 mod poison;
 mod sale_windows;
+mod shards;
 mod slots;
 mod sold_out;
 mod spread;

@@ -9,7 +9,15 @@
 //!   the product it was for, and none was withdrawn;
 //! - [`sold_within_supply`]: per product, units sold == `min(demand, supply)` and the stock
 //!   left == supply − sold, where the scenario knows demand and supply;
-//! - [`redis_matches_postgres`]: every decided transaction's status in Redis is its stored one.
+//! - [`redis_matches_postgres`]: every decided transaction's status in Redis is its stored one;
+//! - [`conserved`]: per product, `stock + held + units sold == supply`, so an order of several
+//!   products rejected took nothing and one that succeeded took every line (all or nothing),
+//!   and a hold's units are counted once, held or sold or back;
+//! - [`holds_consistent`]: every product's `held` is the units of its open holds, every slot's
+//!   `taken` and `held` its succeeded and open bookings.
+//!
+//! A transaction's product, where one is named ([`Outcome::product_id`], the accepted map of
+//! [`accepted_decided_once`]), is the product of its first line (an order's first item listed).
 //!
 //! [`whole_database`] runs the checks that need nothing but the database and Redis, for a
 //! deployment whose database holds only one run (the benchmark's, the functional test's).
@@ -128,15 +136,22 @@ pub async fn order_numbers(pool: &PgPool) -> Result<(Numbered, Vec<String>)> {
     Ok((numbered, violations))
 }
 
-/// No product has a stock below zero.
+/// No product has a stock below zero, nor any share of a product spread over several
+/// partitions.
 pub async fn stock_never_negative(pool: &PgPool) -> Result<Vec<String>> {
-    let negative: Vec<(i64, i64)> =
-        sqlx::query_as("SELECT id, stock FROM products WHERE stock < 0 ORDER BY id")
-            .fetch_all(pool)
-            .await
-            .context("reading the stock")?;
+    let negative: Vec<(i64, Option<i32>, i64)> = sqlx::query_as(
+        "SELECT id, NULL::integer, stock FROM products WHERE stock < 0 \
+         UNION ALL SELECT product_id, shard, stock FROM product_shares WHERE stock < 0 \
+         ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the stock")?;
     Ok((negative.iter())
-        .map(|(product, stock)| format!("product {product} has stock {stock}"))
+        .map(|(product, shard, stock)| match shard {
+            None => format!("product {product} has stock {stock}"),
+            Some(shard) => format!("product {product}'s share {shard} has stock {stock}"),
+        })
         .collect())
 }
 
@@ -228,29 +243,106 @@ pub async fn sold_within_supply(
     Ok(violations)
 }
 
-/// Every product's stock now.
+/// Every product's stock now (of a product spread over several partitions, the sum of its
+/// shares).
 pub async fn stock_by_product(pool: &PgPool) -> Result<HashMap<i64, i64>> {
-    Ok(sqlx::query_as("SELECT id, stock FROM products")
-        .fetch_all(pool)
-        .await
-        .context("reading the stock")?
-        .into_iter()
-        .collect())
+    Ok(sqlx::query_as(
+        "SELECT p.id, p.stock + COALESCE((SELECT sum(s.stock) FROM product_shares s \
+                                         WHERE s.product_id = p.id), 0)::bigint \
+         FROM products p",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the stock")?
+    .into_iter()
+    .collect())
 }
 
 /// Units sold per product, over every line of every succeeded transaction (an `addToCart`'s
 /// one line, or each item of an order of several products).
 pub async fn sold_by_product(pool: &PgPool) -> Result<HashMap<i64, i64>> {
+    units_by_product(pool, "succeeded").await
+}
+
+/// Units of the lines of the transactions in `status`, per product.
+async fn units_by_product(pool: &PgPool, status: &str) -> Result<HashMap<i64, i64>> {
     Ok(sqlx::query_as(
         "SELECT l.product_id, sum(l.quantity)::bigint FROM transaction_lines l \
          JOIN transactions t ON t.id = l.transaction_id \
-         WHERE t.status = 'succeeded' GROUP BY l.product_id",
+         WHERE t.status = $1 GROUP BY l.product_id",
+    )
+    .bind(status)
+    .fetch_all(pool)
+    .await
+    .with_context(|| format!("reading the units {status}"))?
+    .into_iter()
+    .collect())
+}
+
+/// Per product of `supply` (its initial stock plus every restock): `stock + held + units sold
+/// == supply`, whatever the demand. Orders of several products, holds, checkouts, cancels and
+/// expiries all keep it: it is broken by a rejected order that took a line, a succeeded one
+/// that did not take every line, or a hold's units counted twice or lost.
+pub async fn conserved(pool: &PgPool, supply: &BTreeMap<i64, i64>) -> Result<Vec<String>> {
+    let counters: HashMap<i64, (i64, i64)> =
+        sqlx::query_as::<_, (i64, i64, i64)>("SELECT id, stock, held FROM products")
+            .fetch_all(pool)
+            .await
+            .context("reading the stock")?
+            .into_iter()
+            .map(|(id, stock, held)| (id, (stock, held)))
+            .collect();
+    let sold = sold_by_product(pool).await?;
+    let mut violations = Vec::new();
+    for (product, supply) in supply {
+        let sold = sold.get(product).copied().unwrap_or(0);
+        match counters.get(product) {
+            Some((stock, held)) if stock + held + sold == *supply => {}
+            Some((stock, held)) => violations.push(format!(
+                "product {product}: stock {stock} + held {held} + sold {sold} != supply {supply}"
+            )),
+            None => violations.push(format!("product {product} does not exist")),
+        }
+    }
+    Ok(violations)
+}
+
+/// Every product's `held` is the units of its open holds (`held` transactions), and every
+/// slot's `taken` and `held` are its succeeded and open bookings (its capacity, which staff may
+/// lower below them, is guarded by the database itself).
+pub async fn holds_consistent(pool: &PgPool) -> Result<Vec<String>> {
+    let held = units_by_product(pool, "held").await?;
+    let products: Vec<(i64, i64)> = sqlx::query_as("SELECT id, held FROM products ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .context("reading the held units")?;
+    let mut violations = Vec::new();
+    for (product, counter) in products {
+        let open = held.get(&product).copied().unwrap_or(0);
+        if counter != open {
+            violations.push(format!(
+                "product {product}: held {counter}, but its open holds hold {open}"
+            ));
+        }
+    }
+    let slots: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT s.id, s.taken, s.held, \
+           (SELECT count(*) FROM transactions t WHERE t.slot_id = s.id AND t.status = 'succeeded'), \
+           (SELECT count(*) FROM transactions t WHERE t.slot_id = s.id AND t.status = 'held') \
+         FROM slots s ORDER BY s.id",
     )
     .fetch_all(pool)
     .await
-    .context("reading the units sold")?
-    .into_iter()
-    .collect())
+    .context("reading the slots")?;
+    for (slot, taken, held, succeeded, open) in slots {
+        if (taken, held) != (succeeded, open) {
+            violations.push(format!(
+                "slot {slot}: taken {taken}, held {held}, but {succeeded} succeeded and {open} \
+                 open bookings name it"
+            ));
+        }
+    }
+    Ok(violations)
 }
 
 /// Redis, for [`redis_matches_postgres`]: the connection and the deployment's key prefix.
@@ -365,7 +457,8 @@ impl fmt::Display for Checked {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} order numbers, each day exactly 1..N and its counter N; no stock below zero",
+            "{} order numbers, each day exactly 1..N and its counter N; no stock below zero; \
+             held units and slot places equal to the open holds and bookings",
             self.numbered.total
         )?;
         if let Some(matched) = self.redis_matched {
@@ -380,6 +473,7 @@ impl fmt::Display for Checked {
 pub async fn whole_database(pool: &PgPool, statuses: Option<Statuses<'_>>) -> Result<Checked> {
     let (numbered, mut violations) = order_numbers(pool).await?;
     violations.extend(stock_never_negative(pool).await?);
+    violations.extend(holds_consistent(pool).await?);
     let redis_matched = match statuses {
         Some(statuses) => {
             let (matched, wrong) = redis_matches_postgres(pool, statuses, None).await?;

@@ -31,6 +31,12 @@
 //!    duplicated message).
 //! 2. [`Decisions::number`] gives the new sales (sold outright, or holds confirmed) their order
 //!    numbers, once the caller has reserved `sold()` consecutive numbers for the day.
+//!
+//! A product spread over several partitions (`shards` > 1) is decided from its [`Shares`]
+//! instead of its stock; see [`shares`]. [`try_decide`] may then find that the batch needs more
+//! of them locked than it holds (an [`Escalation`]): nothing it decided counts, and the caller
+//! decides the batch again with them locked. Never is a purchase of such a product refused
+//! `out_of_stock` unless every share is held and their sum is below its quantity.
 
 use allot_shared::sale::Sale;
 use allot_shared::{
@@ -39,6 +45,10 @@ use allot_shared::{
 };
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use std::collections::HashMap;
+
+pub mod shares;
+
+pub use shares::{Escalation, ShareMode, Shares};
 
 /// A product's rules, for the products that have any: a per-buyer limit, a sale window,
 /// pauses.
@@ -104,6 +114,10 @@ pub struct PartitionState {
     /// Outcomes already stored for the batch's commands (decided before, or withdrawn by the
     /// API). Such a command does nothing again.
     pub commands: HashMap<CommandId, CommandOutcome>,
+    /// The shares of the products spread over several partitions (`shards` > 1), as locked:
+    /// such a product's units for sale are there, not in `stock` (where its entry, 0, only
+    /// says that it exists).
+    pub shares: HashMap<ProductId, Shares>,
 }
 
 /// The verdict on one request, before order numbers are known.
@@ -173,7 +187,22 @@ pub struct Numbered {
 /// at its turn (see the module documentation); stock therefore never goes below zero, no slot
 /// is booked past its capacity and no buyer goes past a limit. A transaction id (or command
 /// id) seen earlier (stored, or earlier in this batch) is never decided twice.
+///
+/// For a state without [`Shares`] (no product spread over several partitions), which can never
+/// escalate; see [`try_decide`].
 pub fn decide(state: &mut PartitionState, requests: &[Request], now: DateTime<Utc>) -> Decisions {
+    try_decide(state, requests, now).expect("a state without shares never escalates")
+}
+
+/// [`decide`], for a state that may hold [`Shares`]: `Err` when a request needs a product's
+/// shares held in a stronger [`ShareMode`] than they are (its own share is short, or not held;
+/// or it needs the product row: see [`shares`]). Then `state` is left half-changed and nothing
+/// may be written: decide the batch again from a fresh state with the product held as asked.
+pub fn try_decide(
+    state: &mut PartitionState,
+    requests: &[Request],
+    now: DateTime<Utc>,
+) -> Result<Decisions, Escalation> {
     let mut orders_seen: HashMap<TransactionId, usize> = HashMap::with_capacity(requests.len());
     let mut commands_seen: HashMap<CommandId, usize> = HashMap::new();
     let mut sold = 0;
@@ -184,58 +213,71 @@ pub fn decide(state: &mut PartitionState, requests: &[Request], now: DateTime<Ut
             let verdict = match request {
                 Request::Order(order) => {
                     if let Some(&first) = orders_seen.get(&order.transaction_id) {
-                        return Verdict::SameAs(first);
+                        return Ok(Verdict::SameAs(first));
                     }
                     orders_seen.insert(order.transaction_id, index);
                     match state.decided.get(&order.transaction_id) {
                         Some(&outcome) => Verdict::Replay(outcome),
-                        None => decide_order(state, order, now),
+                        None => decide_order(state, order, now)?,
                     }
                 }
                 Request::Command(command) => {
                     if let Some(&first) = commands_seen.get(&command.command_id) {
-                        return Verdict::SameAs(first);
+                        return Ok(Verdict::SameAs(first));
                     }
                     commands_seen.insert(command.command_id, index);
                     match state.commands.get(&command.command_id) {
                         Some(&outcome) => Verdict::ReplayCommand(outcome),
-                        None => decide_command(state, command, now),
+                        None => decide_command(state, command, now)?,
                     }
                 }
             };
             if matches!(verdict, Verdict::Sell | Verdict::Confirm) {
                 sold += 1;
             }
-            verdict
+            Ok(verdict)
         })
-        .collect();
-    Decisions { verdicts, sold }
+        .collect::<Result<_, Escalation>>()?;
+    Ok(Decisions { verdicts, sold })
+}
+
+/// Splits the stock of every product whose shares are all held ([`ShareMode::Pooled`] or
+/// [`ShareMode::Exclusive`]) evenly over them again, once every batch of the attempt is decided:
+/// a share that ran dry takes from the others.
+pub fn rebalance(state: &mut PartitionState) {
+    for shares in state.shares.values_mut() {
+        shares.rebalance();
+    }
 }
 
 /// Sells, holds or rejects a new order.
-fn decide_order(state: &mut PartitionState, order: &Order, now: DateTime<Utc>) -> Verdict {
+fn decide_order(
+    state: &mut PartitionState,
+    order: &Order,
+    now: DateTime<Utc>,
+) -> Result<Verdict, Escalation> {
     let several = order.lines.len() > 1;
     for line in order.lines.iter() {
-        if let Some(reason) = refusal(state, order, line) {
-            return Verdict::Reject(Rejection {
+        if let Some(reason) = refusal(state, order, line)? {
+            return Ok(Verdict::Reject(Rejection {
                 reason,
                 product: several.then_some(line.product_id),
                 slot: None,
-            });
+            }));
         }
     }
     if let Some(slot) = order.slot
         && let Some(reason) = slot_refusal(state, slot, order.created_at)
     {
-        return Verdict::Reject(Rejection {
+        return Ok(Verdict::Reject(Rejection {
             reason,
             product: None,
             slot: Some(slot),
-        });
+        }));
     }
     let held = order.hold.is_some();
     for line in order.lines.iter() {
-        take(state, order.user_id, line, held);
+        take(state, order, line, held);
     }
     if let Some(slot) = order.slot.and_then(|slot| state.slots.get_mut(&slot)) {
         match held {
@@ -259,22 +301,37 @@ fn decide_order(state: &mut PartitionState, order: &Order, now: DateTime<Utc>) -
                     expires_at,
                 },
             );
-            Verdict::Hold { expires_at }
+            Ok(Verdict::Hold { expires_at })
         }
-        None => Verdict::Sell,
+        None => Ok(Verdict::Sell),
     }
 }
 
 /// Why `line` of `order` cannot be served now, if it cannot: the product is unknown, not on
 /// sale when the order was accepted, past the buyer's limit, or short of stock, in that order.
-fn refusal(state: &PartitionState, order: &Order, line: &Line) -> Option<RejectReason> {
+/// `Err` when its product's shares are not held as the line needs (see [`shares`]).
+fn refusal(
+    state: &PartitionState,
+    order: &Order,
+    line: &Line,
+) -> Result<Option<RejectReason>, Escalation> {
     let Some(&stock) = state.stock.get(&line.product_id) else {
-        return Some(RejectReason::UnknownProduct);
+        return Ok(Some(RejectReason::UnknownProduct));
     };
+    let shares = state.shares.get(&line.product_id);
+    if let Some(shares) = shares {
+        let needed = needed_mode(state, order, line.product_id);
+        if needed > shares.mode {
+            return Err(Escalation {
+                product: line.product_id,
+                mode: needed,
+            });
+        }
+    }
     let wanted = line.quantity.get();
     if let Some(rules) = state.rules.get(&line.product_id) {
         if let Some(closed) = rules.sale.closed_at(order.created_at) {
-            return Some(closed);
+            return Ok(Some(closed));
         }
         if let Some(max) = rules.max_per_buyer {
             let bought = state
@@ -283,11 +340,37 @@ fn refusal(state: &PartitionState, order: &Order, line: &Line) -> Option<RejectR
                 .copied()
                 .unwrap_or(0);
             if bought.saturating_add(wanted) > max {
-                return Some(RejectReason::LimitExceeded);
+                return Ok(Some(RejectReason::LimitExceeded));
             }
         }
     }
-    (stock < wanted).then_some(RejectReason::OutOfStock)
+    let Some(shares) = shares else {
+        return Ok((stock < wanted).then_some(RejectReason::OutOfStock));
+    };
+    match shares.available(order.shard) {
+        Some(available) if available >= wanted => Ok(None),
+        // Every share is held: the product as a whole is short.
+        Some(_) if shares.mode != ShareMode::Own => Ok(Some(RejectReason::OutOfStock)),
+        // Its own share is short (or not held): the others may have enough.
+        _ => Err(Escalation {
+            product: line.product_id,
+            mode: ShareMode::Pooled,
+        }),
+    }
+}
+
+/// How `order` needs the shares of `product` (a product spread over several partitions) held:
+/// from its own share, for a purchase of one line without a hold that names its shard, of a
+/// product without a per-buyer limit; with the product row locked for anything else.
+fn needed_mode(state: &PartitionState, order: &Order, product: ProductId) -> ShareMode {
+    let own = order.shard.is_some()
+        && order.lines.len() == 1
+        && order.hold.is_none()
+        && !is_limited(state, product);
+    match own {
+        true => ShareMode::Own,
+        false => ShareMode::Exclusive,
+    }
 }
 
 /// Why `slot` cannot take an order accepted `at`, if it cannot: it does not exist, it ended,
@@ -302,14 +385,19 @@ fn slot_refusal(state: &PartitionState, slot: SlotId, at: DateTime<Utc>) -> Opti
     (slot.remaining() < 1).then_some(RejectReason::SlotFull)
 }
 
-/// Takes `line`'s units, which [`refusal`] found available: out of the stock, into the held
-/// units if `held`, and into the buyer's units of a limited product.
-fn take(state: &mut PartitionState, user: UserId, line: &Line, held: bool) {
-    let wanted = line.quantity.get();
-    *state
-        .stock
-        .get_mut(&line.product_id)
-        .expect("a line is taken only from a known product") -= wanted;
+/// Takes `line`'s units, which [`refusal`] found available: out of the stock (or the shares),
+/// into the held units if `held`, and into the buyer's units of a limited product.
+fn take(state: &mut PartitionState, order: &Order, line: &Line, held: bool) {
+    let (user, wanted) = (order.user_id, line.quantity.get());
+    match state.shares.get_mut(&line.product_id) {
+        Some(shares) => shares.take(order.shard, wanted),
+        None => {
+            *state
+                .stock
+                .get_mut(&line.product_id)
+                .expect("a line is taken only from a known product") -= wanted;
+        }
+    }
     if held {
         *state.held.entry(line.product_id).or_insert(0) += wanted;
     }
@@ -326,15 +414,30 @@ fn is_limited(state: &PartitionState, product: ProductId) -> bool {
 }
 
 /// Confirms, releases or leaves alone the hold `command` names.
-fn decide_command(state: &mut PartitionState, command: &Command, now: DateTime<Utc>) -> Verdict {
+fn decide_command(
+    state: &mut PartitionState,
+    command: &Command,
+    now: DateTime<Utc>,
+) -> Result<Verdict, Escalation> {
     let Some(hold) = state.holds.get(&command.transaction_id) else {
-        return Verdict::Unchanged;
+        return Ok(Verdict::Unchanged);
     };
+    // A hold's held units are on its products' rows: a sharded one must be locked for update.
+    for line in hold.lines.iter() {
+        if let Some(shares) = state.shares.get(&line.product_id)
+            && shares.mode != ShareMode::Exclusive
+        {
+            return Err(Escalation {
+                product: line.product_id,
+                mode: ShareMode::Exclusive,
+            });
+        }
+    }
     if now >= hold.expires_at {
         release(state, command.transaction_id);
-        return Verdict::Release(RejectReason::Expired);
+        return Ok(Verdict::Release(RejectReason::Expired));
     }
-    match command.kind {
+    Ok(match command.kind {
         CommandKind::Checkout => {
             confirm(state, command.transaction_id);
             Verdict::Confirm
@@ -345,7 +448,7 @@ fn decide_command(state: &mut PartitionState, command: &Command, now: DateTime<U
         }
         // Not due yet (the sweeper's clock ran ahead of this one): nothing to do.
         CommandKind::Expire => Verdict::Unchanged,
-    }
+    })
 }
 
 /// A hold checked out: its units stay taken, now sold (no longer held), and its slot's place
@@ -366,7 +469,9 @@ fn release(state: &mut PartitionState, id: TransactionId) {
     let hold = state.holds.remove(&id).expect("a held transaction");
     for line in hold.lines.iter() {
         unhold(state, line);
-        if let Some(stock) = state.stock.get_mut(&line.product_id) {
+        if let Some(shares) = state.shares.get_mut(&line.product_id) {
+            shares.give_back(line.quantity.get());
+        } else if let Some(stock) = state.stock.get_mut(&line.product_id) {
             *stock += line.quantity.get();
         }
         if is_limited(state, line.product_id)

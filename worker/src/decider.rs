@@ -6,9 +6,11 @@
 //! Because every step is idempotent, a batch that failed anywhere (database down, Redis down,
 //! a crash) is simply processed again: what was committed is found and replayed.
 
-use crate::core::{self, CommandDecided, Decided, Decisions, Hold, Numbered, PartitionState};
+use crate::core::{
+    self, CommandDecided, Decided, Decisions, Escalation, Hold, Numbered, PartitionState, ShareMode,
+};
 use crate::group::GroupCommit;
-use crate::persist::{self, DeadLetter};
+use crate::persist::{self, DeadLetter, ShareLock};
 use crate::poison;
 use crate::retry::{self, Failure};
 use allot_shared::status_store::StatusStore;
@@ -22,7 +24,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 /// One item to decide: one request's JSON as received (an item of a batch envelope, see
@@ -231,24 +233,110 @@ impl Decider {
 /// sales, write, commit. Each batch is decided on its own, in the order given, so the outcome is
 /// the one of committing them one after the other, and their sales are numbered batch after
 /// batch. All of them commit, or none does.
+///
+/// The purchases of a product spread over several partitions are decided from their own
+/// shard's share where they can be ([`ShareMode::Own`]); when the core finds a share short (or
+/// a product held otherwise than it needs), the attempt is rolled back and the batches decided
+/// again with that product's shares held as asked ([`Escalation`]), at most twice per such
+/// product (own, pooled, exclusive).
 pub async fn commit_batches(
     pool: &PgPool,
     batches: &[&Batch],
     decided_at: DateTime<Utc>,
     day: NaiveDate,
 ) -> anyhow::Result<Vec<Committed>> {
+    let mut escalated: BTreeMap<i64, ShareMode> = BTreeMap::new();
+    loop {
+        let attempt = attempt_batches(pool, batches, decided_at, day, &escalated).await?;
+        let escalation = match attempt {
+            Attempt::Committed(committed) => return Ok(committed),
+            Attempt::Escalate(escalation) => escalation,
+        };
+        let product = escalation.product.get();
+        let before = escalated.get(&product).copied();
+        anyhow::ensure!(
+            before.is_none_or(|before| before < escalation.mode),
+            "product {product} asked again for its shares held {:?}",
+            escalation.mode
+        );
+        tracing::debug!(%product, mode = ?escalation.mode, "deciding the batches again with more of a product's shares locked");
+        crate::monitor::record_escalation(escalation.mode);
+        escalated.insert(product, escalation.mode);
+    }
+}
+
+/// One attempt at [`commit_batches`]: committed, or rolled back because a product's shares
+/// must be held otherwise.
+enum Attempt {
+    Committed(Vec<Committed>),
+    Escalate(Escalation),
+}
+
+/// How the batches' products with shares are locked ([`persist::lock_products`]): the products
+/// of purchases of one line without a hold that name their shard (and of nothing else) from
+/// those shards' shares, unless an earlier attempt asked for more (`escalated`); every other
+/// product for update. Only purchases of products with shares name a shard.
+fn share_locks(
+    orders: &[&Order],
+    holds: &HashMap<TransactionId, Hold>,
+    escalated: &BTreeMap<i64, ShareMode>,
+) -> BTreeMap<i64, ShareLock> {
+    let mut locks: BTreeMap<i64, ShareLock> = BTreeMap::new();
+    let mut whole: BTreeSet<i64> = holds
+        .values()
+        .flat_map(|hold| hold.lines.iter().map(|line| line.product_id.get()))
+        .collect();
+    for order in orders {
+        match (order.shard, order.lines.single(), order.hold) {
+            (Some(shard), Some(line), None) => {
+                let product = line.product_id.get();
+                if let ShareLock::Own(shards) = locks
+                    .entry(product)
+                    .or_insert_with(|| ShareLock::Own(BTreeSet::new()))
+                {
+                    shards.insert(shard);
+                }
+            }
+            _ => whole.extend(order.lines.iter().map(|line| line.product_id.get())),
+        }
+    }
+    locks.retain(|product, lock| {
+        match escalated.get(product) {
+            Some(ShareMode::Exclusive) => return false,
+            Some(ShareMode::Pooled) => *lock = ShareLock::Pooled,
+            _ => {}
+        }
+        !whole.contains(product)
+    });
+    locks
+}
+
+async fn attempt_batches(
+    pool: &PgPool,
+    batches: &[&Batch],
+    decided_at: DateTime<Utc>,
+    day: NaiveDate,
+    escalated: &BTreeMap<i64, ShareMode>,
+) -> anyhow::Result<Attempt> {
     let mut tx = pool
         .begin()
         .await
         .context("failed to begin a transaction")?;
     let orders: Vec<&Order> = orders_of(batches.iter().flat_map(|b| &b.requests)).collect();
     let commands: Vec<&Command> = commands_of(batches.iter().flat_map(|b| &b.requests)).collect();
-    // What the core needs, under lock in the one global order (holds, products, slots; the
-    // day's counter last): the holds the commands name, the products' stock, held units and
-    // rules, the slots, the buyers' units of limited products, and what was decided before.
+    // What the core needs, under lock in the one global order (holds, products, shares, slots;
+    // the day's counter last): the holds the commands name, the products' stock, held units,
+    // rules and shares, the slots, the buyers' units of limited products, and what was decided
+    // before.
     let holds = persist::lock_holds(&mut tx, &commands).await?;
     let open = open_holds(&holds)?;
-    let locked = persist::lock_products(&mut tx, &products_of(&orders, &open), &orders).await?;
+    let share_locks = share_locks(&orders, &open, escalated);
+    let products = products_of(&orders, &open);
+    let locked = persist::lock_products(&mut tx, &products, &orders, &share_locks).await?;
+    if let Some(escalation) = locked.escalation {
+        tx.rollback().await.context("failed to roll back")?;
+        return Ok(Attempt::Escalate(escalation));
+    }
     let slots = persist::lock_slots(&mut tx, &slots_of(&orders, &open)).await?;
     let bought = persist::buyer_units(&mut tx, &locked.rules, buyers_of(&orders, &open)).await?;
     let stored = persist::stored_outcomes(&mut tx, &orders).await?;
@@ -262,13 +350,22 @@ pub async fn commit_batches(
         holds: open,
         decided: outcomes_of(&stored)?,
         commands: stored_commands,
+        shares: locked.shares.clone(),
     };
     // Decide each batch in arrival order, then number the new sales, batch after batch (the
     // day's counter, locked last).
-    let decisions: Vec<Decisions> = batches
+    let decided: Result<Vec<Decisions>, Escalation> = batches
         .iter()
-        .map(|batch| core::decide(&mut state, &batch.requests, decided_at))
+        .map(|batch| core::try_decide(&mut state, &batch.requests, decided_at))
         .collect();
+    let decisions = match decided {
+        Ok(decisions) => decisions,
+        Err(escalation) => {
+            tx.rollback().await.context("failed to roll back")?;
+            return Ok(Attempt::Escalate(escalation));
+        }
+    };
+    core::rebalance(&mut state);
     let sold = decisions.iter().map(Decisions::sold).sum();
     let mut next_seq = persist::reserve_order_numbers(&mut tx, day, sold).await?;
     let numbered: Vec<Numbered> = decisions
@@ -287,6 +384,7 @@ pub async fn commit_batches(
         (&state.stock, &state.held),
     )
     .await?;
+    persist::write_shares(&mut tx, &locked.shares, &state.shares).await?;
     persist::write_slots(&mut tx, &slots, &state.slots).await?;
     persist::write_buyer_units(&mut tx, &bought, &state.bought).await?;
     let mut rows = Vec::with_capacity(orders.len());
@@ -357,7 +455,8 @@ pub async fn commit_batches(
                 views,
             })
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()
+        .map(Attempt::Committed)
 }
 
 /// The orders among `requests`, in order.

@@ -17,6 +17,8 @@ pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 const OUTCOMES: [&str; 5] = ["succeeded", "rejected", "held", "replayed", "dead_lettered"];
 /// The `event` labels of `allot_worker_holds_total`.
 const HOLD_EVENTS: [&str; 4] = ["held", "confirmed", "cancelled", "expired"];
+/// The `mode` labels of `allot_worker_share_escalations_total`.
+const SHARE_MODES: [&str; 2] = ["pooled", "exclusive"];
 
 /// Installs the metrics recorder (see [`allot_shared::metrics::install`]) and registers the
 /// worker's counters and unlabelled histograms, so that `/metrics` shows them from the start,
@@ -30,6 +32,9 @@ pub fn install_metrics() -> PrometheusHandle {
     }
     metrics::counter!("allot_worker_set_aside_total").increment(0);
     metrics::counter!("allot_worker_handovers_total").increment(0);
+    for mode in SHARE_MODES {
+        metrics::counter!("allot_worker_share_escalations_total", "mode" => mode).increment(0);
+    }
     // Registered (an empty histogram renders its buckets at 0), nothing recorded.
     let _ = metrics::histogram!("allot_worker_batch_size");
     let _ = metrics::histogram!("allot_worker_commit_duration_seconds");
@@ -78,6 +83,17 @@ async fn probe(channel: &lapin::Channel, topology: &Topology) -> lapin::Result<(
             .set(f64::from(depth));
     }
     Ok(())
+}
+
+/// Records an attempt at a group of batches rolled back and decided again because a product
+/// spread over several partitions needed more of its shares locked (`pooled`: a share ran
+/// short; `exclusive`: the product row was needed).
+pub fn record_escalation(mode: crate::core::ShareMode) {
+    let label = match mode {
+        crate::core::ShareMode::Own | crate::core::ShareMode::Pooled => SHARE_MODES[0],
+        crate::core::ShareMode::Exclusive => SHARE_MODES[1],
+    };
+    metrics::counter!("allot_worker_share_escalations_total", "mode" => label).increment(1);
 }
 
 /// Records a committed batch: its size, how long its commit took, and its decisions by outcome

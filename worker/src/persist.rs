@@ -9,8 +9,16 @@
 //! holds or slots runs the statements it ran before they existed.
 //!
 //! **The lock order**, the same for every decider, so that two of them never deadlock: the
-//! holds (transactions) a batch's commands name, by id; then products, by id; then slots, by
-//! id; then the day's counter row. Staff's changes take one product or slot row each.
+//! holds (transactions) a batch's commands name, by id; then products, by id; then the shares of
+//! products spread over several partitions, by (product, shard); then slots, by id; then the
+//! day's counter row. Staff's changes take one product or slot row each (and, for a product
+//! with shares, all its shares after it).
+//!
+//! A product with shares is locked like an intention lock over them: `FOR SHARE` by a batch
+//! that decides it from some of its shares (several partitions at once), `FOR UPDATE` by
+//! whatever needs all of the product (staff's changes, holds, orders of several products). So
+//! whoever holds the product row for update holds its shares alone, and locks them after it
+//! without ever waiting (see [`lock_products`]).
 //!
 //! The set statements (`= ANY($1)`, `UNNEST`) run with `.persistent(false)`, planned for each
 //! call: see the module documentation of `allot_shared::db`. Setting an item aside ([`insert_dead_letters`], [`reject_unprocessable`]) is the
@@ -26,16 +34,16 @@
 //! transaction id refuses a second decision (the loser's transaction rolls back and its batch
 //! is retried, when it finds and replays the winner's outcome).
 
-use crate::core::{Decided, Rules, Slot};
+use crate::core::{Decided, Escalation, Rules, ShareMode, Shares, Slot};
 use allot_shared::stored::{self, ItemColumns, RowColumns, StoredTransaction};
 use allot_shared::{
     Command, CommandId, CommandKind, CommandOutcome, Order, Outcome, PartitionId, ProductId,
-    RejectReason, SlotId, Status, TransactionId, UserId,
+    RejectReason, Shard, SlotId, Status, TransactionId, UserId,
 };
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::PgConnection;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use uuid::Uuid;
 
 /// An item that could not be decided; it is recorded in `dead_letters`.
@@ -57,6 +65,21 @@ pub struct Locked {
     pub held: HashMap<ProductId, i64>,
     /// Limits, sale windows and pauses of the products that have any.
     pub rules: HashMap<ProductId, Rules>,
+    /// The shares of the products spread over several partitions, as locked.
+    pub shares: HashMap<ProductId, Shares>,
+    /// Set when a product was found not to be what the batch's plan took it for (share-locked,
+    /// but it has no shares, or a per-buyer limit): nothing is decided, the batch is tried
+    /// again with the product locked for update.
+    pub escalation: Option<Escalation>,
+}
+
+/// Which of a sharded product's shares a batch locks, with the product row `FOR SHARE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShareLock {
+    /// These shards' shares ([`ShareMode::Own`]).
+    Own(BTreeSet<Shard>),
+    /// Every share ([`ShareMode::Pooled`]).
+    Pooled,
 }
 
 /// A product row as [`lock_products`] reads it.
@@ -69,7 +92,16 @@ type ProductRow = (
     Option<DateTime<Utc>>,
     Option<DateTime<Utc>>,
     Option<DateTime<Utc>>,
+    i32,
 );
+
+/// The columns of [`ProductRow`].
+macro_rules! product_row {
+    () => {
+        "id, stock, held, max_per_buyer, sale_starts_at, sale_ends_at, paused_at, \
+         last_resumed_at, shards"
+    };
+}
 
 /// Locks the transactions the batch's commands name (`FOR UPDATE`, in id order: the first
 /// locks a batch takes, see the module documentation) and returns their rows. No statement
@@ -96,33 +128,83 @@ pub async fn lock_holds(
 }
 
 /// Locks `product_ids` (in id order, so two lockers cannot deadlock, whichever partitions their
-/// orders came from) and returns their stock, held units and rules. A product missing from the
-/// result does not exist. `orders` are the batch's orders, whose acceptance times say which
-/// closed pauses matter.
+/// orders came from) and returns their stock, held units, rules and shares. A product missing
+/// from the result does not exist. `orders` are the batch's orders, whose acceptance times say
+/// which closed pauses matter. The products of `share_locks` are locked `FOR SHARE` (in the same
+/// ordered statement), with the shares asked for; every other product `FOR UPDATE`, with all
+/// its shares if it has any (locked after the products: whoever holds a product row for update
+/// holds its shares alone, so this never waits).
 ///
 /// The closed pauses of a product are read only when an order of the batch was accepted
 /// before the product's latest resume (`last_resumed_at`): the one case where one can cover
-/// it. A batch without such requests costs the one statement it cost before rules existed.
+/// it. A batch without such requests, products with shares or share locks costs the one
+/// statement it cost before rules existed.
 pub async fn lock_products(
     conn: &mut PgConnection,
     product_ids: &BTreeSet<i64>,
     orders: &[&Order],
+    share_locks: &BTreeMap<i64, ShareLock>,
 ) -> anyhow::Result<Locked> {
     let product_ids: Vec<i64> = product_ids.iter().copied().collect();
-    let rows: Vec<ProductRow> = sqlx::query_as(
-        "SELECT id, stock, held, max_per_buyer, sale_starts_at, sale_ends_at, paused_at, \
-                last_resumed_at \
-         FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-    )
-    .bind(&product_ids)
-    .persistent(false)
-    .fetch_all(&mut *conn)
-    .await
+    let rows: Vec<ProductRow> = if share_locks.is_empty() {
+        sqlx::query_as(concat!(
+            "SELECT ",
+            product_row!(),
+            " FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+        ))
+        .bind(&product_ids)
+        .persistent(false)
+        .fetch_all(&mut *conn)
+        .await
+    } else {
+        // One row lock after the other, in id order, each in its own mode: a nested loop over
+        // the ids (a lateral subquery with a row lock is never flattened).
+        let shared: Vec<bool> = product_ids
+            .iter()
+            .map(|id| share_locks.contains_key(id))
+            .collect();
+        sqlx::query_as(concat!(
+            "SELECT l.* FROM UNNEST($1::bigint[], $2::bool[]) WITH ORDINALITY AS t(id, shared, n) \
+             CROSS JOIN LATERAL ( \
+               SELECT * FROM (SELECT ",
+            product_row!(),
+            " FROM products p WHERE p.id = t.id AND NOT t.shared FOR UPDATE) x \
+               UNION ALL \
+               SELECT * FROM (SELECT ",
+            product_row!(),
+            " FROM products p WHERE p.id = t.id AND t.shared FOR SHARE) y) l \
+             ORDER BY t.n"
+        ))
+        .bind(&product_ids)
+        .bind(&shared)
+        .persistent(false)
+        .fetch_all(&mut *conn)
+        .await
+    }
     .context("failed to lock the batch's products")?;
     let mut locked = Locked::default();
     let mut resumed: HashMap<ProductId, DateTime<Utc>> = HashMap::new();
-    for (id, units, held, max_per_buyer, starts_at, ends_at, paused_since, last_resumed) in rows {
+    // Products with shares, and how they are held.
+    let mut sharded: Vec<(ProductId, i32, ShareMode)> = Vec::new();
+    for (id, units, held, max_per_buyer, starts_at, ends_at, paused_since, last_resumed, shards) in
+        rows
+    {
         let id = ProductId::try_from(id).map_err(anyhow::Error::msg)?;
+        let mode = match share_locks.get(&id.get()) {
+            None => ShareMode::Exclusive,
+            Some(ShareLock::Own(_)) => ShareMode::Own,
+            Some(ShareLock::Pooled) => ShareMode::Pooled,
+        };
+        if mode != ShareMode::Exclusive && shards <= 1 && locked.escalation.is_none() {
+            // Share-locked, but its stock is on its own row (shards went back to 1).
+            locked.escalation = Some(Escalation {
+                product: id,
+                mode: ShareMode::Exclusive,
+            });
+        }
+        if shards > 1 {
+            sharded.push((id, shards, mode));
+        }
         locked.stock.insert(id, units);
         if held != 0 {
             locked.held.insert(id, held);
@@ -142,6 +224,12 @@ pub async fn lock_products(
         if let Some(last_resumed) = last_resumed {
             resumed.insert(id, last_resumed);
         }
+    }
+    if locked.escalation.is_some() {
+        return Ok(locked); // decided again, locked otherwise
+    }
+    if !sharded.is_empty() {
+        locked.shares = lock_shares(&mut *conn, &sharded, share_locks).await?;
     }
     if resumed.is_empty() {
         return Ok(locked); // no product of the batch was ever resumed: no closed pause
@@ -184,6 +272,100 @@ pub async fn lock_products(
         }
     }
     Ok(locked)
+}
+
+/// Locks the shares of `sharded` (products with shares, with their shard count and how the batch
+/// holds them: its own shards' shares, or all), `FOR UPDATE` in (product, shard) order, in one
+/// statement, and returns them.
+///
+/// A statement of its own, after the products' locks are held: its snapshot is taken then, so
+/// it sees the shares as the last change of the product left them. Staff's restocks and changes
+/// of `shards` delete and insert share rows under the product row's update lock; a statement that
+/// locked the product row and scanned the shares at once would scan them with the snapshot it
+/// took before waiting for that lock, find the deleted rows gone and miss the inserted ones, and
+/// decide from shares that are not there (the integration tests caught exactly that).
+async fn lock_shares(
+    conn: &mut PgConnection,
+    sharded: &[(ProductId, i32, ShareMode)],
+    share_locks: &BTreeMap<i64, ShareLock>,
+) -> anyhow::Result<HashMap<ProductId, Shares>> {
+    let mut all = Vec::new();
+    let (mut own_products, mut own_shards) = (Vec::new(), Vec::new());
+    for &(product, shards, mode) in sharded {
+        match share_locks.get(&product.get()) {
+            Some(ShareLock::Own(own)) if mode == ShareMode::Own => {
+                for shard in own.iter().filter(|shard| i32::from(shard.0) < shards) {
+                    own_products.push(product.get());
+                    own_shards.push(i32::from(shard.0));
+                }
+            }
+            _ => all.push(product.get()),
+        }
+    }
+    let rows: Vec<(i64, i32, i64)> = sqlx::query_as(
+        "SELECT product_id, shard, stock FROM product_shares \
+         WHERE product_id = ANY($1) \
+            OR (product_id, shard) IN (SELECT * FROM UNNEST($2::bigint[], $3::integer[])) \
+         ORDER BY product_id, shard FOR UPDATE",
+    )
+    .bind(&all)
+    .bind(&own_products)
+    .bind(&own_shards)
+    .persistent(false)
+    .fetch_all(&mut *conn)
+    .await
+    .context("failed to lock the batch's shares")?;
+    let mut shares: HashMap<ProductId, Shares> = sharded
+        .iter()
+        .map(|&(product, _, mode)| {
+            let units = BTreeMap::new();
+            (product, Shares { mode, units })
+        })
+        .collect();
+    for (product, shard, units) in rows {
+        let product = ProductId::try_from(product).map_err(anyhow::Error::msg)?;
+        let shard = Shard(u16::try_from(shard).context("a shard out of range")?);
+        if let Some(held) = shares.get_mut(&product) {
+            held.units.insert(shard, units);
+        }
+    }
+    Ok(shares)
+}
+
+/// Writes the shares whose units changed (the rows are locked: absolute values are safe). No
+/// statement when none did.
+pub async fn write_shares(
+    conn: &mut PgConnection,
+    before: &HashMap<ProductId, Shares>,
+    after: &HashMap<ProductId, Shares>,
+) -> anyhow::Result<()> {
+    let (mut products, mut shards, mut units) = (Vec::new(), Vec::new(), Vec::new());
+    for (product, shares) in after {
+        let was = before.get(product).map(|shares| &shares.units);
+        for (shard, &now) in &shares.units {
+            if was.and_then(|was| was.get(shard)) != Some(&now) {
+                products.push(product.get());
+                shards.push(i32::from(shard.0));
+                units.push(now);
+            }
+        }
+    }
+    if products.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE product_shares AS s SET stock = v.stock \
+         FROM UNNEST($1::bigint[], $2::integer[], $3::bigint[]) AS v(product_id, shard, stock) \
+         WHERE s.product_id = v.product_id AND s.shard = v.shard",
+    )
+    .bind(&products)
+    .bind(&shards)
+    .bind(&units)
+    .persistent(false)
+    .execute(conn)
+    .await
+    .context("failed to write the shares")?;
+    Ok(())
 }
 
 /// A slot row as [`lock_slots`] reads it: id, capacity, taken, held, end.

@@ -43,6 +43,7 @@ pub fn salvage(body: &[u8], message_id: Option<&str>, now: DateTime<Utc>) -> Opt
         created_at: to_stored_precision(created_at),
         hold: None,
         slot: None,
+        shard: None,
     })
 }
 

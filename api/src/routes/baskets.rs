@@ -169,6 +169,7 @@ pub async fn place_order(
         created_at: state.clock.now(),
         hold,
         slot: body.slot_id,
+        shard: None,
     };
     accept(&state, &headers, ORDERS, order).await
 }

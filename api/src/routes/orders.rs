@@ -188,9 +188,10 @@ pub async fn accept(
     state: &AppState,
     headers: &HeaderMap,
     operation: &'static str,
-    order: Order,
+    mut order: Order,
 ) -> Result<Response, ApiError> {
     let wait = preferred_wait(headers);
+    state.catalogue.assign_shard(&mut order);
     if let Some(key) = idempotency::key_of(headers)? {
         return accept_once(state, key, operation, order, wait).await;
     }

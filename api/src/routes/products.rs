@@ -1,5 +1,11 @@
 //! The catalogue: staff create, restock and change products (bearer token): a per-buyer limit,
-//! a sale window, a pause; anyone lists them and reads their remaining stock and rules.
+//! a sale window, a pause, the shards of a hot product; anyone lists them and reads their
+//! remaining stock and rules.
+//!
+//! A product with `shards` > 1 keeps its stock in its shares (`product_shares`, one row per
+//! shard; `products.stock` is 0), and reads as their sum. Whatever changes its stock or shards
+//! here locks the product row for update, then every share (see `worker/src/persist.rs`, the
+//! lock order), and splits the stock evenly over the shares again.
 
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{self, Admin, AppJson, AppPath, AppQuery};
@@ -47,17 +53,34 @@ pub struct Product {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub paused_at: Option<DateTime<Utc>>,
+    /// The partitions its purchases are spread over (its stock is split in as many shares,
+    /// and `stock` is their sum); present only when more than 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[schema(minimum = 2)]
+    pub shards: i32,
 }
 
-/// The columns of [`Product`], for `SELECT` and `RETURNING`.
+/// The columns of [`Product`], for `SELECT` and `RETURNING`: a product's stock is its own
+/// column plus the sum of its shares (it has either, never both).
 macro_rules! product_columns {
     () => {
-        "id, name, stock, held, max_per_buyer, sale_starts_at, sale_ends_at, paused_at"
+        "id, name, \
+         stock + COALESCE((SELECT sum(s.stock) FROM product_shares s \
+                           WHERE s.product_id = products.id), 0)::bigint AS stock, \
+         held, max_per_buyer, sale_starts_at, sale_ends_at, paused_at, shards"
     };
 }
 
 fn is_zero(units: &i64) -> bool {
     *units == 0
+}
+
+fn one() -> i32 {
+    1
+}
+
+fn is_one(shards: &i32) -> bool {
+    *shards == 1
 }
 
 impl Product {
@@ -100,6 +123,12 @@ pub struct NewProduct {
     /// On sale until this time (exclusive), after `sale_starts_at`; absent or `null`: no end.
     #[serde(default)]
     pub sale_ends_at: Option<DateTime<Utc>>,
+    /// Spread the product's purchases over this many partitions (1 to `ALLOT_PARTITIONS`),
+    /// each deciding from its own share of the stock; absent or `null`: 1. Not with
+    /// `max_per_buyer`.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 16, example = 4)]
+    pub shards: Option<i64>,
 }
 
 /// A change of a product's rules, with JSON merge-patch semantics (RFC 7396): a field left out
@@ -124,6 +153,12 @@ pub struct ProductPatch {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = bool)]
     pub paused: Option<Option<bool>>,
+    /// Spread the product's purchases over this many partitions (1 to `ALLOT_PARTITIONS`);
+    /// the stock is split again over the new shares at once, under their locks. `null` is
+    /// refused. Not with `max_per_buyer`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = i64, minimum = 1, maximum = 16, example = 4)]
+    pub shards: Option<Option<i64>>,
 }
 
 /// A field that is present: `Some(None)` for `null`, `Some(Some(value))` for a value (a field
@@ -209,6 +244,84 @@ impl Rules {
     }
 }
 
+/// Checks a product's `shards`: 1 to the number of partitions, and not with a per-buyer limit
+/// (its units per buyer are counted under the product row's lock, which purchases decided
+/// from one share do not take).
+fn checked_shards(
+    state: &AppState,
+    shards: i64,
+    max_per_buyer: Option<i64>,
+) -> Result<i32, ApiError> {
+    let partitions = state.publisher.partition_count();
+    if !(1..=i64::from(partitions)).contains(&shards) {
+        return Err(ApiError::InvalidBody(format!(
+            "shards must be between 1 and {partitions} (the number of partitions), got {shards}"
+        )));
+    }
+    if shards > 1 && max_per_buyer.is_some() {
+        return Err(ApiError::InvalidBody(
+            "a product with max_per_buyer cannot have more than 1 shard".into(),
+        ));
+    }
+    Ok(shards as i32)
+}
+
+/// Splits `stock` units of `product` over `shards` shares again (1: back on the product row),
+/// in the transaction `tx`, which holds the product row locked for update. Locks the shares it
+/// replaces first (after the product row, as every decider does; nobody else can hold them
+/// while the product row is locked for update, so this never waits).
+async fn split_stock(
+    tx: &mut sqlx::PgConnection,
+    product: i64,
+    stock: i64,
+    shards: i32,
+) -> Result<(), ApiError> {
+    sqlx::query("DELETE FROM product_shares WHERE product_id = $1")
+        .bind(product)
+        .execute(&mut *tx)
+        .await?;
+    if shards <= 1 {
+        sqlx::query("UPDATE products SET stock = $2 WHERE id = $1")
+            .bind(product)
+            .bind(stock)
+            .execute(&mut *tx)
+            .await?;
+        return Ok(());
+    }
+    let count = i64::from(shards);
+    let (each, rest) = (stock / count, stock % count);
+    let units: Vec<i64> = (0..count).map(|i| each + i64::from(i < rest)).collect();
+    let indexes: Vec<i32> = (0..shards).collect();
+    sqlx::query(
+        "WITH emptied AS (UPDATE products SET stock = 0 WHERE id = $1) \
+         INSERT INTO product_shares (product_id, shard, stock) \
+         SELECT $1, u.shard, u.stock FROM UNNEST($2::integer[], $3::bigint[]) AS u(shard, stock)",
+    )
+    .bind(product)
+    .bind(&indexes)
+    .bind(&units)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// The stock of `product` as it stands (its row plus its shares), read after its row was
+/// locked for update, with its shares locked too: a statement of its own, so that it sees what
+/// a decider committed while this transaction waited for the lock.
+async fn locked_stock(tx: &mut sqlx::PgConnection, product: i64) -> Result<i64, ApiError> {
+    let shares: Vec<i64> = sqlx::query_scalar(
+        "SELECT stock FROM product_shares WHERE product_id = $1 ORDER BY shard FOR UPDATE",
+    )
+    .bind(product)
+    .fetch_all(&mut *tx)
+    .await?;
+    let own: i64 = sqlx::query_scalar("SELECT stock FROM products WHERE id = $1")
+        .bind(product)
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(own + shares.iter().sum::<i64>())
+}
+
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Restock {
@@ -239,8 +352,10 @@ pub struct ProductPage {
 #[utoipa::path(post, path = "/api/v1/products", tag = crate::openapi::PRODUCTS,
     summary = "Create a product (staff)",
     description = "Creates a product with its stock and, optionally, a per-buyer limit (`max_per_buyer`) \
-        and a sale window (`sale_starts_at` inclusive, `sale_ends_at` exclusive, RFC 3339 times). Requests \
-        are judged against the window at the time they are accepted.",
+        and a sale window (`sale_starts_at` inclusive, `sale_ends_at` exclusive, RFC 3339 times), or `shards` \
+        (1 to the number of partitions, not with `max_per_buyer`): a hot product whose purchases are spread \
+        over that many partitions, its stock split evenly over as many shares. Requests are judged against \
+        the window at the time they are accepted.",
     request_body = NewProduct,
     security(("admin_token" = [])),
     responses(
@@ -269,9 +384,11 @@ pub async fn create(
         sale_ends_at: body.sale_ends_at,
     }
     .checked()?;
+    let shards = checked_shards(&state, body.shards.unwrap_or(1), rules.max_per_buyer)?;
+    let mut tx = state.pool.begin().await?;
     let product: Product = sqlx::query_as(concat!(
-        "INSERT INTO products (name, stock, max_per_buyer, sale_starts_at, sale_ends_at) ",
-        "VALUES ($1, $2, $3, $4, $5) RETURNING ",
+        "INSERT INTO products (name, stock, max_per_buyer, sale_starts_at, sale_ends_at, shards) ",
+        "VALUES ($1, $2, $3, $4, $5, $6) RETURNING ",
         product_columns!()
     ))
     .bind(name)
@@ -279,13 +396,19 @@ pub async fn create(
     .bind(rules.max_per_buyer)
     .bind(rules.sale_starts_at)
     .bind(rules.sale_ends_at)
-    .fetch_one(&state.pool)
+    .bind(shards)
+    .fetch_one(&mut *tx)
     .await?;
+    if shards > 1 {
+        split_stock(&mut tx, product.id, body.stock, shards).await?;
+    }
+    tx.commit().await?;
+    let id = ProductId::try_from(product.id).map_err(anyhow::Error::msg)?;
     if product.sale().is_restricted() {
-        state.catalogue.set_sale(
-            ProductId::try_from(product.id).map_err(anyhow::Error::msg)?,
-            product.sale(),
-        );
+        state.catalogue.set_sale(id, product.sale());
+    }
+    if shards > 1 {
+        state.catalogue.set_shards(id, shards as u16);
     }
     tracing::info!(
         product_id = product.id,
@@ -325,15 +448,7 @@ pub async fn restock(
             body.quantity
         )));
     }
-    let updated: Option<Product> = sqlx::query_as(concat!(
-        "UPDATE products SET stock = stock + $2 WHERE id = $1 AND stock <= $3 - $2 RETURNING ",
-        product_columns!()
-    ))
-    .bind(id.get())
-    .bind(body.quantity)
-    .bind(MAX_STOCK)
-    .fetch_optional(&state.pool)
-    .await?;
+    let updated = add_stock(&state, id.get(), body.quantity).await?;
     match updated {
         Some(product) => {
             state.catalogue.reopen(id);
@@ -350,6 +465,53 @@ pub async fn restock(
         ))),
         None => Err(ApiError::NotFound(format!("no product {id}"))),
     }
+}
+
+/// Adds `quantity` units to `product` under its row lock; `None` if it does not exist or would
+/// go past [`MAX_STOCK`]. A product without shares: one statement, as before shares existed. One
+/// with shares: its row and then every share locked, the new stock split evenly over them.
+async fn add_stock(
+    state: &AppState,
+    product: i64,
+    quantity: i64,
+) -> Result<Option<Product>, ApiError> {
+    let updated: Option<Product> = sqlx::query_as(concat!(
+        "UPDATE products SET stock = stock + $2 WHERE id = $1 AND shards = 1 ",
+        "AND stock <= $3 - $2 RETURNING ",
+        product_columns!()
+    ))
+    .bind(product)
+    .bind(quantity)
+    .bind(MAX_STOCK)
+    .fetch_optional(&state.pool)
+    .await?;
+    if updated.is_some() {
+        return Ok(updated);
+    }
+    let mut tx = state.pool.begin().await?;
+    let shards: Option<i32> =
+        sqlx::query_scalar("SELECT shards FROM products WHERE id = $1 FOR UPDATE")
+            .bind(product)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(shards) = shards.filter(|&shards| shards > 1) else {
+        return Ok(None); // unknown, or too much for a product without shares
+    };
+    let stock = locked_stock(&mut tx, product).await?;
+    if stock > MAX_STOCK - quantity {
+        return Ok(None);
+    }
+    split_stock(&mut tx, product, stock + quantity, shards).await?;
+    let product: Product = sqlx::query_as(concat!(
+        "SELECT ",
+        product_columns!(),
+        " FROM products WHERE id = $1"
+    ))
+    .bind(product)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(product))
 }
 
 #[utoipa::path(get, path = "/api/v1/products", tag = crate::openapi::PRODUCTS,
@@ -420,14 +582,17 @@ async fn fetch(state: &AppState, id: i64) -> Result<Option<Product>, ApiError> {
 /// Changes a product's per-buyer limit, sale window or pause, under the product's row lock (the
 /// lock every decision about it takes), so that no request is decided against half a change.
 #[utoipa::path(patch, path = "/api/v1/products/{id}", tag = crate::openapi::PRODUCTS,
-    summary = "Change a product's limit, sale window or pause (staff)",
+    summary = "Change a product's limit, sale window, pause or shards (staff)",
     description = "JSON merge-patch semantics (RFC 7396), sent as `application/json`: a field left out stays \
         as it is, `null` clears it, a value sets it. `max_per_buyer` (1 to 10^12): no buyer's succeeded units \
         of the product go past it (units bought before a limit is set count; lowering it undoes no purchase). \
         `sale_starts_at` (inclusive) and `sale_ends_at` (exclusive), RFC 3339 times kept to the microsecond, \
         the start before the end: a request is on sale iff it was accepted inside the window. `paused`: \
         `true` pauses the sale from now on (requests accepted while paused are rejected `paused`, also those \
-        decided after the resume), `false` resumes it. Answers the product as it now is. The change applies \
+        decided after the resume), `false` resumes it. `shards` (1 to the number of partitions, not with \
+        `max_per_buyer`; `null` refused): the product's purchases are spread over that many partitions, each \
+        deciding from its own share of the stock (a share that runs short takes from the others); the stock \
+        is split evenly over the new shares at once. Answers the product as it now is. The change applies \
         at once on this server; other API instances answer at once from it within one catalogue refresh, \
         and the worker always judges from the product itself.",
     params(("id" = i64, Path, minimum = 1, description = "The product id")),
@@ -440,7 +605,7 @@ async fn fetch(state: &AppState, id: i64) -> Result<Option<Product>, ApiError> {
         (status = 404, description = "`not_found`: no such product", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-        (status = 422, description = "`invalid_body`: unknown field, wrong type, a limit out of range, a time that is not RFC 3339 or outside the years 1 to 9999, a start not before the end, `paused: null`", body = ErrorBody),
+        (status = 422, description = "`invalid_body`: unknown field, wrong type, a limit out of range, a time that is not RFC 3339 or outside the years 1 to 9999, a start not before the end, `paused: null`, `shards` null, not an integer, outside 1 to the number of partitions, or above 1 with a `max_per_buyer`", body = ErrorBody),
     ))]
 pub async fn update(
     _: Admin,
@@ -456,6 +621,15 @@ pub async fn update(
             ));
         }
         Some(Some(paused)) => Some(paused),
+        None => None,
+    };
+    let shards = match body.shards {
+        Some(None) => {
+            return Err(ApiError::InvalidBody(
+                "shards must be an integer from 1, not null".into(),
+            ));
+        }
+        Some(Some(shards)) => Some(shards),
         None => None,
     };
     let mut tx = state.pool.begin().await?;
@@ -476,6 +650,15 @@ pub async fn update(
         sale_ends_at: body.sale_ends_at.unwrap_or(current.sale_ends_at),
     }
     .checked()?;
+    let shards = checked_shards(
+        &state,
+        shards.unwrap_or(i64::from(current.shards)),
+        rules.max_per_buyer,
+    )?;
+    if shards != current.shards {
+        let stock = locked_stock(&mut tx, id.get()).await?;
+        split_stock(&mut tx, id.get(), stock, shards).await?;
+    }
     let now = state.clock.now();
     let paused_at = match (paused, current.paused_at) {
         (Some(true), None) => Some(now),
@@ -497,7 +680,7 @@ pub async fn update(
     }
     let product: Product = sqlx::query_as(concat!(
         "UPDATE products SET max_per_buyer = $2, sale_starts_at = $3, sale_ends_at = $4, ",
-        "paused_at = $5 WHERE id = $1 RETURNING ",
+        "paused_at = $5, shards = $6 WHERE id = $1 RETURNING ",
         product_columns!()
     ))
     .bind(id.get())
@@ -505,13 +688,16 @@ pub async fn update(
     .bind(rules.sale_starts_at)
     .bind(rules.sale_ends_at)
     .bind(paused_at)
+    .bind(shards)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
     state.catalogue.set_sale(id, product.sale());
+    state.catalogue.set_shards(id, product.shards as u16);
     tracing::info!(
         product_id = product.id,
         max_per_buyer = product.max_per_buyer,
+        shards = product.shards,
         sale_starts_at = ?product.sale_starts_at,
         sale_ends_at = ?product.sale_ends_at,
         paused_at = ?product.paused_at,

@@ -5,10 +5,12 @@
 
 mod answer;
 mod poll;
+mod shop;
 pub mod wire;
 
 pub use answer::{Answer, Unavailable, describe_failure, snippet};
 pub use poll::{Polled, poll_until_final};
+pub use shop::Reply;
 pub use wire::{Order, Product, Transaction};
 
 use anyhow::{Context as _, Result, ensure};
@@ -106,18 +108,37 @@ impl Api {
 
     /// `POST /api/v1/products` (staff): exactly `201` with the product as created.
     pub async fn create_product(&self, name: &str, stock: i64) -> Result<Product> {
+        self.create_sharded_product(name, stock, 1).await
+    }
+
+    /// `POST /api/v1/products` (staff) of a product spread over `shards` partitions: exactly
+    /// `201` with the product, its stock and its shards (shown only above 1).
+    pub async fn create_sharded_product(
+        &self,
+        name: &str,
+        stock: i64,
+        shards: u16,
+    ) -> Result<Product> {
+        let body = NewProduct {
+            name,
+            stock,
+            shards: (shards != 1).then_some(shards),
+        };
         let response = (self.client.post(self.url("/api/v1/products")))
             .bearer_auth(self.token()?)
-            .json(&NewProduct { name, stock })
+            .json(&body)
             .send()
             .await;
         let product: Product =
             expect(response, StatusCode::CREATED, "POST /api/v1/products").await?;
+        let shown = (shards > 1).then_some(i64::from(shards));
         ensure!(
-            product.name == name.trim() && product.stock == stock,
-            "POST /api/v1/products for {name:?} with stock {stock} created {:?} with stock {}",
+            product.name == name.trim() && product.stock == stock && product.shards == shown,
+            "POST /api/v1/products for {name:?} with stock {stock} and {shards} shard(s) created \
+             {:?} with stock {} and shards {:?}",
             product.name,
-            product.stock
+            product.stock,
+            product.shards
         );
         Ok(product)
     }

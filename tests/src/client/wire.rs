@@ -21,6 +21,9 @@ pub struct Order {
 pub struct NewProduct<'a> {
     pub name: &'a str,
     pub stock: i64,
+    /// Spread over this many partitions; left out: 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u16>,
 }
 
 /// A product as `GET /api/v1/products/{id}` (and creating or restocking one) answers it.
@@ -43,6 +46,9 @@ pub struct Product {
     pub sale_ends_at: Option<String>,
     #[serde(default)]
     pub paused_at: Option<String>,
+    /// The partitions its purchases are spread over; present only when more than 1.
+    #[serde(default)]
+    pub shards: Option<i64>,
 }
 
 /// A transaction as `GET /api/v1/transaction/{id}` shows it.

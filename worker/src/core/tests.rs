@@ -9,6 +9,7 @@ use std::collections::HashSet;
 mod envelopes;
 mod holds;
 mod orders;
+mod shards;
 
 /// The core on orders alone, decided at the epoch: what the tests of orders (without holds)
 /// need. Shadows [`super::decide`] in these tests.
@@ -64,6 +65,7 @@ fn order(id: u128, user: i64, lines: &[(i64, i64)], at: i64) -> Order {
         created_at: micros(at),
         hold: None,
         slot: None,
+        shard: None,
     }
 }
 

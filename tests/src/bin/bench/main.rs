@@ -10,8 +10,12 @@
 //!    accept-to-decided of the same requests).
 //! 3. Flash sale on one hot product, then requests for the sold-out product, then a restock.
 //! 4. Wide catalogue: uniform random requests over many products, backlog sampled.
-//! 5. Resident memory of allot-api and allot-worker (`--api-pid`, `--worker-pid`).
-//! 6. With `--chart PATH`, the accept phases' latency percentiles as an SVG picture.
+//! 5. One hot product spread over 1, 2 and 4 partitions (`shards`): its decisions/s with each
+//!    (`hot.rs`; `--only hot` runs this scenario alone).
+//! 6. Resident memory of allot-api and allot-worker (`--api-pid`, `--worker-pid`), and the CPU
+//!    each component (allot-api, allot-worker, RabbitMQ, PostgreSQL, Redis, the bench itself)
+//!    used per request in the accept and wide scenarios (`cost.rs`; docs/scaling.md's inputs).
+//! 7. With `--chart PATH`, the accept phases' latency percentiles as an SVG picture.
 //!
 //! Correctness is asserted: everything accepted decided, succeeded == stock and stock 0 after
 //! the flash sale, and the kit's invariants over the whole database (every day's order numbers
@@ -23,7 +27,9 @@
 //! A scenario over the test kit (`allot_tests`): its load generator, its client, its invariants.
 
 mod chart;
+mod cost;
 mod db;
+mod hot;
 mod refserver;
 mod report;
 mod rss;
@@ -120,9 +126,20 @@ struct Args {
     /// file (`deploy/local.sh bench` writes docs/bench-latency.svg).
     #[arg(long)]
     chart: Option<std::path::PathBuf>,
+    /// Run only this scenario (`hot`: one hot product over 1, 2 and 4 shards), without the
+    /// references and the other scenarios.
+    #[arg(long, value_enum)]
+    only: Option<Only>,
     /// Internal: serve a reference design (the bench spawns itself with this).
     #[arg(long, value_enum, hide = true)]
     serve_reference: Option<refserver::Kind>,
+}
+
+/// A scenario that can run alone (`--only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Only {
+    /// One hot product over 1, 2 and 4 shards.
+    Hot,
 }
 
 /// The sizes of one run.
@@ -282,6 +299,12 @@ async fn run(args: Args) -> Result<Vec<String>> {
             ""
         }
     );
+    if args.only == Some(Only::Hot) {
+        let hot = hot::run(&mut bench, &settings).await?;
+        hot::report(&hot);
+        check_promises(&args, &mut bench).await?;
+        return Ok(bench.failures);
+    }
     let mut references = Vec::new();
     for (kind, connections) in [
         (refserver::Kind::Bare, &[settings.connections][..]),
@@ -296,14 +319,55 @@ async fn run(args: Args) -> Result<Vec<String>> {
             references.push(reference);
         }
     }
+    let components = cost::Components {
+        api: args.api_pid,
+        worker: args.worker_pid,
+    };
+    let before = components.snapshot();
     let accept = scenarios::accept(&mut bench, &settings).await?;
     report::accept(&accept);
+    let accepted = [&accept.closed, &accept.open, &accept.low]
+        .iter()
+        .map(|tally| tally.statuses.get(&202).copied().unwrap_or(0))
+        .sum();
+    before
+        .cost_until(&components.snapshot(), accepted)
+        .print("the accept scenario (every request accepted and decided)");
     let wait = scenarios::wait(&mut bench, &settings).await?;
     report::wait(&wait);
     let flash = scenarios::flash(&mut bench, &settings).await?;
     report::flash(&flash);
+    let before = components.snapshot();
     let wide = scenarios::wide(&mut bench, &settings).await?;
     report::wide(&wide, settings.partitions);
+    before
+        .cost_until(&components.snapshot(), wide.decisions.count)
+        .print("the wide catalogue (10,000 products; per decided request)");
+    let hot = hot::run(&mut bench, &settings).await?;
+    hot::report(&hot);
+    check_promises(&args, &mut bench).await?;
+    report::batching(&args.base_url, args.worker_url.as_deref()).await;
+    report::memory(&memory);
+    report::targets(&references, &accept, &wait, &flash, &wide, &memory);
+    if let Some(path) = &args.chart {
+        let title = format!(
+            "allot accept latency{}",
+            if args.smoke {
+                " (smoke run: figures meaningless)"
+            } else {
+                ""
+            }
+        );
+        chart::write(path, &title, &references, &accept, &wait)
+            .with_context(|| format!("writing the chart {}", path.display()))?;
+        println!("chart: {}", path.display());
+    }
+    Ok(bench.failures)
+}
+
+/// The kit's invariants over the whole database (and, with `--redis-url`, every decided status
+/// in Redis); each violation fails the run.
+async fn check_promises(args: &Args, bench: &mut Bench) -> Result<()> {
     let mut redis = match &args.redis_url {
         Some(url) => Some(
             redis::aio::ConnectionManager::new(redis::Client::open(url.as_str())?)
@@ -325,23 +389,7 @@ async fn run(args: Args) -> Result<Vec<String>> {
         }
         Err(err) => bench.expect(false, format!("{err:#}")),
     }
-    report::batching(&args.base_url, args.worker_url.as_deref()).await;
-    report::memory(&memory);
-    report::targets(&references, &accept, &wait, &flash, &wide, &memory);
-    if let Some(path) = &args.chart {
-        let title = format!(
-            "allot accept latency{}",
-            if args.smoke {
-                " (smoke run: figures meaningless)"
-            } else {
-                ""
-            }
-        );
-        chart::write(path, &title, &references, &accept, &wait)
-            .with_context(|| format!("writing the chart {}", path.display()))?;
-        println!("chart: {}", path.display());
-    }
-    Ok(bench.failures)
+    Ok(())
 }
 
 /// Runs one reference design in a child process and loads it like allot's accept path, with

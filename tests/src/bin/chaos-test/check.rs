@@ -17,6 +17,9 @@ pub struct Catalogue {
     /// The product the poison fault makes undecidable; its requests must all be `unprocessable`.
     pub cursed: i64,
     pub cursed_stock: i64,
+    /// Initial stock plus every restock, per shop product (bought in orders of two and in
+    /// holds): `stock + held + sold` must equal it, whatever the demand.
+    pub conserved: BTreeMap<i64, i64>,
 }
 
 /// What the checks counted.
@@ -29,6 +32,9 @@ pub struct Summary {
     pub dead_letters: i64,
     pub redis_checked: usize,
     pub lost: LostAnswers,
+    /// Holds answered checked out, and cancelled, since the start.
+    pub checked_out: usize,
+    pub cancelled: usize,
 }
 
 /// What became of the requests whose answer never reached their client.
@@ -54,7 +60,9 @@ impl std::fmt::Display for Summary {
             "{} accepted ids each with exactly one final outcome ({} succeeded, {} rejected in PostgreSQL); \
              order numbers 1..{} gapless; {} dead letters; {} Redis statuses match; \
              no refused request sold ({} 503s withdrawn); {} answers lost, {} of them cut by an API kill -9 \
-             (each at most one outcome: {} sold, {} rejected, {} withdrawn, {} none)",
+             (each at most one outcome: {} sold, {} rejected, {} withdrawn, {} none); \
+             shop products and slot conserved (stock + held + sold == supply; {} holds checked out, \
+             {} cancelled, each so in PostgreSQL)",
             self.accepted,
             self.succeeded,
             self.rejected,
@@ -69,6 +77,8 @@ impl std::fmt::Display for Summary {
             self.lost.withdrawn,
             (self.lost.cut)
                 .saturating_sub(self.lost.sold + self.lost.rejected + self.lost.withdrawn),
+            self.checked_out,
+            self.cancelled,
         )
     }
 }
@@ -131,6 +141,43 @@ pub async fn check_all(
     if cursed_sold != 0 || cursed_stock != Some(catalogue.cursed_stock) {
         violations.push(format!("the cursed product sold {cursed_sold} units"));
     }
+
+    // The shop: orders of two products all or nothing, holds counted once (held, sold or
+    // back), the slot's places equal to its bookings; every hold answered checked out is sold,
+    // every one answered cancelled is released.
+    violations.extend(invariants::conserved(pool, &catalogue.conserved).await?);
+    violations.extend(invariants::holds_consistent(pool).await?);
+    let settled: Vec<Uuid> = ledger
+        .checked_out
+        .iter()
+        .chain(&ledger.cancelled)
+        .copied()
+        .collect();
+    let ended: HashMap<Uuid, (String, Option<String>)> =
+        sqlx::query_as::<_, (Uuid, String, Option<String>)>(
+            "SELECT id, status, reason FROM transactions WHERE id = ANY($1)",
+        )
+        .bind(&settled)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|(id, status, reason)| (id, (status, reason)))
+        .collect();
+    for (ids, expected) in [
+        (&ledger.checked_out, ("succeeded", None)),
+        (&ledger.cancelled, ("rejected", Some("cancelled"))),
+    ] {
+        for id in ids {
+            let found = ended.get(id);
+            if found.map(|(s, r)| (s.as_str(), r.as_deref())) != Some(expected) {
+                violations.push(format!(
+                    "hold {id} was answered {expected:?} but is {found:?}"
+                ));
+            }
+        }
+    }
+    summary.checked_out = ledger.checked_out.len();
+    summary.cancelled = ledger.cancelled.len();
 
     let (numbered, numbers) = invariants::order_numbers(pool).await?;
     violations.extend(numbers);

@@ -8,9 +8,15 @@
 //! Every request the chaos test sends through the API carries a user id of its own (from
 //! [`Users`]), so a row in `transactions` tells which request it came from even when the client
 //! never learnt its transaction id (a 503, a sold-out answer, an answer lost to a `kill -9`).
+//!
+//! Besides the sale, shoppers ([`Load::start_shop`]) place orders of two products (listed in
+//! either order, all or nothing) and ask for holds that take a place of a slot, then check out,
+//! cancel or abandon each hold (it expires by itself); the checks prove after every fault that
+//! each of those products and the slot kept their units and places exactly.
 
-use allot_tests::client::{Answer, Api, Order, Unavailable};
+use allot_tests::client::{self, Answer, Api, Order, Unavailable};
 use reqwest::StatusCode;
+use serde_json::json;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,6 +86,34 @@ impl Reply {
     }
 }
 
+impl Reply {
+    /// What an answer to an order of several products or a hold request means for the sale.
+    pub fn of_shop(answer: Result<client::Reply, String>) -> Reply {
+        let reply = match answer {
+            Ok(reply) => reply,
+            Err(_) => return Reply::Unanswered,
+        };
+        if let Some(id) = reply.accepted() {
+            return Reply::Accepted(id);
+        }
+        if let Some(code) = reply.refused() {
+            return match Unavailable::from_code(code) {
+                Some(reason) => Reply::Refused {
+                    queue_full: reason == Unavailable::QueueFull,
+                },
+                None => Reply::Unexpected(format!("a 503 of unknown code: {}", reply.describe())),
+            };
+        }
+        if reply.status == StatusCode::OK
+            && reply.body["final"] == true
+            && reply.body["reason"] == "out_of_stock"
+        {
+            return Reply::SoldOut;
+        }
+        Reply::Unexpected(reply.describe())
+    }
+}
+
 /// What the client of one request (one user id) was told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Said {
@@ -125,6 +159,10 @@ pub struct Ledger {
     pub api_kills: Vec<(Instant, Instant)>,
     /// Slowest 503 seen during a marked outage.
     pub slowest_outage_refusal: Duration,
+    /// Holds whose checkout was answered `200` (succeeded): they must be sold.
+    pub checked_out: Vec<Uuid>,
+    /// Holds whose cancel was answered `200` (rejected, cancelled): they must be released.
+    pub cancelled: Vec<Uuid>,
     pub violations: Vec<String>,
     /// When the current outage began, if one is marked.
     outage_since: Option<Instant>,
@@ -302,6 +340,25 @@ impl Load {
         Load { stop, clients: set }
     }
 
+    /// Starts `clients` shoppers of `shop`: half place orders of its two products, half ask
+    /// for holds of its held product with a place of its slot.
+    pub fn start_shop(
+        api: Arc<Api>,
+        ledger: Arc<Mutex<Ledger>>,
+        users: Arc<Users>,
+        shop: Shop,
+        clients: usize,
+    ) -> Load {
+        let (stop, stopped) = watch::channel(false);
+        let mut set = JoinSet::new();
+        for client in 0..clients {
+            let (api, ledger, users, stopped) =
+                (api.clone(), ledger.clone(), users.clone(), stopped.clone());
+            set.spawn(shopper(api, ledger, users, shop, stopped, client));
+        }
+        Load { stop, clients: set }
+    }
+
     pub async fn stop(mut self) {
         let _ = self.stop.send(true);
         while self.clients.join_next().await.is_some() {}
@@ -346,5 +403,97 @@ async fn buyer(
             // product (shortened): waits a little before trying again.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// The shop's products the shoppers buy: two bought together in orders, one bought as holds
+/// that take a place of the slot.
+#[derive(Debug, Clone, Copy)]
+pub struct Shop {
+    pub basket: [i64; 2],
+    pub held: i64,
+    pub slot: i64,
+}
+
+/// How long a shopper's hold lasts.
+const HOLD_SECONDS: i64 = 2;
+/// How long a shopper waits for a decision.
+const WAIT: Duration = Duration::from_secs(3);
+
+async fn shopper(
+    api: Arc<Api>,
+    ledger: Arc<Mutex<Ledger>>,
+    users: Arc<Users>,
+    shop: Shop,
+    stopped: watch::Receiver<bool>,
+    client: usize,
+) {
+    let mut n: usize = 0;
+    while !*stopped.borrow() {
+        n += 1;
+        let user = users.next();
+        let sent = Instant::now();
+        let holds = client % 2 == 1;
+        let (product, answer) = if holds {
+            let body = json!({"user_id": user, "product_id": shop.held, "quantity": 1,
+                              "hold_seconds": HOLD_SECONDS, "slot_id": shop.slot});
+            (shop.held, api.add_to_cart_json(&body).await)
+        } else {
+            let [a, b] = shop.basket;
+            let items = if n.is_multiple_of(2) { [a, b] } else { [b, a] };
+            let body = json!({"user_id": user, "items": [
+                {"product_id": items[0], "quantity": 1}, {"product_id": items[1], "quantity": 1}]});
+            (items[0], api.place_order(&body).await)
+        };
+        let reply = Reply::of_shop(answer);
+        let pause = matches!(
+            reply,
+            Reply::Unanswered | Reply::Refused { .. } | Reply::SoldOut
+        );
+        let accepted = match reply {
+            Reply::Accepted(id) => Some(id),
+            _ => None,
+        };
+        ledger
+            .lock()
+            .expect("ledger lock")
+            .record(user, product, sent, reply);
+        if let Some(id) = accepted.filter(|_| holds) {
+            settle(&api, &ledger, id, n % 3).await;
+        }
+        if pause {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Once the hold `id` is granted: checks it out (`choice` 0), cancels it (1) or abandons it
+/// (2), and records a `200`; any other documented answer (`202`, `409`, `503`, none) is allowed
+/// under faults, anything else is a violation.
+async fn settle(api: &Api, ledger: &Mutex<Ledger>, id: Uuid, choice: usize) {
+    let Ok(view) = api.transaction_json(id, WAIT).await else {
+        return;
+    };
+    if view["status"] != "held" || choice == 2 {
+        return;
+    }
+    let answer = if choice == 0 {
+        api.checkout(id, WAIT).await
+    } else {
+        api.cancel(id, WAIT).await
+    };
+    let Ok(reply) = answer else { return };
+    let mut ledger = ledger.lock().expect("ledger lock");
+    match (reply.status, choice) {
+        (StatusCode::OK, 0) if reply.body["status"] == "succeeded" => ledger.checked_out.push(id),
+        (StatusCode::OK, 1) if reply.body["status"] == "rejected" => ledger.cancelled.push(id),
+        (StatusCode::ACCEPTED | StatusCode::SERVICE_UNAVAILABLE, _) => {}
+        (StatusCode::CONFLICT, _)
+            if matches!(reply.error_code(), Some("not_held" | "hold_expired")) => {}
+        _ => ledger.violations.push(format!(
+            "unexpected answer to {} of {id}: {}",
+            ["checkout", "cancel"][choice],
+            reply.describe()
+        )),
     }
 }

@@ -14,7 +14,14 @@
 //! - each day's order numbers are exactly 1..N, no gap, no duplicate, N the day's counter, and
 //!   only successes are numbered;
 //! - bad input (every 25th request) is answered 422 `invalid_body` throughout, and no 202 is
-//!   given while the broker or Redis is down.
+//!   given while the broker or Redis is down;
+//! - the shop, bought alongside the sale by a quarter as many shoppers: orders of two products
+//!   (listed in either order) and holds of a third product with a place of a slot, each hold
+//!   then checked out, cancelled or abandoned (it expires in 2 s). Once every hold has ended:
+//!   for each of those products `stock + held + sold == initial stock + restocks` (an order is
+//!   all or nothing; a hold's units are counted once, held, sold or back), every product's
+//!   `held` and the slot's `taken` and `held` equal the open holds and bookings, every
+//!   checkout answered 200 is sold and every cancel answered 200 released.
 //!
 //! The faults: worker `kill -9` (the other replica takes over, the killed one comes back as a
 //! standby), a rolling SIGTERM restart of the workers, RabbitMQ stopped and started, PostgreSQL

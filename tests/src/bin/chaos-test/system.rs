@@ -4,7 +4,7 @@
 use crate::Args;
 use crate::apps::{self, AppEnv, Role};
 use crate::check::{self, Catalogue};
-use crate::load::{Counts, Ledger, Load, Reply, Users};
+use crate::load::{Counts, Ledger, Load, Reply, Shop, Users};
 use allot_shared::ProductId;
 use allot_shared::amqp::Topology;
 use allot_shared::partition::partition_for;
@@ -13,6 +13,7 @@ use allot_tests::client::{Api, Order};
 use allot_tests::invariants;
 use allot_tests::ports::Deployment;
 use allot_tests::system::{Owned, Process, Services};
+use allot_tests::wait::until;
 use anyhow::{Context as _, Result, bail};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -51,6 +52,9 @@ pub struct System {
     pub probes: Vec<i64>,
     pub topology: Topology,
     load: Option<Load>,
+    /// The shop's products (orders of two, holds with a slot), bought besides the sale.
+    pub shop: Shop,
+    shop_load: Option<Load>,
     pub clients: usize,
     restock: i64,
     drain_deadline: Duration,
@@ -195,11 +199,18 @@ impl System {
                 supply: Default::default(),
                 cursed: 0,
                 cursed_stock: 0,
+                conserved: Default::default(),
             },
             products: Arc::from(Vec::new()),
             probes: Vec::new(),
             topology,
             load: None,
+            shop: Shop {
+                basket: [0, 0],
+                held: 0,
+                slot: 0,
+            },
+            shop_load: None,
             clients: args.clients,
             restock: args.restock.unwrap_or(60),
             drain_deadline: Duration::from_secs(args.drain_secs),
@@ -243,10 +254,26 @@ impl System {
                 system.probes.push(id);
             } // else an unused product: its partition already has a probe
         }
+        let mut shop = Vec::new();
+        for name in ["chaos basket A", "chaos basket B", "chaos held"] {
+            let id = system.api.create_product(name, 0).await?.id;
+            system.catalogue.conserved.insert(id, 0);
+            shop.push(id);
+        }
+        system.shop = Shop {
+            basket: [shop[0], shop[1]],
+            held: shop[2],
+            slot: system.api.create_slot("chaos slot", 1_000_000_000).await?,
+        };
         system.catalogue.cursed = cursed;
         system.catalogue.cursed_stock = cursed_stock;
         system.products = Arc::from(products);
         Ok(system)
+    }
+
+    /// Shoppers alongside the sale's clients: a quarter as many, at least two.
+    fn shoppers(&self) -> usize {
+        (self.clients / 4).max(2)
     }
 
     /// Orders one unit of `product` for a fresh user, records the answer in the ledger and
@@ -404,6 +431,15 @@ impl System {
                 .get_mut(product)
                 .expect("a sale product") += self.restock;
         }
+        let shop = self.shop;
+        for product in shop.basket.into_iter().chain([shop.held]) {
+            self.api.restock(product, self.restock / 2).await?;
+            *self
+                .catalogue
+                .conserved
+                .get_mut(&product)
+                .expect("a shop product") += self.restock / 2;
+        }
         let (counts, demand, sold_out, lost) = {
             let ledger = self.ledger.lock().expect("ledger");
             (
@@ -414,11 +450,14 @@ impl System {
             )
         };
         println!(
-            "\n[{}] {name}: restocked {} units of each of {} products; {} clients buying",
+            "\n[{}] {name}: restocked {} units of each of {} products ({} of each shop product); \
+             {} clients buying, {} shoppers (orders of two products, holds)",
             self.phase,
             self.restock,
             self.products.len(),
-            self.clients
+            self.restock / 2,
+            self.clients,
+            self.shoppers()
         );
         self.load = Some(Load::start(
             self.apis.clone(),
@@ -426,6 +465,13 @@ impl System {
             self.users.clone(),
             self.products.clone(),
             self.clients,
+        ));
+        self.shop_load = Some(Load::start_shop(
+            self.api.clone(),
+            self.ledger.clone(),
+            self.users.clone(),
+            self.shop,
+            self.shoppers(),
         ));
         Ok(Phase {
             counts,
@@ -465,7 +511,10 @@ impl System {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if let Some(load) = self.load.take() {
+        for load in [self.load.take(), self.shop_load.take()]
+            .into_iter()
+            .flatten()
+        {
             load.stop().await;
         }
         self.ensure_alive()?;
@@ -478,6 +527,17 @@ impl System {
             .copied()
             .collect();
         let drained = invariants::wait_decided(&self.pool, &ids, self.drain_deadline).await?;
+        // The shoppers' abandoned holds expire by themselves: all of them end before the checks.
+        let pool = &self.pool;
+        until("every hold to end", self.drain_deadline, || async move {
+            let open: Option<i64> =
+                sqlx::query_scalar("SELECT count(*) FROM transactions WHERE status = 'held'")
+                    .fetch_one(pool)
+                    .await
+                    .ok();
+            (open == Some(0)).then_some(())
+        })
+        .await?;
         let ledger = std::mem::take(&mut *self.ledger.lock().expect("ledger"));
         let result = check::check_all(
             &self.pool,

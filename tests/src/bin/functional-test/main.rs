@@ -15,6 +15,11 @@
 //!    `--timezone` (the date at the start or at the end of the size's run, to survive midnight);
 //!    and the product's stock is 0 at the end.
 //!
+//! Then it runs the shop's sales (`--shop-buyers`, see `shop.rs`): a flash sale of orders of two
+//! products listed in both orders (all or nothing, exactly the supply sold), a per-buyer-limit
+//! sale (exactly the limit per buyer), and a sale of holds half of whose winners abandon them
+//! (their units expire back and are sold to later buyers, none twice).
+//!
 //! It prints one table row per size (accept throughput, time until all decided, OK/FAIL) with the
 //! violations listed under it, then `functional-test: <passed> passed, <failed> failed`. Given
 //! `--database-url` (and `--redis-url`), it then checks the promises where they are kept, with
@@ -42,6 +47,7 @@ mod client;
 mod fixtures;
 mod order_number;
 mod report;
+mod shop;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -102,6 +108,11 @@ struct Args {
     /// IANA time zone the server dates order numbers in (the server's ALLOT_TIMEZONE).
     #[arg(long, env = "ALLOT_TIMEZONE", default_value = "UTC")]
     timezone: Tz,
+
+    /// Buyers of each shop sale run after the sizes (an order of two products, a per-buyer
+    /// limit, holds abandoned and sold again); 0 runs none.
+    #[arg(long, env = "ALLOT_FT_SHOP_BUYERS", default_value_t = 200)]
+    shop_buyers: usize,
 
     /// The tested allot's own PostgreSQL database: check the promises in it after the sizes.
     #[arg(long, env = "ALLOT_FT_DATABASE_URL")]
@@ -209,10 +220,18 @@ async fn run(args: Args) -> Result<bool> {
             failed += 1;
         }
     }
-    println!(
-        "functional-test: {} passed, {failed} failed",
-        args.sizes.len() - failed
-    );
+    let mut runs = args.sizes.len();
+    if args.shop_buyers > 0 {
+        let first_user = user_ids(1)[0] + 1_000_000_000;
+        for report in shop::run_all(&api, args.shop_buyers.max(8), first_user).await {
+            report.print();
+            runs += 1;
+            if !report.passed() {
+                failed += 1;
+            }
+        }
+    }
+    println!("functional-test: {} passed, {failed} failed", runs - failed);
     let promises_held = match &args.database_url {
         Some(url) => check_promises(url, args.redis_url.as_deref(), &args.redis_prefix).await?,
         None => true,
@@ -269,6 +288,7 @@ mod tests {
         assert_eq!(args.max_in_flight, 1000);
         assert_eq!(args.timezone, Tz::UTC);
         assert_eq!(args.base_url, "http://127.0.0.1:8080");
+        assert_eq!(args.shop_buyers, 200);
 
         let args = Args::try_parse_from([
             "functional-test",

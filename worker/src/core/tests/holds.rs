@@ -79,13 +79,32 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 Just(slots),
                 prop::collection::vec(batch, 1..12),
             )
-                .prop_map(|(stock, limits, slots, batches)| Scenario {
-                    stock,
-                    limits,
-                    slots,
-                    batches,
+                .prop_map(|(stock, limits, slots, mut batches)| {
+                    same_id_same_command(&mut batches);
+                    Scenario {
+                        stock,
+                        limits,
+                        slots,
+                        batches,
+                    }
                 })
         })
+}
+
+/// A command id names one command: the API and the sweeper draw a fresh id for each, so two
+/// commands with one id are a duplicate delivery, the same kind about the same hold. Every use
+/// of an id after the first is made a copy of the first.
+fn same_id_same_command(batches: &mut [ScenarioBatch]) {
+    let mut first = HashMap::new();
+    for (_, steps, _, _) in batches {
+        for step in steps {
+            if let Step::Command(id, kind, target) = step {
+                let (first_kind, first_target) = *first.entry(*id).or_insert((*kind, *target));
+                *kind = first_kind;
+                *target = first_target;
+            }
+        }
+    }
 }
 
 fn seconds(at: i64) -> DateTime<Utc> {
@@ -186,6 +205,7 @@ impl Store {
             holds,
             decided,
             commands,
+            shares: HashMap::new(),
         };
         let decisions = super::super::decide(&mut state, batch, now);
         let first_seq = if decisions.sold() == 0 {

@@ -160,7 +160,8 @@ pub async fn duplicates(system: &mut System) -> Result<Vec<String>> {
         .collect();
     let rows: Vec<(Uuid, i64, i64, i64, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
         "SELECT id, user_id, product_id, quantity, created_at FROM transactions \
-         WHERE id = ANY($1) AND reason IS DISTINCT FROM 'unprocessable' LIMIT 100",
+         WHERE id = ANY($1) AND reason IS DISTINCT FROM 'unprocessable' \
+           AND product_id IS NOT NULL AND hold_seconds IS NULL LIMIT 100",
     )
     .bind(&ids)
     .fetch_all(&system.pool)
