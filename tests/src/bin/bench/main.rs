@@ -126,8 +126,9 @@ struct Args {
     /// file (`deploy/local.sh bench` writes docs/bench-latency.svg).
     #[arg(long)]
     chart: Option<std::path::PathBuf>,
-    /// Run only this scenario (`hot`: one hot product over 1, 2 and 4 shards), without the
-    /// references and the other scenarios.
+    /// Run only this scenario (`accept`, `flash`, `wide`, or `hot`: one hot product over 1, 2
+    /// and 4 shards), without the references and the other scenarios; e.g. to profile allot
+    /// while it runs.
     #[arg(long, value_enum)]
     only: Option<Only>,
     /// Internal: serve a reference design (the bench spawns itself with this).
@@ -140,6 +141,12 @@ struct Args {
 enum Only {
     /// One hot product over 1, 2 and 4 shards.
     Hot,
+    /// The accept scenario (closed loop, open loop, few connections), with its CPU cost.
+    Accept,
+    /// The flash sale on one hot partition.
+    Flash,
+    /// The wide catalogue, with its CPU cost.
+    Wide,
 }
 
 /// The sizes of one run.
@@ -299,9 +306,22 @@ async fn run(args: Args) -> Result<Vec<String>> {
             ""
         }
     );
-    if args.only == Some(Only::Hot) {
-        let hot = hot::run(&mut bench, &settings).await?;
-        hot::report(&hot);
+    let components = cost::Components {
+        api: args.api_pid,
+        worker: args.worker_pid,
+    };
+    if let Some(only) = args.only {
+        // One scenario alone, e.g. to profile one process while it runs.
+        match only {
+            Only::Hot => hot::report(&hot::run(&mut bench, &settings).await?),
+            Only::Accept => {
+                accept_scenario(&mut bench, &settings, &components).await?;
+            }
+            Only::Flash => report::flash(&scenarios::flash(&mut bench, &settings).await?),
+            Only::Wide => {
+                wide_scenario(&mut bench, &settings, &components).await?;
+            }
+        }
         check_promises(&args, &mut bench).await?;
         return Ok(bench.failures);
     }
@@ -319,30 +339,12 @@ async fn run(args: Args) -> Result<Vec<String>> {
             references.push(reference);
         }
     }
-    let components = cost::Components {
-        api: args.api_pid,
-        worker: args.worker_pid,
-    };
-    let before = components.snapshot();
-    let accept = scenarios::accept(&mut bench, &settings).await?;
-    report::accept(&accept);
-    let accepted = [&accept.closed, &accept.open, &accept.low]
-        .iter()
-        .map(|tally| tally.statuses.get(&202).copied().unwrap_or(0))
-        .sum();
-    before
-        .cost_until(&components.snapshot(), accepted)
-        .print("the accept scenario (every request accepted and decided)");
+    let accept = accept_scenario(&mut bench, &settings, &components).await?;
     let wait = scenarios::wait(&mut bench, &settings).await?;
     report::wait(&wait);
     let flash = scenarios::flash(&mut bench, &settings).await?;
     report::flash(&flash);
-    let before = components.snapshot();
-    let wide = scenarios::wide(&mut bench, &settings).await?;
-    report::wide(&wide, settings.partitions);
-    before
-        .cost_until(&components.snapshot(), wide.decisions.count)
-        .print("the wide catalogue (10,000 products; per decided request)");
+    let wide = wide_scenario(&mut bench, &settings, &components).await?;
     let hot = hot::run(&mut bench, &settings).await?;
     hot::report(&hot);
     check_promises(&args, &mut bench).await?;
@@ -363,6 +365,40 @@ async fn run(args: Args) -> Result<Vec<String>> {
         println!("chart: {}", path.display());
     }
     Ok(bench.failures)
+}
+
+/// The accept scenario, its report and the CPU each component spent per accepted request.
+async fn accept_scenario(
+    bench: &mut Bench,
+    settings: &Settings,
+    components: &cost::Components,
+) -> Result<scenarios::Accept> {
+    let before = components.snapshot();
+    let accept = scenarios::accept(bench, settings).await?;
+    report::accept(&accept);
+    let accepted = [&accept.closed, &accept.open, &accept.low]
+        .iter()
+        .map(|tally| tally.statuses.get(&202).copied().unwrap_or(0))
+        .sum();
+    before
+        .cost_until(&components.snapshot(), accepted)
+        .print("the accept scenario (every request accepted and decided)");
+    Ok(accept)
+}
+
+/// The wide catalogue, its report and the CPU each component spent per decided request.
+async fn wide_scenario(
+    bench: &mut Bench,
+    settings: &Settings,
+    components: &cost::Components,
+) -> Result<scenarios::Wide> {
+    let before = components.snapshot();
+    let wide = scenarios::wide(bench, settings).await?;
+    report::wide(&wide, settings.partitions);
+    before
+        .cost_until(&components.snapshot(), wide.decisions.count)
+        .print("the wide catalogue (10,000 products; per decided request)");
+    Ok(wide)
 }
 
 /// The kit's invariants over the whole database (and, with `--redis-url`, every decided status
