@@ -19,14 +19,25 @@
 //! ```
 //!
 //! A publish reserves a place (one per message, whatever the number of requests it carries)
-//! before it is sent, and is refused at once when the estimate has reached the bound. Once the
-//! broker answers, the place is kept (confirmed, or ambiguous: the broker may have stored it) or
-//! given back (refused, or never sent). A read replaces only what was kept before it was sent: a
-//! publish still on its way when the broker answered may not be in the answer, so it stays
-//! counted, and one confirmed while the read was on its way is counted twice until the next
-//! read. The estimate errs on the full side, never on the empty one. Depths are read every
-//! [`POLL_EVERY`] by every API instance ([`crate::publisher`]); only a read sent after the one
-//! recorded (more kept places before it) replaces it.
+//! before it is sent, and is refused at once when the estimate, its own place included, is
+//! past the bound. Once the broker answers, the place is kept (confirmed, or ambiguous: the
+//! broker may have stored it) or given back (refused, or never sent). A read replaces only
+//! what was kept before it was sent: a publish still on its way when the broker answered may
+//! not be in the answer, so it stays counted, and one confirmed while the read was on its way
+//! is counted twice until the next read. The estimate errs on the full side, never on the empty
+//! one. Depths are read every [`POLL_EVERY`] by every API instance ([`crate::publisher`]); only
+//! a read sent after the one recorded (more kept places before it) replaces it.
+//!
+//! # What it costs
+//!
+//! No round trip of its own on the accept path: the reservation travels in the pipeline that
+//! records the message's requests as pending ([`Backlog::reserve_with`]), as plain commands in
+//! one `MULTI`/`EXEC` (add the place, count the places in flight, read the counters; the
+//! estimate is computed here, and a place past the bound is given back). Settlements are not
+//! sent one by one either: they wait (at most [`FLUSH_AFTER`]) for the next reservation or
+//! depth read of this instance, and travel with it. A Lua script per reservation and per
+//! settlement, as first built, cost Redis about 20 µs of CPU per message and the API two more
+//! round trips; the bench's accept scenario measured it (docs/benchmarks.md).
 //!
 //! # Why shared, and why in Redis
 //!
@@ -37,22 +48,25 @@
 //! RabbitMQ 3.10.8 was seen to lose a confirmed message. Reading the depth more often narrows the
 //! window but cannot close it: the broker has no "reserve a place" operation, and a read is
 //! stale by the publishes in flight when it is answered. So the instances share the estimate
-//! itself: its counters live in Redis and every change is one Lua script, atomic in Redis,
-//! so reservations of all instances are serialised and the bound is exact across them (the
-//! test `tests/it/backlog.rs` runs two instances against one bound: never more than the
-//! bound accepted).
+//! itself: its counters live in Redis and every reservation is one `MULTI`/`EXEC`, atomic in
+//! Redis, so reservations of all instances are serialised and the bound is never passed
+//! across them (the test `tests/it/backlog.rs` runs two instances against one bound: never
+//! more than the bound accepted). A reservation refused past the bound counts against the
+//! others for the moment until it is given back (at once, one more round trip on the refusal
+//! path): they may be refused a place that was free then (the full side again).
 //!
 //! Redis because it is already on the accept path: a request is recorded `pending` there
 //! before it is published, and a Redis outage already refuses requests (503). The bound adds
-//! no dependency, only one round trip per message (the reservation, before the publish; the
-//! settlement after the confirm is sent without waiting for it), not per request: under load a
-//! message carries several requests. PostgreSQL would have served too, at the cost of a row
-//! lock per message on the database the workers commit to.
+//! no dependency and no round trip (see above). PostgreSQL would have served too, at the cost
+//! of a row lock per message on the database the workers commit to.
 //!
 //! An instance that dies between a reservation and its settlement would leave its place
 //! counted for ever; so a place in flight is a member of a sorted set scored by its expiry,
-//! the confirm timeout plus [`HOLD_MARGIN`] from the reservation (Redis's clock), and expired
-//! places no longer count. If the message was stored, the next read counts it.
+//! the confirm timeout plus [`HOLD_MARGIN`] from the reservation (the reserving instance's
+//! clock: instances' clocks must agree within the margin), and expired places are removed at
+//! each depth read. If the message was stored, the next read counts it. A settlement whose
+//! round trip failed is sent again with the next one (a keep counted twice errs on the full
+//! side until the next read).
 //!
 //! Keys (outside the `<prefix>:` namespace of statuses): `<prefix>.backlog:<queue>` (a hash:
 //! `read`, `kept`, `kept_at_read`) and `<prefix>.backlog:<queue>:flight` (the places in flight);
@@ -61,9 +75,9 @@
 use allot_shared::PartitionId;
 use allot_shared::amqp::Topology;
 use redis::aio::ConnectionManager;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How often each API instance reads the depth of every partition queue.
 pub const POLL_EVERY: Duration = Duration::from_millis(100);
@@ -71,6 +85,9 @@ pub const POLL_EVERY: Duration = Duration::from_millis(100);
 pub const HOLD_MARGIN: Duration = Duration::from_secs(10);
 /// How long the keys of a partition live without a write.
 pub const KEY_TTL: Duration = Duration::from_secs(3600);
+/// How long a settlement waits for a reservation or a depth read to travel with, before it is
+/// sent on its own.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(5);
 
 /// How long a place in flight counts without an answer, for publishes that wait
 /// `confirm_timeout` for their confirm: that, plus [`HOLD_MARGIN`] for the settlement to reach
@@ -86,42 +103,21 @@ pub fn bound(max_length: i64) -> i64 {
     max_length - max_length / 5
 }
 
-/// Redis's clock in milliseconds, then the estimate of the queue (`KEYS[1]` its hash,
-/// `KEYS[2]` its places in flight), after dropping the places expired.
-const ESTIMATE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local s = redis.call('HMGET', KEYS[1], 'read', 'kept', 'kept_at_read')
-local depth = (tonumber(s[1]) or 0)
-    + math.max(0, (tonumber(s[2]) or 0) - (tonumber(s[3]) or 0))
-    + redis.call('ZCARD', KEYS[2])
-";
+/// The fields of a queue's hash the estimate reads.
+const COUNTERS: [&str; 3] = ["read", "kept", "kept_at_read"];
 
-/// Reserves a place (`ARGV[2]` its token, `ARGV[3]` how long it counts) if the estimate is
-/// below the bound (`ARGV[1]`): `{1, estimate}` or `{0, estimate}`.
-fn reserve_script() -> redis::Script {
-    redis::Script::new(&format!(
-        "{ESTIMATE}
-if depth >= tonumber(ARGV[1]) then return {{0, depth}} end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return {{1, depth + 1}}"
-    ))
+/// The values of [`COUNTERS`].
+type Counters = (Option<i64>, Option<i64>, Option<i64>);
+
+/// The estimate from a queue's counters and its places in flight.
+fn depth(read: Option<i64>, kept: Option<i64>, kept_at_read: Option<i64>, in_flight: i64) -> i64 {
+    read.unwrap_or(0) + (kept.unwrap_or(0) - kept_at_read.unwrap_or(0)).max(0) + in_flight
 }
-
-/// Settles a place (`ARGV[1]` its token): no longer in flight; kept (`ARGV[2]` = 1) or given back.
-const SETTLE: &str = r"
-redis.call('ZREM', KEYS[2], ARGV[1])
-if ARGV[2] == '1' then
-  redis.call('HINCRBY', KEYS[1], 'kept', 1)
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-end
-return 1";
 
 /// Records a read (`ARGV[1]` the places kept when it was sent, `ARGV[2]` the depth answered),
 /// unless one sent later (more places kept before it) is recorded already, or the counters
-/// were lost since it was sent (Redis restarted empty: more kept then than now).
+/// were lost since it was sent (Redis restarted empty: more kept then than now). The one Lua
+/// script left: a read is recorded on a condition, ten times a second, off the accept path.
 const RECORD_READ: &str = r"
 local s = redis.call('HMGET', KEYS[1], 'kept', 'kept_at_read')
 local sent = tonumber(ARGV[1])
@@ -140,41 +136,74 @@ struct Inner {
     redis: ConnectionManager,
     /// Per partition: its hash key and the key of its places in flight.
     keys: Vec<(String, String)>,
-    /// Estimates at or above this refuse further publishes.
+    /// Estimates past this refuse further publishes.
     bound: i64,
     /// How long a place in flight counts without an answer (milliseconds).
     hold_ms: u64,
     /// Makes this instance's place tokens unique among all instances.
     instance: String,
     next_token: AtomicU64,
-    reserve: redis::Script,
-    estimate: redis::Script,
-    settle: redis::Script,
     record_read: redis::Script,
+    /// Settlements not yet sent to Redis.
+    unsent: Mutex<Vec<Settlement>>,
+    /// Whether a flush of [`Inner::unsent`] is on its way.
+    flush_scheduled: AtomicBool,
+}
+
+/// A place's answer, waiting to be sent.
+struct Settlement {
+    partition: PartitionId,
+    token: String,
+    kept: bool,
+    /// When the place stops counting anyway (milliseconds, this instance's clock).
+    expires_ms: u64,
 }
 
 /// A reserved place in a partition queue. Settle it with [`Place::keep`] (the broker stored the
-/// message, or may have) or [`Place::give_back`]; one dropped unsettled is given back in the
-/// background.
+/// message, or may have) or [`Place::give_back`], or their `_later` forms that travel with the
+/// next round trip; one dropped unsettled is given back.
 #[must_use]
 pub struct Place {
     inner: Arc<Inner>,
     partition: PartitionId,
     token: String,
+    expires_ms: u64,
     settled: bool,
 }
 
 impl Place {
     /// The message is (or may be) in the queue: it counts until a read sent after now.
-    pub async fn keep(mut self) {
-        self.settled = true;
-        settle(&self.inner, self.partition, &self.token, true).await;
+    pub async fn keep(self) {
+        let inner = self.settle(true);
+        flush(&inner).await;
     }
 
     /// The message is not in the queue (refused, or never sent).
-    pub async fn give_back(mut self) {
+    pub async fn give_back(self) {
+        let inner = self.settle(false);
+        flush(&inner).await;
+    }
+
+    /// [`Place::keep`], sent with this instance's next reservation or depth read, or on its
+    /// own after [`FLUSH_AFTER`].
+    pub fn keep_later(self) {
+        schedule_flush(&self.settle(true));
+    }
+
+    /// [`Place::give_back`], sent like [`Place::keep_later`].
+    pub fn give_back_later(self) {
+        schedule_flush(&self.settle(false));
+    }
+
+    fn settle(mut self, kept: bool) -> Arc<Inner> {
         self.settled = true;
-        settle(&self.inner, self.partition, &self.token, false).await;
+        self.inner.queue(vec![Settlement {
+            partition: self.partition,
+            token: std::mem::take(&mut self.token),
+            kept,
+            expires_ms: self.expires_ms,
+        }]);
+        self.inner.clone()
     }
 }
 
@@ -183,29 +212,91 @@ impl Drop for Place {
         if self.settled {
             return;
         }
-        let (inner, partition, token) = (self.inner.clone(), self.partition, self.token.clone());
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { settle(&inner, partition, &token, false).await });
+        self.inner.queue(vec![Settlement {
+            partition: self.partition,
+            token: std::mem::take(&mut self.token),
+            kept: false,
+            expires_ms: self.expires_ms,
+        }]);
+        schedule_flush(&self.inner);
+    }
+}
+
+impl Inner {
+    fn queue(&self, mut settlements: Vec<Settlement>) {
+        let now = now_ms();
+        // A place past its expiry counts no more (the next depth read removes it).
+        settlements.retain(|settlement| settlement.kept || settlement.expires_ms > now);
+        if !settlements.is_empty() {
+            (self.unsent.lock().expect("backlog settlements lock")).append(&mut settlements);
+        }
+    }
+
+    fn take_unsent(&self) -> Vec<Settlement> {
+        std::mem::take(&mut *self.unsent.lock().expect("backlog settlements lock"))
+    }
+
+    /// Adds `settlements` to `pipe`: each place leaves the set in flight; a kept one counts as
+    /// kept.
+    fn add_settlements(&self, pipe: &mut redis::Pipeline, settlements: &[Settlement]) {
+        for settlement in settlements {
+            let (hash, flight) = &self.keys[usize::from(settlement.partition.0)];
+            pipe.zrem(flight, &settlement.token).ignore();
+            if settlement.kept {
+                pipe.hincr(hash, "kept", 1).ignore();
+                pipe.pexpire(hash, KEY_TTL.as_millis() as i64).ignore();
+            }
+        }
+    }
+
+    /// Settlements whose round trip failed wait for the next one.
+    fn requeue(&self, settlements: Vec<Settlement>, err: &redis::RedisError) {
+        if !settlements.is_empty() {
+            tracing::warn!(count = settlements.len(), error = %err, "could not settle places in the queue bound; they go with the next round trip");
+            self.queue(settlements);
         }
     }
 }
 
-async fn settle(inner: &Inner, partition: PartitionId, token: &str, kept: bool) {
-    let (hash, flight) = &inner.keys[usize::from(partition.0)];
-    let result: redis::RedisResult<i64> = inner
-        .settle
-        .key(hash)
-        .key(flight)
-        .arg(token)
-        .arg(if kept { 1 } else { 0 })
-        .arg(KEY_TTL.as_millis() as u64)
-        .invoke_async(&mut inner.redis.clone())
-        .await;
-    if let Err(err) = result {
-        // The place stays in flight until it expires (the estimate errs on the full side);
-        // a kept message is counted by the next read once it has.
-        tracing::warn!(%partition, error = %err, kept, "could not settle a place in the queue bound");
+/// Sends the settlements waiting, if any, in one round trip.
+async fn flush(inner: &Inner) {
+    let settlements = inner.take_unsent();
+    if settlements.is_empty() {
+        return;
     }
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    inner.add_settlements(&mut pipe, &settlements);
+    if let Err(err) = pipe.query_async::<()>(&mut inner.redis.clone()).await {
+        inner.requeue(settlements, &err);
+    }
+}
+
+/// Sends the settlements waiting after [`FLUSH_AFTER`], unless a flush is on its way already
+/// (or, outside a runtime, leaves them for the next round trip).
+fn schedule_flush(inner: &Arc<Inner>) {
+    if inner.flush_scheduled.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        inner.flush_scheduled.store(false, Ordering::Release);
+        return;
+    };
+    let inner = inner.clone();
+    runtime.spawn(async move {
+        tokio::time::sleep(FLUSH_AFTER).await;
+        inner.flush_scheduled.store(false, Ordering::Release);
+        flush(&inner).await;
+    });
+}
+
+/// This instance's clock, in milliseconds since the epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 /// Depth reads about to be sent: the places kept before them, per partition.
@@ -238,15 +329,14 @@ impl Backlog {
                 hold_ms: u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1),
                 instance: uuid::Uuid::new_v4().simple().to_string(),
                 next_token: AtomicU64::new(0),
-                reserve: reserve_script(),
-                estimate: redis::Script::new(&format!("{ESTIMATE}\nreturn depth")),
-                settle: redis::Script::new(SETTLE),
                 record_read: redis::Script::new(RECORD_READ),
+                unsent: Mutex::new(Vec::new()),
+                flush_scheduled: AtomicBool::new(false),
             }),
         }
     }
 
-    /// The bound publishes are refused at.
+    /// The bound publishes are refused past.
     pub fn bound(&self) -> i64 {
         self.inner.bound
     }
@@ -254,6 +344,17 @@ impl Backlog {
     /// Reserves a place in `partition`'s queue: `Ok(None)` if it is (estimated) full, an error
     /// if Redis cannot be asked (the publish is refused then too).
     pub async fn reserve(&self, partition: PartitionId) -> redis::RedisResult<Option<Place>> {
+        self.reserve_with(partition, redis::pipe()).await
+    }
+
+    /// [`Backlog::reserve`] in one round trip with `pipe`'s commands (whose replies must be
+    /// ignored), all in one `MULTI`/`EXEC`: the intake records a message's pending statuses
+    /// this way. The settlements waiting go with it.
+    pub async fn reserve_with(
+        &self,
+        partition: PartitionId,
+        mut pipe: redis::Pipeline,
+    ) -> redis::RedisResult<Option<Place>> {
         let inner = &self.inner;
         let (hash, flight) = &inner.keys[usize::from(partition.0)];
         let token = format!(
@@ -261,42 +362,77 @@ impl Backlog {
             inner.instance,
             inner.next_token.fetch_add(1, Ordering::Relaxed)
         );
-        let (reserved, _estimate): (i64, i64) = inner
-            .reserve
-            .key(hash)
-            .key(flight)
-            .arg(inner.bound)
-            .arg(&token)
-            .arg(inner.hold_ms)
-            .arg(KEY_TTL.as_millis() as u64)
-            .invoke_async(&mut inner.redis.clone())
-            .await?;
-        Ok((reserved == 1).then(|| Place {
+        let expires_ms = now_ms().saturating_add(inner.hold_ms);
+        let settlements = inner.take_unsent();
+        pipe.atomic();
+        inner.add_settlements(&mut pipe, &settlements);
+        pipe.zadd(flight, &token, expires_ms).ignore();
+        pipe.pexpire(flight, KEY_TTL.as_millis() as i64).ignore();
+        pipe.zcard(flight);
+        pipe.cmd("HMGET").arg(hash).arg(&COUNTERS[..]);
+        let answer: redis::RedisResult<(i64, Counters)> =
+            pipe.query_async(&mut inner.redis.clone()).await;
+        let (in_flight, (read, kept, kept_at_read)) = match answer {
+            Ok(answer) => answer,
+            Err(err) => {
+                inner.requeue(settlements, &err);
+                return Err(err);
+            }
+        };
+        let place = Place {
             inner: inner.clone(),
             partition,
             token,
+            expires_ms,
             settled: false,
-        }))
+        };
+        // The count includes this place.
+        if depth(read, kept, kept_at_read, in_flight) > inner.bound {
+            // At once: until it is given back, it counts against the other instances too.
+            place.give_back().await;
+            return Ok(None);
+        }
+        Ok(Some(place))
     }
 
-    /// The estimated depth of `partition`'s queue, as every instance sees it.
+    /// The estimated depth of `partition`'s queue, as every instance sees it (the settlements
+    /// of this instance sent first).
     pub async fn estimate(&self, partition: PartitionId) -> redis::RedisResult<i64> {
+        flush(&self.inner).await;
         let (hash, flight) = &self.inner.keys[usize::from(partition.0)];
-        self.inner
-            .estimate
-            .key(hash)
-            .key(flight)
-            .invoke_async(&mut self.inner.redis.clone())
-            .await
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .zrembyscore(flight, "-inf", now_ms())
+            .ignore()
+            .zcard(flight)
+            .cmd("HMGET")
+            .arg(hash)
+            .arg(&COUNTERS[..]);
+        let (in_flight, (read, kept, kept_at_read)): (i64, Counters) =
+            pipe.query_async(&mut self.inner.redis.clone()).await?;
+        Ok(depth(read, kept, kept_at_read, in_flight))
     }
 
-    /// Call just before sending the passive declares of a round of depth reads (one pipeline).
+    /// Call just before sending the passive declares of a round of depth reads (one pipeline,
+    /// which also removes the places expired and carries the settlements waiting).
     pub async fn begin_reads(&self) -> redis::RedisResult<Reads> {
+        let inner = &self.inner;
+        let settlements = inner.take_unsent();
         let mut pipe = redis::pipe();
-        for (hash, _) in &self.inner.keys {
+        pipe.atomic();
+        inner.add_settlements(&mut pipe, &settlements);
+        let now = now_ms();
+        for (hash, flight) in &inner.keys {
+            pipe.zrembyscore(flight, "-inf", now).ignore();
             pipe.hget(hash, "kept");
         }
-        let kept: Vec<Option<i64>> = pipe.query_async(&mut self.inner.redis.clone()).await?;
+        let kept: Vec<Option<i64>> = match pipe.query_async(&mut inner.redis.clone()).await {
+            Ok(kept) => kept,
+            Err(err) => {
+                inner.requeue(settlements, &err);
+                return Err(err);
+            }
+        };
         Ok(Reads {
             kept: kept.into_iter().map(Option::unwrap_or_default).collect(),
         })

@@ -70,7 +70,6 @@ impl Refusal {
         match err {
             PublishError::QueueFull => Refusal::QueueFull,
             PublishError::Unroutable(queue) => Refusal::Unroutable(queue.clone()),
-            PublishError::BoundUnavailable(_) => Refusal::StoreUnavailable,
             PublishError::Timeout
             | PublishError::Disconnected
             | PublishError::Unreachable(_)
@@ -227,14 +226,24 @@ impl Settler {
                 Request::Command(_) => None,
             })
             .collect();
-        if !pending.is_empty()
-            && let Err(err) = self.statuses.record_pending(&pending).await
-        {
-            tracing::warn!(error = %format_args!("{err:#}"), "refusing requests: Redis is unavailable");
+        // The pending records and the message's place in the queue's bound: one round trip.
+        let mut pipe = redis::pipe();
+        if let Err(err) = self.statuses.add_pending(&mut pipe, &pending) {
+            tracing::error!(error = %format_args!("{err:#}"), "refusing requests: their statuses do not serialise");
             return answer_all(batch, Err(Refusal::StoreUnavailable));
         }
+        let place = match self.publisher.backlog().reserve_with(partition, pipe).await {
+            Ok(place) => place,
+            Err(err) => {
+                tracing::warn!(error = %err, "refusing requests: Redis is unavailable");
+                return answer_all(batch, Err(Refusal::StoreUnavailable));
+            }
+        };
         let body = envelope(batch.iter().map(|job| job.json.as_slice()));
-        let Err(err) = self.publisher.publish(partition, &body, batch.len()).await else {
+        let Err(err) = (self.publisher)
+            .publish(partition, &body, batch.len(), place)
+            .await
+        else {
             return answer_all(batch, Ok(()));
         };
         tracing::warn!(error = %err, "refusing requests: the broker did not confirm their message");

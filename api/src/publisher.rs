@@ -14,7 +14,7 @@
 //! partition queue's depth for the API's own bound below the broker's limit, shared by every
 //! API instance ([`crate::backlog`]).
 
-use crate::backlog::{self, Backlog};
+use crate::backlog::{self, Backlog, Place};
 use allot_shared::amqp::Topology;
 use allot_shared::brokers::{BrokerAddress, Brokers, Failover};
 use allot_shared::message::{COUNT_HEADER, ENVELOPE_TYPE};
@@ -59,10 +59,6 @@ pub enum PublishError {
     /// may or may not have stored it.
     #[error("the connection failed before the broker confirmed: {0}")]
     ConfirmLost(lapin::Error),
-    /// The queue's bound, shared by the API instances in Redis, could not be asked; nothing was
-    /// sent.
-    #[error("the queue bound in Redis is unavailable: {0}")]
-    BoundUnavailable(redis::RedisError),
 }
 
 impl PublishError {
@@ -306,13 +302,22 @@ impl Publisher {
     /// Publishes `body`, a batch envelope of `requests` requests (see
     /// [`allot_shared::message`]), as one persistent message to `partition`'s queue and waits
     /// for the broker's confirm.
+    /// `place` is the message's place in the queue's bound ([`Backlog::reserve_with`]); `None`
+    /// (the bound refused one) refuses the publish as [`PublishError::QueueFull`].
     pub async fn publish(
         &self,
         partition: PartitionId,
         body: &[u8],
         requests: usize,
+        place: Option<Place>,
     ) -> Result<(), PublishError> {
-        let result = self.publish_confirmed(partition, body, requests).await;
+        let result = match place {
+            Some(place) => {
+                self.publish_confirmed(partition, body, requests, place)
+                    .await
+            }
+            None => Err(PublishError::QueueFull),
+        };
         metrics::counter!("allot_api_publishes_total", "result" => publish_result(&result))
             .increment(1);
         result
@@ -323,33 +328,34 @@ impl Publisher {
         partition: PartitionId,
         body: &[u8],
         requests: usize,
+        place: Place,
     ) -> Result<(), PublishError> {
         let channel = {
             let link = self.link.read().expect("publisher link lock");
             if !link.is_up() {
                 // A down broker must cost a client milliseconds, not the confirm timeout.
+                place.give_back_later();
                 return Err(PublishError::Disconnected);
             }
             let turn = self.next.fetch_add(1, Ordering::Relaxed);
             link.channels[turn % link.channels.len()].clone()
         };
-        let place = self
-            .backlog
-            .reserve(partition)
-            .await
-            .map_err(PublishError::BoundUnavailable)?
-            .ok_or(PublishError::QueueFull)?;
         let result = self
             .send_and_confirm(&channel, partition, body, requests)
             .await;
-        // Settled in the background: the requests' answers need not wait for Redis, and until
-        // it is settled the place counts as in flight (the estimate errs on the full side).
+        // Settled with the next round trip: the requests' answers need not wait for Redis, and
+        // until it is settled the place counts as in flight (the estimate errs on the full side).
         if result.is_ok() || result.as_ref().is_err_and(PublishError::is_ambiguous) {
-            tokio::spawn(place.keep()); // stored, or perhaps stored
+            place.keep_later(); // stored, or perhaps stored
         } else {
-            tokio::spawn(place.give_back());
+            place.give_back_later();
         }
         result
+    }
+
+    /// The queues' bound, shared with the other API instances.
+    pub fn backlog(&self) -> &Backlog {
+        &self.backlog
     }
 
     async fn send_and_confirm(

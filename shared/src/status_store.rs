@@ -61,15 +61,27 @@ impl StatusStore {
     /// faster and already wrote a final status, that status stays.
     pub async fn record_pending(&self, views: &[TransactionView]) -> anyhow::Result<()> {
         let mut pipe = redis::pipe();
+        self.add_pending(&mut pipe, views)?;
+        pipe.query_async::<()>(&mut self.redis.clone())
+            .await
+            .context("failed to record pending statuses in Redis")
+    }
+
+    /// Adds [`StatusStore::record_pending`]'s commands to `pipe` (their replies ignored), for a
+    /// caller that sends them with its own (the API's intake, with the queue bound's
+    /// reservation).
+    pub fn add_pending(
+        &self,
+        pipe: &mut redis::Pipeline,
+        views: &[TransactionView],
+    ) -> anyhow::Result<()> {
         let options = SetOptions::default().conditional_set(ExistenceCheck::NX);
         for view in views {
             let json = serde_json::to_string(view).context("failed to serialise a status")?;
             pipe.set_options(self.key(view.transaction_id), json, options.clone())
                 .ignore();
         }
-        pipe.query_async::<()>(&mut self.redis.clone())
-            .await
-            .context("failed to record pending statuses in Redis")
+        Ok(())
     }
 
     /// Removes the pending records of requests that were not accepted after all (their publish

@@ -52,6 +52,16 @@ impl Fixture {
         backlog.estimate(P).await.unwrap()
     }
 
+    /// The places in flight in `P`'s queue, as Redis holds them (no settlement sent first).
+    async fn in_flight(&self) -> i64 {
+        let key = format!("{}.backlog:{}:flight", self.prefix, self.topology.queue(P));
+        redis::cmd("ZCARD")
+            .arg(key)
+            .query_async(&mut self.redis.clone())
+            .await
+            .unwrap()
+    }
+
     /// Deletes the fixture's keys.
     async fn clean(self) {
         let keys: Vec<String> = redis::cmd("KEYS")
@@ -95,6 +105,48 @@ async fn refuses_at_the_bound_and_gives_back_what_was_refused() {
         place.give_back().await; // every publish was refused by the broker
     }
     assert_eq!(fixture.estimate(&backlog).await, 0);
+    fixture.clean().await;
+}
+
+#[tokio::test]
+async fn settlements_sent_later_reach_redis_on_their_own_or_with_the_next_reservation() {
+    let fixture = Fixture::new(10).await; // bound 8
+    let backlog = fixture.instance(HOLD);
+    let mut places = Vec::new();
+    for _ in 0..8 {
+        places.push(backlog.reserve(P).await.unwrap().expect("below the bound"));
+    }
+    assert!(backlog.reserve(P).await.unwrap().is_none());
+    // Given back later, with no other call to carry them: they are sent on their own.
+    for place in places.drain(..4) {
+        place.give_back_later();
+    }
+    wait_for("the four places given back later to leave Redis", || async {
+        (fixture.in_flight().await == 4).then_some(())
+    })
+    .await;
+    // Kept later, then a reservation: kept places still count; the bound still holds.
+    for place in places.drain(..) {
+        place.keep_later();
+    }
+    let fifth = backlog.reserve(P).await.unwrap().expect("4 of 8 counted");
+    drop(fifth); // dropped unsettled: given back
+    wait_for("the dropped place to be given back", || async {
+        (fixture.in_flight().await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        fixture.estimate(&backlog).await,
+        4,
+        "the four kept places count, nothing else"
+    );
+    for _ in 0..4 {
+        backlog.reserve(P).await.unwrap().unwrap().keep_later();
+    }
+    assert!(
+        backlog.reserve(P).await.unwrap().is_none(),
+        "places kept later count at once"
+    );
     fixture.clean().await;
 }
 
