@@ -31,13 +31,24 @@
 //! # What it costs
 //!
 //! No round trip of its own on the accept path: the reservation travels in the pipeline that
-//! records the message's requests as pending ([`Backlog::reserve_with`]), as plain commands in
-//! one `MULTI`/`EXEC` (add the place, count the places in flight, read the counters; the
-//! estimate is computed here, and a place past the bound is given back). Settlements are not
-//! sent one by one either: they wait (at most [`FLUSH_AFTER`]) for the next reservation or
-//! depth read of this instance, and travel with it. A Lua script per reservation and per
-//! settlement, as first built, cost Redis about 20 µs of CPU per message and the API two more
-//! round trips; the bench's accept scenario measured it (docs/benchmarks.md).
+//! records the message's requests as pending ([`Backlog::reserve_with`]), as three plain
+//! commands (add the place, count the places in flight, read the counters; the estimate is
+//! computed here, and a place past the bound is given back). Settlements are not sent one by
+//! one either: they wait (at most [`FLUSH_AFTER`]) for the next reservation or depth read of
+//! this instance, and travel with it. The keys' expiry is renewed by the depth reads, not by
+//! each command. A Lua script per reservation and per settlement, as first built, cost Redis
+//! about 20 µs of CPU per message and the API two more round trips; the bench's accept
+//! scenario measured it (docs/benchmarks.md).
+//!
+//! # Why plain commands are enough
+//!
+//! Other instances' commands may run between a reservation's three, and between a
+//! settlement's two; the orders make every such interleaving count a place twice, never miss
+//! one. A reservation adds its place before it counts (so of two racing reservations each
+//! counts the other), and counts the places in flight before it reads the counters. A kept
+//! place is added to `kept` before it leaves the set in flight: a count in between sees it in
+//! both. So each accepted reservation counted itself and every place accepted before it that
+//! is still in flight or kept, and the bound is never passed.
 //!
 //! # Why shared, and why in Redis
 //!
@@ -48,10 +59,9 @@
 //! RabbitMQ 3.10.8 was seen to lose a confirmed message. Reading the depth more often narrows the
 //! window but cannot close it: the broker has no "reserve a place" operation, and a read is
 //! stale by the publishes in flight when it is answered. So the instances share the estimate
-//! itself: its counters live in Redis and every reservation is one `MULTI`/`EXEC`, atomic in
-//! Redis, so reservations of all instances are serialised and the bound is never passed
-//! across them (the test `tests/it/backlog.rs` runs two instances against one bound: never
-//! more than the bound accepted). A reservation refused past the bound counts against the
+//! itself: its counters live in Redis, and reservations of all instances meet there, so the
+//! bound is never passed across them (see above; the test `tests/it/backlog.rs` runs two
+//! instances against one bound: never more than the bound accepted). A reservation refused past the bound counts against the
 //! others for the moment until it is given back (at once, one more round trip on the refusal
 //! path): they may be refused a place that was free then (the full side again).
 //!
@@ -70,7 +80,9 @@
 //!
 //! Keys (outside the `<prefix>:` namespace of statuses): `<prefix>.backlog:<queue>` (a hash:
 //! `read`, `kept`, `kept_at_read`) and `<prefix>.backlog:<queue>:flight` (the places in flight);
-//! both expire after [`KEY_TTL`] without a write, so a deployment that stopped leaves nothing.
+//! every depth read sets both to expire after [`KEY_TTL`], so a deployment that stopped leaves
+//! nothing (a key first written less than [`POLL_EVERY`] before its last instance stopped has
+//! no expiry yet: one small key per partition at most).
 
 use allot_shared::PartitionId;
 use allot_shared::amqp::Topology;
@@ -241,11 +253,11 @@ impl Inner {
     fn add_settlements(&self, pipe: &mut redis::Pipeline, settlements: &[Settlement]) {
         for settlement in settlements {
             let (hash, flight) = &self.keys[usize::from(settlement.partition.0)];
-            pipe.zrem(flight, &settlement.token).ignore();
+            // Kept first, then out of flight: a count in between sees it twice, never nowhere.
             if settlement.kept {
                 pipe.hincr(hash, "kept", 1).ignore();
-                pipe.pexpire(hash, KEY_TTL.as_millis() as i64).ignore();
             }
+            pipe.zrem(flight, &settlement.token).ignore();
         }
     }
 
@@ -265,7 +277,6 @@ async fn flush(inner: &Inner) {
         return;
     }
     let mut pipe = redis::pipe();
-    pipe.atomic();
     inner.add_settlements(&mut pipe, &settlements);
     if let Err(err) = pipe.query_async::<()>(&mut inner.redis.clone()).await {
         inner.requeue(settlements, &err);
@@ -348,7 +359,7 @@ impl Backlog {
     }
 
     /// [`Backlog::reserve`] in one round trip with `pipe`'s commands (whose replies must be
-    /// ignored), all in one `MULTI`/`EXEC`: the intake records a message's pending statuses
+    /// ignored): the intake records a message's pending statuses
     /// this way. The settlements waiting go with it.
     pub async fn reserve_with(
         &self,
@@ -364,10 +375,9 @@ impl Backlog {
         );
         let expires_ms = now_ms().saturating_add(inner.hold_ms);
         let settlements = inner.take_unsent();
-        pipe.atomic();
         inner.add_settlements(&mut pipe, &settlements);
+        // In this order (see the module documentation): add, count, read.
         pipe.zadd(flight, &token, expires_ms).ignore();
-        pipe.pexpire(flight, KEY_TTL.as_millis() as i64).ignore();
         pipe.zcard(flight);
         pipe.cmd("HMGET").arg(hash).arg(&COUNTERS[..]);
         let answer: redis::RedisResult<(i64, Counters)> =
@@ -414,16 +424,19 @@ impl Backlog {
     }
 
     /// Call just before sending the passive declares of a round of depth reads (one pipeline,
-    /// which also removes the places expired and carries the settlements waiting).
+    /// which also removes the places expired, renews the keys' expiry and carries the
+    /// settlements waiting).
     pub async fn begin_reads(&self) -> redis::RedisResult<Reads> {
         let inner = &self.inner;
         let settlements = inner.take_unsent();
         let mut pipe = redis::pipe();
-        pipe.atomic();
         inner.add_settlements(&mut pipe, &settlements);
-        let now = now_ms();
+        let (now, ttl) = (now_ms(), KEY_TTL.as_millis() as i64);
         for (hash, flight) in &inner.keys {
             pipe.zrembyscore(flight, "-inf", now).ignore();
+            // Renewed here rather than by each reservation and settlement.
+            pipe.pexpire(flight, ttl).ignore();
+            pipe.pexpire(hash, ttl).ignore();
             pipe.hget(hash, "kept");
         }
         let kept: Vec<Option<i64>> = match pipe.query_async(&mut inner.redis.clone()).await {
