@@ -121,9 +121,10 @@ async fn settlements_sent_later_reach_redis_on_their_own_or_with_the_next_reserv
     for place in places.drain(..4) {
         place.give_back_later();
     }
-    wait_for("the four places given back later to leave Redis", || async {
-        (fixture.in_flight().await == 4).then_some(())
-    })
+    wait_for(
+        "the four places given back later to leave Redis",
+        || async { (fixture.in_flight().await == 4).then_some(()) },
+    )
     .await;
     // Kept later, then a reservation: kept places still count; the bound still holds.
     for place in places.drain(..) {
