@@ -9,6 +9,7 @@ mod baskets;
 mod health;
 mod history;
 mod holds;
+mod keyset;
 mod orders;
 mod page;
 mod products;

@@ -7,6 +7,7 @@
 //! here locks the product row for update, then every share (see `worker/src/persist.rs`, the
 //! lock order), and splits the stock evenly over the shares again.
 
+use super::keyset;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{self, Admin, AppJson, AppPath, AppQuery};
 use crate::state::AppState;
@@ -525,12 +526,7 @@ pub async fn list(
     State(state): State<AppState>,
     AppQuery(query): AppQuery<ListQuery>,
 ) -> Result<Json<ProductPage>, ApiError> {
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::InvalidQuery(format!(
-            "limit must be between 1 and 1000, got {limit}"
-        )));
-    }
+    let limit = keyset::limit(query.limit)?;
     let products: Vec<Product> = sqlx::query_as(concat!(
         "SELECT ",
         product_columns!(),
@@ -540,9 +536,7 @@ pub async fn list(
     .bind(limit)
     .fetch_all(&state.pool)
     .await?;
-    let next_after = (products.len() as i64 == limit)
-        .then(|| products.last().map(|p| p.id))
-        .flatten();
+    let next_after = keyset::next_after(&products, limit, |p| p.id);
     Ok(Json(ProductPage {
         products,
         next_after,

@@ -9,6 +9,7 @@
 //! end. Lowering the capacity below what is taken and held refuses new orders (`remaining` is 0)
 //! and cancels nothing.
 
+use super::keyset;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{self, Admin, AppJson, AppPath, AppQuery};
 use crate::routes::products::{MAX_STOCK, checked_name, checked_time};
@@ -206,12 +207,7 @@ pub async fn list(
     State(state): State<AppState>,
     AppQuery(query): AppQuery<SlotQuery>,
 ) -> Result<Json<SlotPage>, ApiError> {
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::InvalidQuery(format!(
-            "limit must be between 1 and 1000, got {limit}"
-        )));
-    }
+    let limit = keyset::limit(query.limit)?;
     let slots: Vec<Slot> = sqlx::query_as(concat!(
         "SELECT ",
         slot_columns!(),
@@ -221,9 +217,7 @@ pub async fn list(
     .bind(limit)
     .fetch_all(&state.pool)
     .await?;
-    let next_after = (slots.len() as i64 == limit)
-        .then(|| slots.last().map(|slot| slot.id))
-        .flatten();
+    let next_after = keyset::next_after(&slots, limit, |slot| slot.id);
     Ok(Json(SlotPage { slots, next_after }))
 }
 
