@@ -5,6 +5,7 @@
 use crate::helpers::{ADMIN_TOKEN, Options, TestApp, assert_error, spawn_app, wait_for};
 use allot_api::buyers::tokens::{Claims, TokenKey};
 use allot_shared::UserId;
+use chrono::SubsecRound;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -196,12 +197,13 @@ async fn login_gives_a_signed_token_and_a_wrong_username_or_password_the_same_40
         token.starts_with("allotb1_") && token.len() == 94,
         "{token}"
     );
-    // Valid for ALLOT_TOKEN_TTL_SECS (24 h by default), to the second.
+    // Valid for ALLOT_TOKEN_TTL_SECS (24 h by default), to the second: the expiry is the issue
+    // time (at or after `before`, perhaps in a later second) plus 24 h, in whole seconds.
     let expires: chrono::DateTime<chrono::Utc> = expires_at.parse().unwrap();
-    let ttl = expires - before;
+    let ttl = expires - before.trunc_subsecs(0);
     assert!(
-        ttl <= chrono::Duration::hours(24)
-            && ttl > chrono::Duration::hours(24) - chrono::Duration::seconds(30),
+        ttl >= chrono::Duration::hours(24)
+            && ttl < chrono::Duration::hours(24) + chrono::Duration::seconds(30),
         "{ttl}"
     );
     // One session, and the token itself is stored nowhere.
