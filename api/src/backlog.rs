@@ -185,29 +185,30 @@ pub struct Place {
 
 impl Place {
     /// The message is (or may be) in the queue: it counts until a read sent after now.
-    pub async fn keep(self) {
+    pub async fn keep(mut self) {
         let inner = self.settle(true);
         flush(&inner).await;
     }
 
     /// The message is not in the queue (refused, or never sent).
-    pub async fn give_back(self) {
+    pub async fn give_back(mut self) {
         let inner = self.settle(false);
         flush(&inner).await;
     }
 
     /// [`Place::keep`], sent with this instance's next reservation or depth read, or on its
     /// own after [`FLUSH_AFTER`].
-    pub fn keep_later(self) {
+    pub fn keep_later(mut self) {
         schedule_flush(&self.settle(true));
     }
 
     /// [`Place::give_back`], sent like [`Place::keep_later`].
-    pub fn give_back_later(self) {
+    pub fn give_back_later(mut self) {
         schedule_flush(&self.settle(false));
     }
 
-    fn settle(mut self, kept: bool) -> Arc<Inner> {
+    /// Queues the place's settlement (once); the caller sends it.
+    fn settle(&mut self, kept: bool) -> Arc<Inner> {
         self.settled = true;
         self.inner.queue(vec![Settlement {
             partition: self.partition,
@@ -221,16 +222,9 @@ impl Place {
 
 impl Drop for Place {
     fn drop(&mut self) {
-        if self.settled {
-            return;
+        if !self.settled {
+            schedule_flush(&self.settle(false));
         }
-        self.inner.queue(vec![Settlement {
-            partition: self.partition,
-            token: std::mem::take(&mut self.token),
-            kept: false,
-            expires_ms: self.expires_ms,
-        }]);
-        schedule_flush(&self.inner);
     }
 }
 

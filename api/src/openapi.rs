@@ -98,19 +98,31 @@ impl ConfiguredLimits {
     }
 }
 
+/// Replaces (or adds) `property` of the object schema `schema` of the document.
+fn set_property(
+    openapi: &mut utoipa::openapi::OpenApi,
+    schema: &str,
+    property: &str,
+    value: ObjectBuilder,
+) {
+    let object = openapi
+        .components
+        .as_mut()
+        .and_then(|components| components.schemas.get_mut(schema));
+    let Some(RefOr::T(Schema::Object(object))) = object else {
+        panic!("the document has the {schema} schema");
+    };
+    object.properties.insert(property.into(), value.into());
+}
+
 impl Modify for ConfiguredLimits {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         // addToCart's quantity, and the quantity of each line of an order.
         for schema in ["AddToCart", "OrderItem"] {
-            let object = openapi
-                .components
-                .as_mut()
-                .and_then(|components| components.schemas.get_mut(schema));
-            let Some(RefOr::T(Schema::Object(object))) = object else {
-                panic!("the document has the {schema} schema");
-            };
-            object.properties.insert(
-                "quantity".into(),
+            set_property(
+                openapi,
+                schema,
+                "quantity",
                 ObjectBuilder::new()
                     .schema_type(Type::Integer)
                     .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
@@ -119,21 +131,15 @@ impl Modify for ConfiguredLimits {
                     .description(Some(format!(
                         "How many units: 1 to {} (this server's ALLOT_MAX_QUANTITY)",
                         self.max_quantity
-                    )))
-                    .into(),
+                    ))),
             );
         }
         // The hold a purchase may ask for.
         for schema in ["AddToCart", "NewOrder"] {
-            let object = openapi
-                .components
-                .as_mut()
-                .and_then(|components| components.schemas.get_mut(schema));
-            let Some(RefOr::T(Schema::Object(object))) = object else {
-                panic!("the document has the {schema} schema");
-            };
-            object.properties.insert(
-                "hold_seconds".into(),
+            set_property(
+                openapi,
+                schema,
+                "hold_seconds",
                 ObjectBuilder::new()
                     .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
                         Type::Integer,
@@ -148,26 +154,20 @@ impl Modify for ConfiguredLimits {
                          null: buy now. A hold is `held`, without an order number, until checked \
                          out, cancelled or expired",
                         self.max_hold_seconds
-                    )))
-                    .into(),
+                    ))),
             );
         }
         // A product's shards: up to the partitions (a product's `shards` is null-able at
         // creation, not in a patch).
         for (schema, nullable) in [("NewProduct", true), ("ProductPatch", false)] {
-            let object = openapi
-                .components
-                .as_mut()
-                .and_then(|components| components.schemas.get_mut(schema));
-            let Some(RefOr::T(Schema::Object(object))) = object else {
-                panic!("the document has the {schema} schema");
-            };
             let types = match nullable {
                 true => utoipa::openapi::schema::SchemaType::from_iter([Type::Integer, Type::Null]),
                 false => utoipa::openapi::schema::SchemaType::Type(Type::Integer),
             };
-            object.properties.insert(
-                "shards".into(),
+            set_property(
+                openapi,
+                schema,
+                "shards",
                 ObjectBuilder::new()
                     .schema_type(types)
                     .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
@@ -179,8 +179,7 @@ impl Modify for ConfiguredLimits {
                          others): 1 to {} (this server's ALLOT_PARTITIONS); not above 1 with \
                          max_per_buyer",
                         self.partitions
-                    )))
-                    .into(),
+                    ))),
             );
         }
     }

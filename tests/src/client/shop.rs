@@ -93,31 +93,38 @@ impl Api {
         self.reply(request).await
     }
 
-    /// `GET /api/v1/transaction/{id}` with `Prefer: wait=N`: exactly `200`, the body as JSON.
-    pub async fn transaction_json(&self, id: Uuid, wait: Duration) -> Result<Value> {
-        let path = format!("/api/v1/transaction/{id}");
-        let request =
-            (self.client.get(self.url(&path))).header("Prefer", format!("wait={}", wait.as_secs()));
+    /// Sends `request` (`what`: its method and path, for the error) and demands exactly
+    /// `expected`: the body as JSON.
+    async fn expect(
+        &self,
+        request: RequestBuilder,
+        expected: StatusCode,
+        what: &str,
+    ) -> Result<Value> {
         let reply = (self.reply(request).await).map_err(anyhow::Error::msg)?;
         ensure!(
-            reply.status == StatusCode::OK,
-            "GET {path} answered {}",
+            reply.status == expected,
+            "{what} answered {}",
             reply.describe()
         );
         Ok(reply.body)
     }
 
+    /// `GET /api/v1/transaction/{id}` with `Prefer: wait=N`: exactly `200`, the body as JSON.
+    pub async fn transaction_json(&self, id: Uuid, wait: Duration) -> Result<Value> {
+        let path = format!("/api/v1/transaction/{id}");
+        let request =
+            (self.client.get(self.url(&path))).header("Prefer", format!("wait={}", wait.as_secs()));
+        self.expect(request, StatusCode::OK, &format!("GET {path}"))
+            .await
+    }
+
     /// `GET /api/v1/products/{id}`: exactly `200`, the body as JSON (with `held` and the rules).
     pub async fn product_json(&self, product_id: i64) -> Result<Value> {
         let path = format!("/api/v1/products/{product_id}");
-        let reply =
-            (self.reply(self.client.get(self.url(&path))).await).map_err(anyhow::Error::msg)?;
-        ensure!(
-            reply.status == StatusCode::OK,
-            "GET {path} answered {}",
-            reply.describe()
-        );
-        Ok(reply.body)
+        let request = self.client.get(self.url(&path));
+        self.expect(request, StatusCode::OK, &format!("GET {path}"))
+            .await
     }
 
     /// `PATCH /api/v1/products/{id}` (staff) with a merge-patch `body`: exactly `200`.
@@ -126,13 +133,8 @@ impl Api {
         let request = (self.client.patch(self.url(&path)))
             .bearer_auth(self.token()?)
             .json(body);
-        let reply = (self.reply(request).await).map_err(anyhow::Error::msg)?;
-        ensure!(
-            reply.status == StatusCode::OK,
-            "PATCH {path} answered {}",
-            reply.describe()
-        );
-        Ok(reply.body)
+        self.expect(request, StatusCode::OK, &format!("PATCH {path}"))
+            .await
     }
 
     /// `POST /api/v1/slots` (staff): exactly `201`; returns the slot's id.
@@ -140,27 +142,17 @@ impl Api {
         let request = (self.client.post(self.url("/api/v1/slots")))
             .bearer_auth(self.token()?)
             .json(&json!({"name": name, "capacity": capacity}));
-        let reply = (self.reply(request).await).map_err(anyhow::Error::msg)?;
-        ensure!(
-            reply.status == StatusCode::CREATED,
-            "POST /api/v1/slots answered {}",
-            reply.describe()
-        );
-        reply.body["id"]
+        let body = (self.expect(request, StatusCode::CREATED, "POST /api/v1/slots")).await?;
+        body["id"]
             .as_i64()
-            .with_context(|| format!("POST /api/v1/slots answered {}", reply.describe()))
+            .with_context(|| format!("POST /api/v1/slots answered no id: {body}"))
     }
 
     /// `GET /api/v1/slots/{id}`: exactly `200`, the body as JSON.
     pub async fn slot_json(&self, slot_id: i64) -> Result<Value> {
         let path = format!("/api/v1/slots/{slot_id}");
-        let reply =
-            (self.reply(self.client.get(self.url(&path))).await).map_err(anyhow::Error::msg)?;
-        ensure!(
-            reply.status == StatusCode::OK,
-            "GET {path} answered {}",
-            reply.describe()
-        );
-        Ok(reply.body)
+        let request = self.client.get(self.url(&path));
+        self.expect(request, StatusCode::OK, &format!("GET {path}"))
+            .await
     }
 }
